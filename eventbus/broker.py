@@ -1,0 +1,125 @@
+"""RabbitMQ: one supervised AMQP connection, re-established when lost.
+
+aio-pika's robust connection does not always restore consumers and can leave a publish waiting
+forever on a dead connection, so the daemon uses a plain connection and supervises it here: a
+loss is noticed through the connection's close callback, and reconnecting is retried for at most
+amqp.reconnect_window_seconds; past that the daemon exits non-zero and systemd restarts it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import aio_pika
+import aio_pika.abc
+import aiormq.exceptions
+import trio
+
+from . import aio
+from .config import AmqpConfig
+from .metrics import Metrics
+from .retry import connect_within, describe, redact
+
+logger = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 5.0
+CLOSE_TIMEOUT = 5.0
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.IncompatibleProtocolError,
+)
+
+
+class BrokerUnavailable(Exception):
+    """RabbitMQ is not connected right now."""
+
+
+class Broker:
+    """The daemon's AMQP connection, and whether it is up."""
+
+    def __init__(self, config: AmqpConfig) -> None:
+        self.config = config
+        self.address = redact(config.url)
+        self._connection: aio_pika.abc.AbstractConnection | None = None
+        self._up = False
+        self._lost_send, self._lost_receive = trio.open_memory_channel[str](1)
+
+    @property
+    def connected(self) -> bool:
+        return self._up
+
+    @property
+    def connection(self) -> aio_pika.abc.AbstractConnection:
+        """The live connection; raises BrokerUnavailable while there is none."""
+        if self._connection is None or not self._up:
+            raise BrokerUnavailable(f"RabbitMQ at {self.address} is not connected")
+        return self._connection
+
+    async def ping(self) -> None:
+        """Raise BrokerUnavailable unless the connection is up."""
+        self.connection  # noqa: B018 (the property raises when down)
+
+    async def connect(self, window: float) -> None:
+        """Open a new connection within window seconds (DependencyUnavailable past it)."""
+        connection = await connect_within(
+            "RabbitMQ", self.address, self._open, window, TRANSIENT_ERRORS
+        )
+        connection.close_callbacks.add(self._on_close)
+        self._connection = connection
+        self._up = True
+
+    async def _open(self) -> aio_pika.abc.AbstractConnection:
+        return await aio.call(
+            aio_pika.connect,
+            self.config.url,
+            timeout=CONNECT_TIMEOUT,
+            heartbeat=self.config.heartbeat_seconds,
+            client_properties={"connection_name": "eventbus"},
+        )
+
+    def _on_close(self, _sender: Any, error: BaseException | None) -> None:
+        # Runs on the asyncio side; one pending notice is enough, so a full channel drops this one.
+        self._up = False
+        try:
+            self._lost_send.send_nowait(describe(error) if error else "closed")
+        except trio.WouldBlock:
+            pass
+
+    async def wait_lost(self) -> str:
+        """Wait until the connection is lost; returns why."""
+        return await self._lost_receive.receive()
+
+    async def close(self) -> None:
+        """Close the connection, waiting at most CLOSE_TIMEOUT seconds."""
+        connection, self._connection = self._connection, None
+        self._up = False
+        if connection is None:
+            return
+        connection.close_callbacks.discard(self._on_close)
+        with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+            await aio.call(connection.close)
+
+
+async def run(config: AmqpConfig, metrics: Metrics, *,
+              task_status: trio.TaskStatus[Broker] = trio.TASK_STATUS_IGNORED) -> None:
+    """Connect, serve the Broker to the daemon, and reconnect whenever the connection is lost.
+
+    Raises DependencyUnavailable when RabbitMQ stays away longer than the reconnect window.
+    """
+    broker = Broker(config)
+    await broker.connect(config.reconnect_window_seconds)
+    logger.info("RabbitMQ: connected to %s", broker.address)
+    try:
+        task_status.started(broker)
+        while True:
+            reason = await broker.wait_lost()
+            logger.warning("RabbitMQ: connection lost (%s); reconnecting for up to %g s",
+                           reason, config.reconnect_window_seconds)
+            await broker.connect(config.reconnect_window_seconds)
+            metrics.reconnects.labels("rabbitmq").inc()
+            logger.info("RabbitMQ: reconnected to %s", broker.address)
+    finally:
+        await broker.close()

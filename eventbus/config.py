@@ -1,0 +1,243 @@
+"""Configuration: config.toml plus EVENTBUS_SECTION__KEY environment overrides, validated at load.
+
+Every problem is reported as one ConfigError line naming the source and the key, e.g.
+``config.toml: server.grpc_port: expected an integer 1-65535, got "many"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import socket
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ENV_PREFIX = "EVENTBUS_"
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased as the one line the user sees."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a key accepts: a Python type, an extra check, and the words that describe both."""
+
+    kind: type
+    expected: str
+    check: Callable[[Any], bool] = lambda _: True
+
+
+def _setting(default: Any, rule: Rule) -> Any:
+    return field(default=default, metadata={"rule": rule})
+
+
+def _int(low: int, high: int) -> Rule:
+    return Rule(int, f"an integer {low}-{high}", lambda v: low <= v <= high)
+
+
+def _float(low: float, high: float) -> Rule:
+    return Rule(float, f"a number {low:g}-{high:g}", lambda v: low <= v <= high)
+
+
+def _one_of(*choices: str) -> Rule:
+    return Rule(str, "one of " + ", ".join(choices), lambda v: v in choices)
+
+
+def _text(pattern: str, expected: str) -> Rule:
+    return Rule(str, expected, lambda v: re.fullmatch(pattern, v) is not None)
+
+
+ANY_TEXT = Rule(str, "a string")
+HOST = _text(r"\S+", "a host name or address")
+BOOL = Rule(bool, "true or false")
+PORT = _int(1, 65535)
+URL = _text(r"\S+://\S+", "a URL")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    grpc_host: str = _setting("0.0.0.0", HOST)
+    grpc_port: int = _setting(9091, PORT)
+    http_host: str = _setting("0.0.0.0", HOST)
+    http_port: int = _setting(7878, PORT)
+    node_name: str = _setting("", _text(r"[A-Za-z0-9_.:-]{0,64}", "up to 64 of A-Z a-z 0-9 _ . : -"))
+    max_message_bytes: int = _setting(4 * 1024 * 1024, _int(1024, 64 * 1024 * 1024))
+    shutdown_grace_seconds: float = _setting(10.0, _float(0, 300))
+
+    @property
+    def node(self) -> str:
+        """The node's name: node_name, or the host name when that is empty."""
+        return self.node_name or socket.gethostname()
+
+
+@dataclass(frozen=True)
+class AmqpConfig:
+    url: str = _setting("amqp://guest:guest@127.0.0.1:5672/", _text(r"amqps?://\S+", "an amqp:// URL"))
+    namespace: str = _setting("event_bus", _text(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", "a name of 1-64 of A-Z a-z 0-9 _ . -"))
+    prefetch_count: int = _setting(1000, _int(1, 65535))
+    consumers_per_queue: int = _setting(5, _int(1, 100))
+    producers_per_queue: int = _setting(2, _int(1, 100))
+    reconnect_window_seconds: float = _setting(60.0, _float(1, 3600))
+    heartbeat_seconds: int = _setting(10, _int(1, 600))
+
+
+@dataclass(frozen=True)
+class PostgresConfig:
+    dsn: str = _setting("postgresql://postgres@127.0.0.1:5432/eventbus", URL)
+    pool_size: int = _setting(10, _int(1, 200))
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str = _setting("redis://127.0.0.1:6379/0", _text(r"(redis|rediss|unix)://\S+", "a redis:// URL"))
+    key_prefix: str = _setting("event_bus:", ANY_TEXT)
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    max_retries: int = _setting(3, _int(0, 1000))
+    ack_deadline_seconds: int = _setting(1800, _int(1, 7 * 86400))
+    nack_redelivery_delay_seconds: int = _setting(600, _int(0, 7 * 86400))
+
+
+@dataclass(frozen=True)
+class CronConfig:
+    republish_enabled: bool = _setting(True, BOOL)
+    delay_publish_enabled: bool = _setting(True, BOOL)
+    interval_seconds: float = _setting(1.0, _float(0.05, 3600))
+    lock_ttl_seconds: int = _setting(1800, _int(1, 86400))
+
+
+@dataclass(frozen=True)
+class BackgroundConfig:
+    enabled: bool = _setting(True, BOOL)
+    workers: int = _setting(20, _int(1, 1000))
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = _setting("info", _one_of("debug", "info", "warning", "error"))
+    format: str = _setting("text", _one_of("text", "json"))
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = ServerConfig()
+    amqp: AmqpConfig = AmqpConfig()
+    postgres: PostgresConfig = PostgresConfig()
+    redis: RedisConfig = RedisConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    cron: CronConfig = CronConfig()
+    background: BackgroundConfig = BackgroundConfig()
+    log: LogConfig = LogConfig()
+
+
+SECTIONS: dict[str, type] = {f.name: type(getattr(Config(), f.name)) for f in dataclasses.fields(Config)}
+
+
+def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the TOML file at path, apply environment overrides, and validate every key."""
+    raw = _read_toml(path)
+    source = os.path.basename(path)
+    environ = os.environ if environ is None else environ
+    sections = {name: _section_of(raw, name, source) for name in SECTIONS}
+    for name in raw:
+        if name not in SECTIONS:
+            raise ConfigError(f"{source}: {name}: unknown section")
+    for name, table in sections.items():
+        _check_table(source, name, table)
+    for var, (section, key, value) in _env_overrides(environ).items():
+        sections[section][key] = value
+        _check_value(var, section, key, value)
+    return Config(**{name: SECTIONS[name](**table) for name, table in sections.items()})
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as file:
+            return tomllib.load(file)
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: invalid TOML: {error}") from None
+
+
+def _section_of(raw: dict[str, Any], name: str, source: str) -> dict[str, Any]:
+    table = raw.get(name, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: {name}: expected a table, got {_show(table)}")
+    return dict(table)
+
+
+def _check_table(source: str, section: str, table: dict[str, Any]) -> None:
+    for key, value in table.items():
+        _check_value(source, section, key, value)
+
+
+def _rules(section: str) -> dict[str, Rule]:
+    return {f.name: f.metadata["rule"] for f in dataclasses.fields(SECTIONS[section])}
+
+
+def _check_value(source: str, section: str, key: str, value: Any) -> None:
+    rule = _rules(section).get(key)
+    if rule is None:
+        raise ConfigError(f"{source}: {section}.{key}: unknown key")
+    if not (_is_kind(value, rule.kind) and rule.check(value)):
+        raise ConfigError(f"{source}: {section}.{key}: expected {rule.expected}, got {_show(value)}")
+
+
+def _is_kind(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _show(value: Any) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except TypeError:
+        return repr(value)
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, tuple[str, str, Any]]:
+    """EVENTBUS_SECTION__KEY=value pairs as {variable: (section, key, typed value)}."""
+    overrides = {}
+    for var, text in sorted(environ.items()):
+        if not var.startswith(ENV_PREFIX) or "__" not in var:
+            continue
+        section, _, key = var[len(ENV_PREFIX) :].lower().partition("__")
+        if section not in SECTIONS:
+            raise ConfigError(f"{var}: {section}: unknown section")
+        rule = _rules(section).get(key)
+        if rule is None:
+            raise ConfigError(f"{var}: {section}.{key}: unknown key")
+        overrides[var] = (section, key, _parse_env(text, rule.kind))
+    return overrides
+
+
+def _parse_env(text: str, kind: type) -> Any:
+    """Turn an environment string into the key's type; leave it a string when it does not parse."""
+    parsers: dict[type, Callable[[str], Any]] = {int: int, float: float, bool: _parse_bool}
+    try:
+        return parsers.get(kind, str)(text.strip() if kind is not str else text)
+    except ValueError:
+        return text
+
+
+def _parse_bool(text: str) -> bool:
+    words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    if text.lower() not in words:
+        raise ValueError(text)
+    return words[text.lower()]

@@ -1,0 +1,137 @@
+"""The daemon: one trio task tree that starts every part in order and stops them in reverse.
+
+    serve
+    └── root nursery: signals, sd_notify
+        ├── trio-asyncio loop (opened around the nursery)
+        ├── PostgreSQL pool (migrations applied at start)
+        ├── Redis client
+        ├── RabbitMQ supervisor (reconnects within the window, else the daemon exits)
+        ├── gRPC server: mq.Mq, mq.MqTopic, health, reflection
+        ├── HTTP server: /healthz /readyz /metrics /stats
+        └── node registration, watchdog keep-alive
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import trio
+
+from . import __version__, aio, broker, http, lock, nodes, rpc, store
+from .config import Config
+from .metrics import Metrics
+from .notify import Notifier
+from .wire import MqService, MqTopicService
+
+logger = logging.getLogger(__name__)
+
+
+class Daemon:
+    """One running eventbus node."""
+
+    def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.node = config.server.node
+        self.metrics = Metrics(self.node)
+        self.notifier = notifier or Notifier()
+        self.started_at = time.time()
+        self.ready = False
+        self.stop_requested = trio.Event()
+        self.http_stopped = trio.Event()
+        self.gate = rpc.Gate(self.metrics)
+
+    async def serve(self) -> None:
+        """Run until SIGTERM/SIGINT (graceful stop) or a fatal error (raised)."""
+        async with aio.open_loop(self.metrics.stray_asyncio_errors.inc), trio.open_nursery() as root:
+            root.start_soon(self._watch_signals, root.cancel_scope)
+            await self._start(root)
+            self.ready = True
+            self.notifier.send("READY=1")
+            logger.info("eventbus %s: node %s ready: gRPC on %s:%d, HTTP on %s:%d", __version__,
+                        self.node, self.config.server.grpc_host, self.config.server.grpc_port,
+                        self.config.server.http_host, self.config.server.http_port)
+            await self.stop_requested.wait()
+            await self._stop()
+            root.cancel_scope.cancel()
+        logger.info("eventbus: node %s stopped", self.node)
+
+    async def _start(self, root: trio.Nursery) -> None:
+        cfg = self.config
+        window = cfg.amqp.reconnect_window_seconds
+        self.store = await root.start(store.run, cfg.postgres, window)
+        self.redis = await root.start(lock.run, cfg.redis, window)
+        self.broker = await root.start(broker.run, cfg.amqp, self.metrics)
+        # grpclib binds to the running asyncio loop when built, so only now.
+        self.grpc = rpc.GrpcServer([MqService(self.gate), MqTopicService(self.gate)], self.gate)
+        await root.start(rpc.run, self.grpc, cfg.server.grpc_host, cfg.server.grpc_port)
+        app = http.make_app(self._readiness_checks(), self.metrics, self.stats)
+        await root.start(self._serve_http, app)
+        root.start_soon(nodes.keep_registered, self.store, self.node)
+        root.start_soon(self.notifier.keep_alive)
+
+    async def _serve_http(self, app: Any, *,
+                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        server = self.config.server
+        try:
+            await http.run(app, server.http_host, server.http_port, self.stop_requested,
+                           task_status=task_status)
+        finally:
+            self.http_stopped.set()
+
+    async def _stop(self) -> None:
+        self.notifier.send("STOPPING=1")
+        logger.info("eventbus: stopping node %s", self.node)
+        await self.grpc.stop(self.config.server.shutdown_grace_seconds)
+        with trio.move_on_after(http.GRACEFUL_TIMEOUT + 1):
+            await self.http_stopped.wait()
+
+    async def _watch_signals(self, root_scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if self.stop_requested.is_set():
+                    logger.warning("eventbus: second %s; exiting at once", signal.Signals(signum).name)
+                    os._exit(128 + signum)
+                logger.info("eventbus: %s received; stopping", signal.Signals(signum).name)
+                self.stop_requested.set()
+                if not self.ready:
+                    root_scope.cancel()  # still starting: nothing to drain
+
+    def _readiness_checks(self) -> dict[str, http.Check]:
+        async def grpc_serving() -> None:
+            if self.gate.draining:
+                raise rpc.Unavailable("gRPC is shutting down")
+
+        return {"rabbitmq": self.broker.ping, "postgresql": self.store.ping,
+                "redis": self.redis.ping, "grpc": grpc_serving}
+
+    async def stats(self) -> dict[str, Any]:
+        """The /stats document: this node, its calls, its dependencies and its live peers."""
+        try:
+            peers: list[dict[str, Any]] | str = await nodes.alive(self.store)
+        except Exception as error:
+            peers = f"unavailable: {error!r}"
+        return {
+            "node": self.node,
+            "version": __version__,
+            "uptime_seconds": round(time.time() - self.started_at, 3),
+            "grpc": {"in_flight": self.gate.in_flight, "draining": self.gate.draining,
+                     "calls": _label_counts(self.metrics.grpc_requests)},
+            "rabbitmq": {"connected": self.broker.connected,
+                         "reconnects": _label_counts(self.metrics.reconnects)},
+            "stray_asyncio_errors": sum(_label_counts(self.metrics.stray_asyncio_errors).values()),
+            "nodes": peers,
+        }
+
+
+def _label_counts(counter: Any) -> dict[str, float]:
+    """{"label/label": value} for every child of a prometheus counter ("" when unlabelled)."""
+    counts = {}
+    for metric in counter.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total"):
+                counts["/".join(sample.labels.values())] = sample.value
+    return counts

@@ -1,0 +1,87 @@
+"""HTTP for operators: /healthz, /readyz, /metrics and /stats, served by hypercorn on trio."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from .metrics import Metrics
+from .retry import describe
+
+logger = logging.getLogger(__name__)
+
+CHECK_TIMEOUT = 2.0
+GRACEFUL_TIMEOUT = 3.0
+
+Check = Callable[[], Awaitable[None]]
+
+
+async def check_all(checks: Mapping[str, Check]) -> dict[str, str]:
+    """Run every readiness check at once; returns {name: why it failed} for those that failed.
+
+    Waits at most CHECK_TIMEOUT seconds on each check.
+    """
+    failures: dict[str, str] = {}
+
+    async def run_one(name: str, check: Check) -> None:
+        try:
+            with trio.fail_after(CHECK_TIMEOUT):
+                await check()
+        except Exception as error:
+            failures[name] = describe(error)
+
+    async with trio.open_nursery() as nursery:
+        for name, check in checks.items():
+            nursery.start_soon(run_one, name, check)
+    return failures
+
+
+def make_app(checks: Mapping[str, Check], metrics: Metrics,
+             stats: Callable[[], Awaitable[dict[str, Any]]]) -> Starlette:
+    """The ASGI application; checks name what /readyz requires, stats() feeds /stats."""
+
+    async def healthz(_: Request) -> Response:
+        return PlainTextResponse("ok\n")
+
+    async def readyz(_: Request) -> Response:
+        failures = await check_all(checks)
+        for name in checks:
+            metrics.dependency_up.labels(name).set(0 if name in failures else 1)
+        if failures:
+            return JSONResponse({"ready": False, "down": failures}, status_code=503)
+        return JSONResponse({"ready": True, "down": {}})
+
+    async def metrics_page(_: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def stats_page(_: Request) -> Response:
+        return JSONResponse(await stats())
+
+    return Starlette(routes=[
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics_page),
+        Route("/stats", stats_page),
+    ])
+
+
+async def run(app: Starlette, host: str, port: int, shutdown: trio.Event, *,
+              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve app on host:port until shutdown is set; in-flight requests get GRACEFUL_TIMEOUT."""
+    config = HypercornConfig()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.graceful_timeout = GRACEFUL_TIMEOUT
+    await serve(app, config, shutdown_trigger=shutdown.wait, task_status=task_status)  # type: ignore[arg-type]
+    logger.info("HTTP: stopped")

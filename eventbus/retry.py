@@ -1,0 +1,70 @@
+"""Connecting to a dependency within a window: one warning line per failed attempt."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import trio
+
+from .errors import DependencyUnavailable
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+FIRST_DELAY = 0.2
+MAX_DELAY = 5.0
+ATTEMPT_TIMEOUT = 5.0
+
+
+async def connect_within(
+    name: str,
+    address: str,
+    connect: Callable[[], Awaitable[T]],
+    window: float,
+    transient: tuple[type[BaseException], ...],
+) -> T:
+    """Call connect until it succeeds, retrying only transient errors, for at most window seconds.
+
+    Waits on connect and on the back-off sleeps between attempts. Raises DependencyUnavailable,
+    naming the dependency and its address, once the window has passed.
+    """
+    give_up_at = trio.current_time() + window
+    delay = FIRST_DELAY
+    attempt = 0
+    while True:
+        attempt += 1
+        left = give_up_at - trio.current_time()
+        try:
+            with trio.fail_after(max(0.1, min(ATTEMPT_TIMEOUT, left))):
+                return await connect()
+        except (*transient, trio.TooSlowError) as error:
+            reason = describe(error)
+            if trio.current_time() + delay >= give_up_at:
+                raise DependencyUnavailable(
+                    f"{name} at {address} did not answer within {window:g} s: {reason}"
+                ) from None
+        logger.warning("%s at %s: %s (attempt %d); retrying in %.1f s", name, address, reason,
+                       attempt, delay)
+        await trio.sleep(delay)
+        delay = min(delay * 2, MAX_DELAY)
+
+
+def describe(error: BaseException) -> str:
+    """A short, one-line account of a connection error."""
+    if isinstance(error, trio.TooSlowError):
+        return "timed out"
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def redact(url: str) -> str:
+    """The URL without its password, fit for logs and error lines."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

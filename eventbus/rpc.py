@@ -1,0 +1,160 @@
+"""The gRPC server (grpclib) and the gate every call passes through.
+
+grpclib is an asyncio library: its handlers run on the asyncio side of the seam and cross to trio
+for the work. The gate counts calls in flight so shutdown can drain them, turns typed errors into
+status codes in one place, and makes sure a bug reaches the client as INTERNAL, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any, TypeVar
+
+import trio
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+from grpclib.health.check import ServiceStatus
+from grpclib.health.service import Health
+from grpclib.reflection.service import ServerReflection
+from grpclib.server import Server, Stream
+
+from . import aio
+from .metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+Request = TypeVar("Request")
+Reply = TypeVar("Reply")
+
+CLOSE_TIMEOUT = 5.0
+
+
+class CallError(Exception):
+    """An expected failure of a call, answered with its status code and message."""
+
+    status = Status.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(CallError):
+    status = Status.INVALID_ARGUMENT
+
+
+class Unavailable(CallError):
+    status = Status.UNAVAILABLE
+
+
+class ResourceExhausted(CallError):
+    status = Status.RESOURCE_EXHAUSTED
+
+
+class NotImplementedYet(CallError):
+    status = Status.UNIMPLEMENTED
+
+
+class Gate:
+    """Admits calls while serving, counts them, and maps their errors to status codes."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.draining = False
+        self.in_flight = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    async def unary(self, stream: Stream[Request, Reply], method: str,
+                    work: Callable[[Request], Awaitable[Reply]]) -> None:
+        """Handle one unary call: receive, run work on the trio side, send the reply."""
+        if self.draining:
+            raise GRPCError(Status.UNAVAILABLE, "server is shutting down")
+        self._enter()
+        code = Status.OK
+        try:
+            request = await stream.recv_message()
+            assert request is not None
+            reply = await aio.run_trio(work)(request)
+            await stream.send_message(reply)
+        except CallError as error:
+            code = error.status
+            raise GRPCError(error.status, error.message) from None
+        except GRPCError as error:
+            code = error.status
+            raise
+        except Exception:
+            code = Status.INTERNAL
+            logger.exception("gRPC %s failed", method)
+            raise GRPCError(Status.INTERNAL, "internal error") from None
+        finally:
+            self._leave(method, code)
+
+    def _enter(self) -> None:
+        self.in_flight += 1
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        self.metrics.grpc_in_flight.inc()
+
+    def _leave(self, method: str, code: Status) -> None:
+        self.in_flight -= 1
+        self.metrics.grpc_in_flight.dec()
+        self.metrics.grpc_requests.labels(method, code.name).inc()
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def drain(self, grace: float) -> int:
+        """Refuse new calls and wait up to grace seconds for those in flight; returns how many
+        were still running when the grace period ended."""
+        self.draining = True
+        with trio.move_on_after(grace):
+            await self._idle.wait()
+        return self.in_flight
+
+
+class GrpcServer:
+    """The listening grpclib server with health and reflection services beside the bus's own."""
+
+    def __init__(self, services: Collection[Any], gate: Gate) -> None:
+        self.gate = gate
+        self.status = ServiceStatus()
+        health = Health({service: [self.status] for service in services})
+        self._server = Server([*services, health, *ServerReflection.extend([*services, health])])
+        self._closed = False
+
+    async def start(self, host: str, port: int) -> None:
+        await aio.call(self._server.start, host, port)
+        self.status.set(True)
+
+    async def stop(self, grace: float) -> None:
+        """Drain calls in flight for at most grace seconds, then close every connection."""
+        started = time.monotonic()
+        self.status.set(False)
+        left = await self.gate.drain(grace)
+        if left:
+            logger.warning("gRPC: %d calls still running after %.1f s; cancelling them", left, grace)
+        await self.close()
+        logger.info("gRPC: stopped in %.2f s", time.monotonic() - started)
+
+    async def close(self) -> None:
+        """Stop listening and cancel whatever calls remain; waits at most CLOSE_TIMEOUT."""
+        if self._closed:
+            return
+        self._closed = True
+        self.gate.draining = True
+        with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+            self._server.close()
+            await aio.call(self._server.wait_closed)
+
+
+async def run(server: GrpcServer, host: str, port: int, *,
+              task_status: trio.TaskStatus[GrpcServer] = trio.TASK_STATUS_IGNORED) -> None:
+    """Listen on host:port until cancelled; the daemon drains calls with stop() before that."""
+    await server.start(host, port)
+    logger.info("gRPC: serving on %s:%d", host, port)
+    try:
+        task_status.started(server)
+        await trio.sleep_forever()
+    finally:
+        await server.close()

@@ -1,0 +1,112 @@
+"""PostgreSQL: the asyncpg pool behind trio-flavoured calls, each under a deadline."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import asyncpg
+import trio
+
+from . import aio, migrations
+from .config import PostgresConfig
+from .retry import connect_within, redact
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+CALL_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 5.0
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.ConnectionDoesNotExistError,
+)
+
+
+class Store:
+    """Queries against the daemon's PostgreSQL database; every call has a deadline."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def fetch(self, sql: str, *args: Any, timeout: float = CALL_TIMEOUT) -> list[Any]:
+        """Rows of a query; waits on the database for at most timeout seconds."""
+        with trio.fail_after(timeout):
+            return await aio.call(self._pool.fetch, sql, *args)  # type: ignore[no-any-return]
+
+    async def fetchval(self, sql: str, *args: Any, timeout: float = CALL_TIMEOUT) -> Any:
+        """The first column of the first row of a query."""
+        with trio.fail_after(timeout):
+            return await aio.call(self._pool.fetchval, sql, *args)
+
+    async def execute(self, sql: str, *args: Any, timeout: float = CALL_TIMEOUT) -> str:
+        """Run a statement; returns its status tag."""
+        with trio.fail_after(timeout):
+            return await aio.call(self._pool.execute, sql, *args)  # type: ignore[no-any-return]
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]],
+                          timeout: float = CALL_TIMEOUT) -> None:
+        """Run a statement once per row, in one round trip."""
+        with trio.fail_after(timeout):
+            await aio.call(self._pool.executemany, sql, rows)
+
+    async def transaction(self, work: Callable[[asyncpg.Connection], Awaitable[T]],
+                          timeout: float = CALL_TIMEOUT) -> T:
+        """Run work(connection) inside one transaction on one connection.
+
+        work runs on the asyncio side of the seam: it may only await that connection's methods.
+        """
+
+        async def in_transaction() -> T:
+            async with self._pool.acquire() as connection, connection.transaction():
+                return await work(connection)
+
+        with trio.fail_after(timeout):
+            return await aio.call(in_transaction)
+
+    async def ping(self, timeout: float = 2.0) -> None:
+        """Raise unless the database answers a trivial query within timeout seconds."""
+        await self.fetchval("SELECT 1", timeout=timeout)
+
+    async def close(self) -> None:
+        with trio.move_on_after(CLOSE_TIMEOUT, shield=True) as scope:
+            await aio.call(self._pool.close)
+        if scope.cancelled_caught:
+            self._pool.terminate()
+
+
+async def open_store(config: PostgresConfig, window: float) -> Store:
+    """Connect a pool within window seconds and bring the schema up to date."""
+    pool = await connect_within(
+        "PostgreSQL",
+        redact(config.dsn),
+        lambda: aio.call(asyncpg.create_pool, config.dsn, min_size=1, max_size=config.pool_size),
+        window,
+        TRANSIENT_ERRORS,
+    )
+    store = Store(pool)
+    try:
+        applied = await migrations.apply(store)
+    except BaseException:
+        await store.close()
+        raise
+    if applied:
+        logger.info("PostgreSQL: applied migrations %s", ", ".join(applied))
+    return store
+
+
+async def run(config: PostgresConfig, window: float, *,
+              task_status: trio.TaskStatus[Store] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve a Store to the daemon until cancelled, then close the pool."""
+    store = await open_store(config, window)
+    logger.info("PostgreSQL: connected to %s", redact(config.dsn))
+    try:
+        task_status.started(store)
+        await trio.sleep_forever()
+    finally:
+        await store.close()
