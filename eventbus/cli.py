@@ -84,5 +84,8 @@ def _configure_logging(config: Config) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=config.log.level.upper(), handlers=[handler], force=True)
-    for noisy in ("aiormq", "aio_pika", "asyncio", "hypercorn.error"):
+    for noisy in ("aiormq", "aio_pika", "asyncio", "hypercorn.error", "redis"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # aiormq logs every failed connect as an ERROR; the broker supervisor already reports each
+    # attempt in one warning line, and the final failure once.
+    logging.getLogger("aiormq.connection").setLevel(logging.CRITICAL)

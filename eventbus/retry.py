@@ -43,13 +43,15 @@ async def connect_within(
                 return await connect()
         except (*transient, trio.TooSlowError) as error:
             reason = describe(error)
-            if trio.current_time() + delay >= give_up_at:
-                raise DependencyUnavailable(
-                    f"{name} at {address} did not answer within {window:g} s: {reason}"
-                ) from None
+        left = give_up_at - trio.current_time()
+        if left <= 0:
+            raise DependencyUnavailable(
+                f"{name} at {address} did not answer within {window:g} s: {reason}"
+            )
+        pause = min(delay, left)
         logger.warning("%s at %s: %s (attempt %d); retrying in %.1f s", name, address, reason,
-                       attempt, delay)
-        await trio.sleep(delay)
+                       attempt, pause)
+        await trio.sleep(pause)
         delay = min(delay * 2, MAX_DELAY)
 
 

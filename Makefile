@@ -1,0 +1,44 @@
+# make run: set up everything on a Debian machine (as root) and serve with config.toml.
+# make test: the same set-up, then lint, type check and the whole test suite.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= config.toml
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint typecheck pytest services proto bench clean
+
+run: $(STAMP) services
+	$(BIN)/eventbus serve --config $(CONFIG)
+
+test: $(STAMP) services lint typecheck pytest
+
+$(VENV)/bin/python:
+	@$(PYTHON) -m venv --help >/dev/null 2>&1 && $(PYTHON) -c 'import ensurepip' 2>/dev/null || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv python3-pip)
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(VENV)/bin/python pyproject.toml
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+services: $(STAMP)
+	$(BIN)/python scripts/services.py $(CONFIG)
+
+lint: $(STAMP)
+	$(BIN)/ruff check eventbus tests scripts bench
+	$(BIN)/ruff format --check eventbus tests scripts bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/pytest -q
+
+proto: $(STAMP)
+	$(BIN)/python scripts/generate_protos.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

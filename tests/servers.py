@@ -1,0 +1,72 @@
+"""Test-run isolation on the shared servers: a RabbitMQ vhost, PostgreSQL databases and a Redis
+key prefix of this run's own, all removed afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import uuid
+
+import asyncpg
+import redis
+
+PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+AMQP_HOST = "127.0.0.1:5672"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def unique_name(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def closed_port() -> int:
+    """A port where nothing listens (bound once, then released)."""
+    return free_port()
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+def create_vhost(name: str) -> str:
+    rabbitmqctl("add_vhost", name)
+    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    return f"amqp://guest:guest@{AMQP_HOST}/{name}"
+
+
+def delete_vhost(name: str) -> None:
+    rabbitmqctl("delete_vhost", name)
+
+
+async def _admin(sql: str) -> None:
+    connection = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        await connection.execute(sql)
+    finally:
+        await connection.close()
+
+
+def create_database(name: str) -> str:
+    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
+    return f"postgresql://postgres@127.0.0.1:5432/{name}"
+
+
+def drop_database(name: str) -> None:
+    asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def delete_redis_keys(prefix: str) -> None:
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()

@@ -1,0 +1,155 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eventbus.config import Config, ConfigError, load
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def error_of(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, text), environ or {})
+    return str(caught.value)
+
+
+def test_shipped_config_holds_exactly_the_defaults() -> None:
+    assert load(str(ROOT / "config.toml"), {}) == Config()
+
+
+def test_missing_keys_and_sections_take_defaults(tmp_path: Path) -> None:
+    config = load(write(tmp_path, "[server]\ngrpc_port = 9999\n"), {})
+    assert config.server.grpc_port == 9999
+    assert config.server.http_port == 7878
+    assert config.delivery.max_retries == 3
+    assert config.amqp.namespace == "event_bus"
+
+
+def test_spec_defaults() -> None:
+    config = Config()
+    assert (config.server.grpc_port, config.server.http_port) == (9091, 7878)
+    assert config.server.max_message_bytes == 4194304
+    assert (config.amqp.prefetch_count, config.amqp.consumers_per_queue) == (1000, 5)
+    assert (config.amqp.producers_per_queue, config.amqp.reconnect_window_seconds) == (2, 60)
+    assert config.redis.key_prefix == "event_bus:"
+    assert config.delivery.ack_deadline_seconds == 1800
+    assert config.delivery.nack_redelivery_delay_seconds == 600
+    assert config.cron.interval_seconds == 1.0 and config.cron.lock_ttl_seconds == 1800
+    assert config.background.workers == 20 and config.log.level == "info"
+
+
+def test_wrong_type_names_the_key(tmp_path: Path) -> None:
+    assert error_of(tmp_path, '[server]\ngrpc_port = "many"\n') == (
+        'config.toml: server.grpc_port: expected an integer 1-65535, got "many"'
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("[server]\ngrpc_port = 0\n", "config.toml: server.grpc_port: expected an integer 1-65535, got 0"),
+        ("[server]\ngrpc_port = 70000\n", "config.toml: server.grpc_port: expected an integer 1-65535, got 70000"),
+        ("[server]\ngrpc_port = 9.5\n", "config.toml: server.grpc_port: expected an integer 1-65535, got 9.5"),
+        ("[server]\ngrpc_port = true\n", "config.toml: server.grpc_port: expected an integer 1-65535, got true"),
+        ("[cron]\ninterval_seconds = 0\n", "config.toml: cron.interval_seconds: expected a number 0.05-3600, got 0"),
+        ("[cron]\nrepublish_enabled = \"yes\"\n", 'config.toml: cron.republish_enabled: expected true or false, got "yes"'),
+        ("[log]\nlevel = \"loud\"\n", 'config.toml: log.level: expected one of debug, info, warning, error, got "loud"'),
+        ("[amqp]\nurl = \"http://x\"\n", 'config.toml: amqp.url: expected an amqp:// URL, got "http://x"'),
+        ("[amqp]\nnamespace = \"\"\n", 'config.toml: amqp.namespace: expected a name of 1-64 of A-Z a-z 0-9 _ . -, got ""'),
+        ("[delivery]\nmax_retries = -1\n", "config.toml: delivery.max_retries: expected an integer 0-1000, got -1"),
+        ("[background]\nworkers = 0\n", "config.toml: background.workers: expected an integer 1-1000, got 0"),
+        ("[server]\nport = 1\n", "config.toml: server.port: unknown key"),
+        ("[servers]\ngrpc_port = 1\n", "config.toml: servers: unknown section"),
+        ("server = 3\n", "config.toml: server: expected a table, got 3"),
+    ],
+)
+def test_bad_values_give_one_line_naming_the_key(tmp_path: Path, text: str, line: str) -> None:
+    assert error_of(tmp_path, text) == line
+
+
+def test_float_keys_accept_integers(tmp_path: Path) -> None:
+    assert load(write(tmp_path, "[cron]\ninterval_seconds = 2\n"), {}).cron.interval_seconds == 2
+
+
+def test_invalid_toml(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "[server\n")
+    assert message.startswith(f"{tmp_path / 'config.toml'}: invalid TOML:")
+    assert "\n" not in message
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(str(tmp_path / "nope.toml"), {})
+    assert str(caught.value) == f"{tmp_path / 'nope.toml'}: cannot read: No such file or directory"
+
+
+def test_environment_overrides_keys(tmp_path: Path) -> None:
+    environ = {
+        "EVENTBUS_SERVER__GRPC_PORT": "9555",
+        "EVENTBUS_CRON__INTERVAL_SECONDS": "0.25",
+        "EVENTBUS_CRON__REPUBLISH_ENABLED": "false",
+        "EVENTBUS_AMQP__URL": "amqp://u:p@rabbit:5672/vh",
+        "EVENTBUS_UNRELATED": "ignored",
+        "HOME": "/root",
+    }
+    config = load(write(tmp_path, "[server]\ngrpc_port = 9000\n"), environ)
+    assert config.server.grpc_port == 9555
+    assert config.cron.interval_seconds == 0.25
+    assert config.cron.republish_enabled is False
+    assert config.amqp.url == "amqp://u:p@rabbit:5672/vh"
+
+
+@pytest.mark.parametrize(
+    ("environ", "line"),
+    [
+        ({"EVENTBUS_SERVER__GRPC_PORT": "many"},
+         'EVENTBUS_SERVER__GRPC_PORT: server.grpc_port: expected an integer 1-65535, got "many"'),
+        ({"EVENTBUS_SERVER__NOPE": "1"}, "EVENTBUS_SERVER__NOPE: server.nope: unknown key"),
+        ({"EVENTBUS_NOPE__X": "1"}, "EVENTBUS_NOPE__X: nope: unknown section"),
+        ({"EVENTBUS_CRON__DELAY_PUBLISH_ENABLED": "maybe"},
+         'EVENTBUS_CRON__DELAY_PUBLISH_ENABLED: cron.delay_publish_enabled: expected true or false, got "maybe"'),
+    ],
+)
+def test_bad_environment_overrides(tmp_path: Path, environ: dict[str, str], line: str) -> None:
+    assert error_of(tmp_path, "", environ) == line
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "eventbus", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_cli_reports_config_error_in_one_line_with_status_2(tmp_path: Path) -> None:
+    path = write(tmp_path, '[server]\ngrpc_port = "many"\n')
+    result = run_cli("serve", "--config", path)
+    assert result.returncode == 2
+    assert result.stderr == (
+        'eventbus: config.toml: server.grpc_port: expected an integer 1-65535, got "many"\n'
+    )
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_cli_missing_config_file(tmp_path: Path) -> None:
+    result = run_cli("migrate", "--config", str(tmp_path / "absent.toml"))
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0
+    assert "absent.toml: cannot read" in result.stderr
+
+
+def test_cli_version_and_help() -> None:
+    from eventbus import __version__
+
+    assert run_cli("--version").stdout.strip() == f"eventbus {__version__}"
+    for args in (["--help"], ["serve", "--help"], ["migrate", "--help"]):
+        result = run_cli(*args)
+        assert result.returncode == 0 and "usage: eventbus" in result.stdout
