@@ -28,8 +28,8 @@ services: $(STAMP)
 	$(BIN)/python scripts/services.py $(CONFIG)
 
 lint: $(STAMP)
-	$(BIN)/ruff check eventbus tests scripts bench
-	$(BIN)/ruff format --check eventbus tests scripts bench
+	$(BIN)/ruff check eventbus tests scripts $(wildcard bench)
+	$(BIN)/ruff format --check eventbus tests scripts $(wildcard bench)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

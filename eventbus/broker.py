@@ -8,6 +8,7 @@ amqp.reconnect_window_seconds; past that the daemon exits non-zero and systemd r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -72,8 +73,9 @@ class Broker:
         self._up = True
 
     async def _open(self) -> aio_pika.abc.AbstractConnection:
+        connect: Any = aio_pika.connect  # overloaded; the seam takes any coroutine function
         return await aio.call(
-            aio_pika.connect,
+            connect,
             self.config.url,
             timeout=CONNECT_TIMEOUT,
             heartbeat=self.config.heartbeat_seconds,
@@ -83,10 +85,8 @@ class Broker:
     def _on_close(self, _sender: Any, error: BaseException | None) -> None:
         # Runs on the asyncio side; one pending notice is enough, so a full channel drops this one.
         self._up = False
-        try:
+        with contextlib.suppress(trio.WouldBlock):
             self._lost_send.send_nowait(describe(error) if error else "closed")
-        except trio.WouldBlock:
-            pass
 
     async def wait_lost(self) -> str:
         """Wait until the connection is lost; returns why."""
@@ -103,8 +103,12 @@ class Broker:
             await aio.call(connection.close)
 
 
-async def run(config: AmqpConfig, metrics: Metrics, *,
-              task_status: trio.TaskStatus[Broker] = trio.TASK_STATUS_IGNORED) -> None:
+async def run(
+    config: AmqpConfig,
+    metrics: Metrics,
+    *,
+    task_status: trio.TaskStatus[Broker] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Connect, serve the Broker to the daemon, and reconnect whenever the connection is lost.
 
     Raises DependencyUnavailable when RabbitMQ stays away longer than the reconnect window.
@@ -116,8 +120,11 @@ async def run(config: AmqpConfig, metrics: Metrics, *,
         task_status.started(broker)
         while True:
             reason = await broker.wait_lost()
-            logger.warning("RabbitMQ: connection lost (%s); reconnecting for up to %g s",
-                           reason, config.reconnect_window_seconds)
+            logger.warning(
+                "RabbitMQ: connection lost (%s); reconnecting for up to %g s",
+                reason,
+                config.reconnect_window_seconds,
+            )
             await broker.connect(config.reconnect_window_seconds)
             metrics.reconnects.labels("rabbitmq").inc()
             logger.info("RabbitMQ: reconnected to %s", broker.address)

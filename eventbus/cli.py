@@ -33,8 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         trio.run(args.command, config)
     except* FatalError as group:
-        for error in _leaves(group):
-            logger.error("%s", error)
+        for fatal in _leaves(group):
+            logger.error("%s", fatal)
         status = EXIT_FATAL
     return status
 
@@ -58,8 +58,12 @@ def _parser() -> argparse.ArgumentParser:
         ("migrate", _migrate, "bring the PostgreSQL schema up to date, then exit"),
     ]:
         sub = commands.add_parser(name, help=summary, description=summary)
-        sub.add_argument("--config", default="config.toml", metavar="FILE",
-                         help="the TOML configuration file (default: %(default)s)")
+        sub.add_argument(
+            "--config",
+            default="config.toml",
+            metavar="FILE",
+            help="the TOML configuration file (default: %(default)s)",
+        )
         sub.set_defaults(command=command)
     return parser
 

@@ -11,15 +11,10 @@ import json
 import os
 import re
 import socket
-import sys
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 ENV_PREFIX = "EVENTBUS_"
 
@@ -70,7 +65,9 @@ class ServerConfig:
     grpc_port: int = _setting(9091, PORT)
     http_host: str = _setting("0.0.0.0", HOST)
     http_port: int = _setting(7878, PORT)
-    node_name: str = _setting("", _text(r"[A-Za-z0-9_.:-]{0,64}", "up to 64 of A-Z a-z 0-9 _ . : -"))
+    node_name: str = _setting(
+        "", _text(r"[A-Za-z0-9_.:-]{0,64}", "up to 64 of A-Z a-z 0-9 _ . : -")
+    )
     max_message_bytes: int = _setting(4 * 1024 * 1024, _int(1024, 64 * 1024 * 1024))
     shutdown_grace_seconds: float = _setting(10.0, _float(0, 300))
 
@@ -82,8 +79,13 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class AmqpConfig:
-    url: str = _setting("amqp://guest:guest@127.0.0.1:5672/", _text(r"amqps?://\S+", "an amqp:// URL"))
-    namespace: str = _setting("event_bus", _text(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", "a name of 1-64 of A-Z a-z 0-9 _ . -"))
+    url: str = _setting(
+        "amqp://guest:guest@127.0.0.1:5672/", _text(r"amqps?://\S+", "an amqp:// URL")
+    )
+    namespace: str = _setting(
+        "event_bus",
+        _text(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", "a name of 1-64 of A-Z a-z 0-9 _ . -"),
+    )
     prefetch_count: int = _setting(1000, _int(1, 65535))
     consumers_per_queue: int = _setting(5, _int(1, 100))
     producers_per_queue: int = _setting(2, _int(1, 100))
@@ -99,7 +101,9 @@ class PostgresConfig:
 
 @dataclass(frozen=True)
 class RedisConfig:
-    url: str = _setting("redis://127.0.0.1:6379/0", _text(r"(redis|rediss|unix)://\S+", "a redis:// URL"))
+    url: str = _setting(
+        "redis://127.0.0.1:6379/0", _text(r"(redis|rediss|unix)://\S+", "a redis:// URL")
+    )
     key_prefix: str = _setting("event_bus:", ANY_TEXT)
 
 
@@ -142,7 +146,9 @@ class Config:
     log: LogConfig = LogConfig()
 
 
-SECTIONS: dict[str, type] = {f.name: type(getattr(Config(), f.name)) for f in dataclasses.fields(Config)}
+SECTIONS: dict[str, type] = {
+    f.name: type(getattr(Config(), f.name)) for f in dataclasses.fields(Config)
+}
 
 
 def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
@@ -193,7 +199,9 @@ def _check_value(source: str, section: str, key: str, value: Any) -> None:
     if rule is None:
         raise ConfigError(f"{source}: {section}.{key}: unknown key")
     if not (_is_kind(value, rule.kind) and rule.check(value)):
-        raise ConfigError(f"{source}: {section}.{key}: expected {rule.expected}, got {_show(value)}")
+        raise ConfigError(
+            f"{source}: {section}.{key}: expected {rule.expected}, got {_show(value)}"
+        )
 
 
 def _is_kind(value: Any, kind: type) -> bool:

@@ -1,14 +1,14 @@
 """The daemon: one trio task tree that starts every part in order and stops them in reverse.
 
-    serve
-    └── root nursery: signals, sd_notify
-        ├── trio-asyncio loop (opened around the nursery)
-        ├── PostgreSQL pool (migrations applied at start)
-        ├── Redis client
-        ├── RabbitMQ supervisor (reconnects within the window, else the daemon exits)
-        ├── gRPC server: mq.Mq, mq.MqTopic, health, reflection
-        ├── HTTP server: /healthz /readyz /metrics /stats
-        └── node registration, watchdog keep-alive
+serve
+└── root nursery: signals, sd_notify
+    ├── trio-asyncio loop (opened around the nursery)
+    ├── PostgreSQL pool (migrations applied at start)
+    ├── Redis client
+    ├── RabbitMQ supervisor (reconnects within the window, else the daemon exits)
+    ├── gRPC server: mq.Mq, mq.MqTopic, health, reflection
+    ├── HTTP server: /healthz /readyz /metrics /stats
+    └── node registration, watchdog keep-alive
 """
 
 from __future__ import annotations
@@ -46,14 +46,23 @@ class Daemon:
 
     async def serve(self) -> None:
         """Run until SIGTERM/SIGINT (graceful stop) or a fatal error (raised)."""
-        async with aio.open_loop(self.metrics.stray_asyncio_errors.inc), trio.open_nursery() as root:
+        async with (
+            aio.open_loop(self.metrics.stray_asyncio_errors.inc),
+            trio.open_nursery() as root,
+        ):
             root.start_soon(self._watch_signals, root.cancel_scope)
             await self._start(root)
             self.ready = True
             self.notifier.send("READY=1")
-            logger.info("eventbus %s: node %s ready: gRPC on %s:%d, HTTP on %s:%d", __version__,
-                        self.node, self.config.server.grpc_host, self.config.server.grpc_port,
-                        self.config.server.http_host, self.config.server.http_port)
+            logger.info(
+                "eventbus %s: node %s ready: gRPC on %s:%d, HTTP on %s:%d",
+                __version__,
+                self.node,
+                self.config.server.grpc_host,
+                self.config.server.grpc_port,
+                self.config.server.http_host,
+                self.config.server.http_port,
+            )
             await self.stop_requested.wait()
             await self._stop()
             root.cancel_scope.cancel()
@@ -73,12 +82,18 @@ class Daemon:
         root.start_soon(nodes.keep_registered, self.store, self.node)
         root.start_soon(self.notifier.keep_alive)
 
-    async def _serve_http(self, app: Any, *,
-                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _serve_http(
+        self, app: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         server = self.config.server
         try:
-            await http.run(app, server.http_host, server.http_port, self.stop_requested,
-                           task_status=task_status)
+            await http.run(
+                app,
+                server.http_host,
+                server.http_port,
+                self.stop_requested,
+                task_status=task_status,
+            )
         finally:
             self.http_stopped.set()
 
@@ -93,7 +108,9 @@ class Daemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 if self.stop_requested.is_set():
-                    logger.warning("eventbus: second %s; exiting at once", signal.Signals(signum).name)
+                    logger.warning(
+                        "eventbus: second %s; exiting at once", signal.Signals(signum).name
+                    )
                     os._exit(128 + signum)
                 logger.info("eventbus: %s received; stopping", signal.Signals(signum).name)
                 self.stop_requested.set()
@@ -105,23 +122,33 @@ class Daemon:
             if self.gate.draining:
                 raise rpc.Unavailable("gRPC is shutting down")
 
-        return {"rabbitmq": self.broker.ping, "postgresql": self.store.ping,
-                "redis": self.redis.ping, "grpc": grpc_serving}
+        return {
+            "rabbitmq": self.broker.ping,
+            "postgresql": self.store.ping,
+            "redis": self.redis.ping,
+            "grpc": grpc_serving,
+        }
 
     async def stats(self) -> dict[str, Any]:
         """The /stats document: this node, its calls, its dependencies and its live peers."""
         try:
-            peers: list[dict[str, Any]] | str = await nodes.alive(self.store)
+            with trio.fail_after(http.CHECK_TIMEOUT):
+                peers: list[dict[str, Any]] | str = await nodes.alive(self.store)
         except Exception as error:
             peers = f"unavailable: {error!r}"
         return {
             "node": self.node,
             "version": __version__,
             "uptime_seconds": round(time.time() - self.started_at, 3),
-            "grpc": {"in_flight": self.gate.in_flight, "draining": self.gate.draining,
-                     "calls": _label_counts(self.metrics.grpc_requests)},
-            "rabbitmq": {"connected": self.broker.connected,
-                         "reconnects": _label_counts(self.metrics.reconnects)},
+            "grpc": {
+                "in_flight": self.gate.in_flight,
+                "draining": self.gate.draining,
+                "calls": _label_counts(self.metrics.grpc_requests),
+            },
+            "rabbitmq": {
+                "connected": self.broker.connected,
+                "reconnects": _label_counts(self.metrics.reconnects),
+            },
             "stray_asyncio_errors": sum(_label_counts(self.metrics.stray_asyncio_errors).values()),
             "nodes": peers,
         }

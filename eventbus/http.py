@@ -46,8 +46,9 @@ async def check_all(checks: Mapping[str, Check]) -> dict[str, str]:
     return failures
 
 
-def make_app(checks: Mapping[str, Check], metrics: Metrics,
-             stats: Callable[[], Awaitable[dict[str, Any]]]) -> Starlette:
+def make_app(
+    checks: Mapping[str, Check], metrics: Metrics, stats: Callable[[], Awaitable[dict[str, Any]]]
+) -> Starlette:
     """The ASGI application; checks name what /readyz requires, stats() feeds /stats."""
 
     async def healthz(_: Request) -> Response:
@@ -67,16 +68,24 @@ def make_app(checks: Mapping[str, Check], metrics: Metrics,
     async def stats_page(_: Request) -> Response:
         return JSONResponse(await stats())
 
-    return Starlette(routes=[
-        Route("/healthz", healthz),
-        Route("/readyz", readyz),
-        Route("/metrics", metrics_page),
-        Route("/stats", stats_page),
-    ])
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics_page),
+            Route("/stats", stats_page),
+        ]
+    )
 
 
-async def run(app: Starlette, host: str, port: int, shutdown: trio.Event, *,
-              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def run(
+    app: Starlette,
+    host: str,
+    port: int,
+    shutdown: trio.Event,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Serve app on host:port until shutdown is set; in-flight requests get GRACEFUL_TIMEOUT."""
     config = HypercornConfig()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]

@@ -14,6 +14,7 @@ from .retry import connect_within, redact
 
 logger = logging.getLogger(__name__)
 
+CALL_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 5.0
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
@@ -31,9 +32,9 @@ class Redis:
         self._client = client
         self.key_prefix = key_prefix
 
-    async def ping(self, timeout: float = 2.0) -> None:
-        """Raise unless Redis answers PING within timeout seconds."""
-        with trio.fail_after(timeout):
+    async def ping(self) -> None:
+        """Raise unless Redis answers PING; waits at most CALL_TIMEOUT."""
+        with trio.fail_after(CALL_TIMEOUT):
             await aio.call(self._client.ping)
 
     async def close(self) -> None:
@@ -53,8 +54,12 @@ async def open_redis(config: RedisConfig, window: float) -> Redis:
     return redis_
 
 
-async def run(config: RedisConfig, window: float, *,
-              task_status: trio.TaskStatus[Redis] = trio.TASK_STATUS_IGNORED) -> None:
+async def run(
+    config: RedisConfig,
+    window: float,
+    *,
+    task_status: trio.TaskStatus[Redis] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Serve a Redis client to the daemon until cancelled, then close it."""
     redis_ = await open_redis(config, window)
     logger.info("Redis: connected to %s", redact(config.url))

@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Info, disable_c
 
 from . import __version__
 
-disable_created_metrics()  # the *_created series only double what /metrics already says
+disable_created_metrics()  # type: ignore[no-untyped-call] # the *_created series only double what /metrics already says
 
 
 class Metrics:
@@ -14,7 +14,9 @@ class Metrics:
 
     def __init__(self, node: str) -> None:
         self.registry = CollectorRegistry()
-        info = Info("eventbus_build", "Version and node name of this daemon", registry=self.registry)
+        info = Info(
+            "eventbus_build", "Version and node name of this daemon", registry=self.registry
+        )
         info.info({"version": __version__, "node": node})
         self.dependency_up = Gauge(
             "eventbus_dependency_up",

@@ -31,11 +31,11 @@ WHERE seen_at > now() - make_interval(secs => $1) ORDER BY name
 
 
 async def keep_registered(store: Store, node: str) -> None:
-    """Refresh this node's row every REFRESH_SECONDS, forever; a database outage only skips turns."""
+    """Refresh this node's row every REFRESH_SECONDS, forever; an outage only skips turns."""
     first = True
     while True:
         try:
-            await store.execute(UPSERT, node, __version__, first, timeout=5)
+            await store.execute(UPSERT, node, __version__, first)
             first = False
         except Exception as error:
             logger.debug("nodes: could not refresh %s: %s", node, describe(error))
@@ -44,9 +44,13 @@ async def keep_registered(store: Store, node: str) -> None:
 
 async def alive(store: Store) -> list[dict[str, Any]]:
     """The nodes seen within ALIVE_SECONDS."""
-    rows = await store.fetch(ALIVE, ALIVE_SECONDS, timeout=2)
+    rows = await store.fetch(ALIVE, ALIVE_SECONDS)
     return [
-        {"name": r["name"], "version": r["version"], "started_at": r["started_at"].isoformat(),
-         "seen_at": r["seen_at"].isoformat()}
+        {
+            "name": r["name"],
+            "version": r["version"],
+            "started_at": r["started_at"].isoformat(),
+            "seen_at": r["seen_at"].isoformat(),
+        }
         for r in rows
     ]

@@ -32,6 +32,7 @@ async def connect_within(
     Waits on connect and on the back-off sleeps between attempts. Raises DependencyUnavailable,
     naming the dependency and its address, once the window has passed.
     """
+    retryable: tuple[type[BaseException], ...] = (*transient, trio.TooSlowError)
     give_up_at = trio.current_time() + window
     delay = FIRST_DELAY
     attempt = 0
@@ -41,7 +42,7 @@ async def connect_within(
         try:
             with trio.fail_after(max(0.1, min(ATTEMPT_TIMEOUT, left))):
                 return await connect()
-        except (*transient, trio.TooSlowError) as error:
+        except retryable as error:
             reason = describe(error)
         left = give_up_at - trio.current_time()
         if left <= 0:
@@ -49,8 +50,9 @@ async def connect_within(
                 f"{name} at {address} did not answer within {window:g} s: {reason}"
             )
         pause = min(delay, left)
-        logger.warning("%s at %s: %s (attempt %d); retrying in %.1f s", name, address, reason,
-                       attempt, pause)
+        logger.warning(
+            "%s at %s: %s (attempt %d); retrying in %.1f s", name, address, reason, attempt, pause
+        )
         await trio.sleep(pause)
         delay = min(delay * 2, MAX_DELAY)
 

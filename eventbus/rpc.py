@@ -67,8 +67,12 @@ class Gate:
         self._idle = trio.Event()
         self._idle.set()
 
-    async def unary(self, stream: Stream[Request, Reply], method: str,
-                    work: Callable[[Request], Awaitable[Reply]]) -> None:
+    async def unary(
+        self,
+        stream: Stream[Request, Reply],
+        method: str,
+        work: Callable[[Request], Awaitable[Reply]],
+    ) -> None:
         """Handle one unary call: receive, run work on the trio side, send the reply."""
         if self.draining:
             raise GRPCError(Status.UNAVAILABLE, "server is shutting down")
@@ -133,7 +137,9 @@ class GrpcServer:
         self.status.set(False)
         left = await self.gate.drain(grace)
         if left:
-            logger.warning("gRPC: %d calls still running after %.1f s; cancelling them", left, grace)
+            logger.warning(
+                "gRPC: %d calls still running after %.1f s; cancelling them", left, grace
+            )
         await self.close()
         logger.info("gRPC: stopped in %.2f s", time.monotonic() - started)
 
@@ -148,8 +154,13 @@ class GrpcServer:
             await aio.call(self._server.wait_closed)
 
 
-async def run(server: GrpcServer, host: str, port: int, *,
-              task_status: trio.TaskStatus[GrpcServer] = trio.TASK_STATUS_IGNORED) -> None:
+async def run(
+    server: GrpcServer,
+    host: str,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[GrpcServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Listen on host:port until cancelled; the daemon drains calls with stop() before that."""
     await server.start(host, port)
     logger.info("gRPC: serving on %s:%d", host, port)

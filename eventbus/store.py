@@ -29,49 +29,51 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 
 
 class Store:
-    """Queries against the daemon's PostgreSQL database; every call has a deadline."""
+    """Queries against the daemon's PostgreSQL database.
+
+    Each call is bounded by CALL_TIMEOUT as a safety net against a silent peer; callers that need
+    a tighter limit put trio.fail_after around the call.
+    """
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
-    async def fetch(self, sql: str, *args: Any, timeout: float = CALL_TIMEOUT) -> list[Any]:
-        """Rows of a query; waits on the database for at most timeout seconds."""
-        with trio.fail_after(timeout):
-            return await aio.call(self._pool.fetch, sql, *args)  # type: ignore[no-any-return]
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        """Rows of a query; waits on the database."""
+        with trio.fail_after(CALL_TIMEOUT):
+            return await aio.call(self._pool.fetch, sql, *args)
 
-    async def fetchval(self, sql: str, *args: Any, timeout: float = CALL_TIMEOUT) -> Any:
-        """The first column of the first row of a query."""
-        with trio.fail_after(timeout):
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        """The first column of the first row of a query; waits on the database."""
+        with trio.fail_after(CALL_TIMEOUT):
             return await aio.call(self._pool.fetchval, sql, *args)
 
-    async def execute(self, sql: str, *args: Any, timeout: float = CALL_TIMEOUT) -> str:
-        """Run a statement; returns its status tag."""
-        with trio.fail_after(timeout):
-            return await aio.call(self._pool.execute, sql, *args)  # type: ignore[no-any-return]
+    async def execute(self, sql: str, *args: Any) -> str:
+        """Run a statement and return its status tag; waits on the database."""
+        with trio.fail_after(CALL_TIMEOUT):
+            return await aio.call(self._pool.execute, sql, *args)
 
-    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]],
-                          timeout: float = CALL_TIMEOUT) -> None:
-        """Run a statement once per row, in one round trip."""
-        with trio.fail_after(timeout):
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Run a statement once per row, in one round trip; waits on the database."""
+        with trio.fail_after(CALL_TIMEOUT):
             await aio.call(self._pool.executemany, sql, rows)
 
-    async def transaction(self, work: Callable[[asyncpg.Connection], Awaitable[T]],
-                          timeout: float = CALL_TIMEOUT) -> T:
-        """Run work(connection) inside one transaction on one connection.
+    async def transaction(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """Run work(connection) inside one transaction on one connection, and return its result.
 
         work runs on the asyncio side of the seam: it may only await that connection's methods.
+        This call has no deadline of its own: the caller bounds it.
         """
 
         async def in_transaction() -> T:
             async with self._pool.acquire() as connection, connection.transaction():
                 return await work(connection)
 
-        with trio.fail_after(timeout):
-            return await aio.call(in_transaction)
+        return await aio.call(in_transaction)
 
-    async def ping(self, timeout: float = 2.0) -> None:
-        """Raise unless the database answers a trivial query within timeout seconds."""
-        await self.fetchval("SELECT 1", timeout=timeout)
+    async def ping(self) -> None:
+        """Raise unless the database answers a trivial query."""
+        await self.fetchval("SELECT 1")
 
     async def close(self) -> None:
         with trio.move_on_after(CLOSE_TIMEOUT, shield=True) as scope:
@@ -100,8 +102,12 @@ async def open_store(config: PostgresConfig, window: float) -> Store:
     return store
 
 
-async def run(config: PostgresConfig, window: float, *,
-              task_status: trio.TaskStatus[Store] = trio.TASK_STATUS_IGNORED) -> None:
+async def run(
+    config: PostgresConfig,
+    window: float,
+    *,
+    task_status: trio.TaskStatus[Store] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Serve a Store to the daemon until cancelled, then close the pool."""
     store = await open_store(config, window)
     logger.info("PostgreSQL: connected to %s", redact(config.dsn))

@@ -37,7 +37,9 @@ def generate(out_dir: pathlib.Path) -> None:
 def _make_imports_relative(out_dir: pathlib.Path, proto: pathlib.Path) -> None:
     stem = proto.stem
     for path in out_dir.glob(f"{stem}_*.py*"):
-        text = re.sub(rf"^import {stem}_pb2$", f"from . import {stem}_pb2", path.read_text(), flags=re.M)
+        text = re.sub(
+            rf"^import {stem}_pb2$", f"from . import {stem}_pb2", path.read_text(), flags=re.M
+        )
         path.write_text(HEADER.format(name=proto.name) + text)
 
 

@@ -29,17 +29,31 @@ def to_toml(sections: dict[str, dict[str, Any]]) -> str:
 
 
 class DaemonProcess:
-    def __init__(self, directory: Path, backends: Backends, *, env: dict[str, str] | None = None,
-                 **overrides: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        backends: Backends,
+        *,
+        env: dict[str, str] | None = None,
+        **overrides: dict[str, Any],
+    ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.grpc_port = free_port()
         self.http_port = free_port()
         sections: dict[str, dict[str, Any]] = {
-            "server": {"grpc_host": "127.0.0.1", "grpc_port": self.grpc_port,
-                       "http_host": "127.0.0.1", "http_port": self.http_port,
-                       "node_name": directory.name, "shutdown_grace_seconds": 5.0},
-            "amqp": {"url": backends.amqp_url, "namespace": backends.namespace,
-                     "reconnect_window_seconds": 10},
+            "server": {
+                "grpc_host": "127.0.0.1",
+                "grpc_port": self.grpc_port,
+                "http_host": "127.0.0.1",
+                "http_port": self.http_port,
+                "node_name": directory.name,
+                "shutdown_grace_seconds": 5.0,
+            },
+            "amqp": {
+                "url": backends.amqp_url,
+                "namespace": backends.namespace,
+                "reconnect_window_seconds": 10,
+            },
             "postgres": {"dsn": backends.postgres_dsn},
             "redis": {"key_prefix": backends.redis_prefix},
             "log": {"level": "debug"},
@@ -52,7 +66,8 @@ class DaemonProcess:
         self._log_file = open(self.log_path, "wb")  # noqa: SIM115 (closed in kill/stop)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "eventbus", "serve", "--config", str(self.config_path)],
-            stdout=self._log_file, stderr=subprocess.STDOUT,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
         )
 

@@ -57,17 +57,50 @@ def test_wrong_type_names_the_key(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "line"),
     [
-        ("[server]\ngrpc_port = 0\n", "config.toml: server.grpc_port: expected an integer 1-65535, got 0"),
-        ("[server]\ngrpc_port = 70000\n", "config.toml: server.grpc_port: expected an integer 1-65535, got 70000"),
-        ("[server]\ngrpc_port = 9.5\n", "config.toml: server.grpc_port: expected an integer 1-65535, got 9.5"),
-        ("[server]\ngrpc_port = true\n", "config.toml: server.grpc_port: expected an integer 1-65535, got true"),
-        ("[cron]\ninterval_seconds = 0\n", "config.toml: cron.interval_seconds: expected a number 0.05-3600, got 0"),
-        ("[cron]\nrepublish_enabled = \"yes\"\n", 'config.toml: cron.republish_enabled: expected true or false, got "yes"'),
-        ("[log]\nlevel = \"loud\"\n", 'config.toml: log.level: expected one of debug, info, warning, error, got "loud"'),
-        ("[amqp]\nurl = \"http://x\"\n", 'config.toml: amqp.url: expected an amqp:// URL, got "http://x"'),
-        ("[amqp]\nnamespace = \"\"\n", 'config.toml: amqp.namespace: expected a name of 1-64 of A-Z a-z 0-9 _ . -, got ""'),
-        ("[delivery]\nmax_retries = -1\n", "config.toml: delivery.max_retries: expected an integer 0-1000, got -1"),
-        ("[background]\nworkers = 0\n", "config.toml: background.workers: expected an integer 1-1000, got 0"),
+        (
+            "[server]\ngrpc_port = 0\n",
+            "config.toml: server.grpc_port: expected an integer 1-65535, got 0",
+        ),
+        (
+            "[server]\ngrpc_port = 70000\n",
+            "config.toml: server.grpc_port: expected an integer 1-65535, got 70000",
+        ),
+        (
+            "[server]\ngrpc_port = 9.5\n",
+            "config.toml: server.grpc_port: expected an integer 1-65535, got 9.5",
+        ),
+        (
+            "[server]\ngrpc_port = true\n",
+            "config.toml: server.grpc_port: expected an integer 1-65535, got true",
+        ),
+        (
+            "[cron]\ninterval_seconds = 0\n",
+            "config.toml: cron.interval_seconds: expected a number 0.05-3600, got 0",
+        ),
+        (
+            '[cron]\nrepublish_enabled = "yes"\n',
+            'config.toml: cron.republish_enabled: expected true or false, got "yes"',
+        ),
+        (
+            '[log]\nlevel = "loud"\n',
+            'config.toml: log.level: expected one of debug, info, warning, error, got "loud"',
+        ),
+        (
+            '[amqp]\nurl = "http://x"\n',
+            'config.toml: amqp.url: expected an amqp:// URL, got "http://x"',
+        ),
+        (
+            '[amqp]\nnamespace = ""\n',
+            'config.toml: amqp.namespace: expected a name of 1-64 of A-Z a-z 0-9 _ . -, got ""',
+        ),
+        (
+            "[delivery]\nmax_retries = -1\n",
+            "config.toml: delivery.max_retries: expected an integer 0-1000, got -1",
+        ),
+        (
+            "[background]\nworkers = 0\n",
+            "config.toml: background.workers: expected an integer 1-1000, got 0",
+        ),
         ("[server]\nport = 1\n", "config.toml: server.port: unknown key"),
         ("[servers]\ngrpc_port = 1\n", "config.toml: servers: unknown section"),
         ("server = 3\n", "config.toml: server: expected a table, got 3"),
@@ -112,12 +145,17 @@ def test_environment_overrides_keys(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("environ", "line"),
     [
-        ({"EVENTBUS_SERVER__GRPC_PORT": "many"},
-         'EVENTBUS_SERVER__GRPC_PORT: server.grpc_port: expected an integer 1-65535, got "many"'),
+        (
+            {"EVENTBUS_SERVER__GRPC_PORT": "many"},
+            'EVENTBUS_SERVER__GRPC_PORT: server.grpc_port: expected an integer 1-65535, got "many"',
+        ),
         ({"EVENTBUS_SERVER__NOPE": "1"}, "EVENTBUS_SERVER__NOPE: server.nope: unknown key"),
         ({"EVENTBUS_NOPE__X": "1"}, "EVENTBUS_NOPE__X: nope: unknown section"),
-        ({"EVENTBUS_CRON__DELAY_PUBLISH_ENABLED": "maybe"},
-         'EVENTBUS_CRON__DELAY_PUBLISH_ENABLED: cron.delay_publish_enabled: expected true or false, got "maybe"'),
+        (
+            {"EVENTBUS_CRON__DELAY_PUBLISH_ENABLED": "maybe"},
+            "EVENTBUS_CRON__DELAY_PUBLISH_ENABLED: cron.delay_publish_enabled: "
+            'expected true or false, got "maybe"',
+        ),
     ],
 )
 def test_bad_environment_overrides(tmp_path: Path, environ: dict[str, str], line: str) -> None:
@@ -125,8 +163,9 @@ def test_bad_environment_overrides(tmp_path: Path, environ: dict[str, str], line
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "eventbus", *args], capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "eventbus", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_cli_reports_config_error_in_one_line_with_status_2(tmp_path: Path) -> None:

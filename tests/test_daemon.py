@@ -127,8 +127,18 @@ def test_sd_notify_ready_after_ports_accept_and_stopping_on_sigterm(
 @pytest.mark.parametrize(
     ("section", "key", "url", "name"),
     [
-        ("amqp", "url", "amqp://guest:secret@127.0.0.1:{port}/", "RabbitMQ at amqp://guest:***@127.0.0.1:{port}/"),
-        ("postgres", "dsn", "postgresql://postgres@127.0.0.1:{port}/x", "PostgreSQL at postgresql://postgres@127.0.0.1:{port}/x"),
+        (
+            "amqp",
+            "url",
+            "amqp://guest:secret@127.0.0.1:{port}/",
+            "RabbitMQ at amqp://guest:***@127.0.0.1:{port}/",
+        ),
+        (
+            "postgres",
+            "dsn",
+            "postgresql://postgres@127.0.0.1:{port}/x",
+            "PostgreSQL at postgresql://postgres@127.0.0.1:{port}/x",
+        ),
         ("redis", "url", "redis://127.0.0.1:{port}/0", "Redis at redis://127.0.0.1:{port}/0"),
     ],
 )

@@ -15,8 +15,11 @@ GENERATED = ROOT / "eventbus" / "_generated"
 
 
 def test_generated_code_matches_the_proto(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "generate_protos.py"), str(tmp_path)],
-                   check=True, timeout=120)
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "generate_protos.py"), str(tmp_path)],
+        check=True,
+        timeout=120,
+    )
     fresh = sorted(p.name for p in tmp_path.iterdir())
     assert fresh == ["mq_grpc.py", "mq_pb2.py", "mq_pb2.pyi"]
     for name in fresh:
@@ -32,19 +35,28 @@ def test_proto_keeps_the_v1_contract() -> None:
     }
     assert fields["PublishRequest"] == [("queue", 1), ("data", 2), ("ExpirationSeconds", 3)]
     assert fields["DelayPublishRequest"] == [
-        ("queue", 1), ("data", 2), ("delaySeconds", 3), ("ExpirationSeconds", 4)]
+        ("queue", 1),
+        ("data", 2),
+        ("delaySeconds", 3),
+        ("ExpirationSeconds", 4),
+    ]
     assert fields["SubscribeResponse"] == [("id", 1), ("data", 2), ("queue", 3)]
     assert fields["TopicSubscribeRequest"] == [("topic", 1), ("queueName", 2)]
     assert fields["DelayTopicPublishRequest"] == [
-        ("topic", 1), ("data", 2), ("delaySeconds", 3), ("ExpirationSeconds", 4)]
+        ("topic", 1),
+        ("data", 2),
+        ("delaySeconds", 3),
+        ("ExpirationSeconds", 4),
+    ]
     assert mq_pb2.DESCRIPTOR.package == "mq"
     for service in ("Mq", "MqTopic"):
         methods = [m.name for m in mq_pb2.DESCRIPTOR.services_by_name[service].methods]
         assert methods == ["publish", "delayPublish", "subscribe", "ack", "nack"]
 
 
-needs_systemd = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
-                                   reason="systemd-analyze is not installed")
+needs_systemd = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
+)
 
 
 def unit_with_real_binary(tmp_path: Path) -> Path:
@@ -59,8 +71,12 @@ def unit_with_real_binary(tmp_path: Path) -> Path:
 
 @needs_systemd
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
-    result = subprocess.run(["systemd-analyze", "verify", str(unit_with_real_binary(tmp_path))],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(unit_with_real_binary(tmp_path))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == ""
 
@@ -69,7 +85,9 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
 def test_systemd_unit_is_hardened(tmp_path: Path) -> None:
     result = subprocess.run(
         ["systemd-analyze", "security", "--offline=true", str(unit_with_real_binary(tmp_path))],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     score = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
     assert score, result.stdout + result.stderr
@@ -78,6 +96,10 @@ def test_systemd_unit_is_hardened(tmp_path: Path) -> None:
 
 def test_systemd_unit_is_notify_type_and_restarts() -> None:
     text = (ROOT / "systemd" / "eventbus.service").read_text()
-    for line in ("Type=notify", "Restart=on-failure", "WatchdogSec=30",
-                 "ExecStart=/opt/eventbus/.venv/bin/eventbus serve --config /etc/eventbus/config.toml"):
+    for line in (
+        "Type=notify",
+        "Restart=on-failure",
+        "WatchdogSec=30",
+        "ExecStart=/opt/eventbus/.venv/bin/eventbus serve --config /etc/eventbus/config.toml",
+    ):
         assert re.search(rf"^{re.escape(line)}$", text, flags=re.M), line

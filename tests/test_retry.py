@@ -59,7 +59,9 @@ async def test_attempt_that_hangs_times_out(autojump_clock: trio.testing.MockClo
     assert trio.current_time() - start == pytest.approx(12, abs=5.5)
 
 
-async def test_non_transient_error_is_raised_at_once(autojump_clock: trio.testing.MockClock) -> None:
+async def test_non_transient_error_is_raised_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     server = FlakyServer(failures=1, error=PermissionError("bad password"))
     with pytest.raises(PermissionError):
         await connect_within("PostgreSQL", "pg", server.connect, 60, (ConnectionError,))

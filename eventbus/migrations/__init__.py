@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+import trio
+
 if TYPE_CHECKING:
     from ..store import Store
 
@@ -63,4 +65,5 @@ async def apply(store: Store) -> list[str]:
                 applied.append(f"{migration.version:04d}_{migration.name}")
         return applied
 
-    return await store.transaction(work, timeout=TIMEOUT)
+    with trio.fail_after(TIMEOUT):
+        return await store.transaction(work)
