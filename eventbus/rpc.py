@@ -124,7 +124,7 @@ class GrpcServer:
         self.gate = gate
         self.status = ServiceStatus()
         health = Health({service: [self.status] for service in services})
-        self._server = Server([*services, health, *ServerReflection.extend([*services, health])])
+        self._server = Server(ServerReflection.extend([*services, health]))
         self._closed = False
 
     async def start(self, host: str, port: int) -> None:
