@@ -10,22 +10,33 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
 import aio_pika.abc
+import aio_pika.exceptions
 import aiormq.exceptions
 import trio
 
 from . import aio
 from .config import AmqpConfig
+from .errors import Unavailable
 from .metrics import Metrics
 from .retry import connect_within, describe, redact
 
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
+CALL_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 5.0
+BROKER_ERRORS: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.AMQPError,
+    aio_pika.exceptions.AMQPException,
+    ConnectionError,
+    OSError,
+)
+CHANNEL_ERRORS: tuple[type[BaseException], ...] = (*BROKER_ERRORS, trio.TooSlowError)
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
@@ -34,8 +45,16 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-class BrokerUnavailable(Exception):
+class BrokerUnavailable(Unavailable):
     """RabbitMQ is not connected right now."""
+
+
+@dataclass(frozen=True)
+class Channel:
+    """An AMQP channel and the connection generation it belongs to."""
+
+    amqp: aio_pika.abc.AbstractChannel
+    generation: int
 
 
 class Broker:
@@ -46,6 +65,8 @@ class Broker:
         self.address = redact(config.url)
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._up = False
+        self._up_event = trio.Event()
+        self.generation = 0  # counts connections; channels of an older one are dead
         self._lost_send, self._lost_receive = trio.open_memory_channel[str](1)
 
     @property
@@ -71,6 +92,8 @@ class Broker:
         connection.close_callbacks.add(self._on_close)
         self._connection = connection
         self._up = True
+        self.generation += 1
+        self._up_event.set()
 
     async def _open(self) -> aio_pika.abc.AbstractConnection:
         connect: Any = aio_pika.connect  # overloaded; the seam takes any coroutine function
@@ -84,9 +107,32 @@ class Broker:
 
     def _on_close(self, _sender: Any, error: BaseException | None) -> None:
         # Runs on the asyncio side; one pending notice is enough, so a full channel drops this one.
-        self._up = False
+        self._mark_down()
         with contextlib.suppress(trio.WouldBlock):
             self._lost_send.send_nowait(describe(error) if error else "closed")
+
+    def _mark_down(self) -> None:
+        if self._up:
+            self._up = False
+            self._up_event = trio.Event()
+
+    async def wait_connected(self) -> aio_pika.abc.AbstractConnection:
+        """Wait until the connection is up, and return it."""
+        while not self._up:
+            await self._up_event.wait()
+        return self.connection
+
+    async def channel(self, *, confirms: bool = False, prefetch: int = 0) -> Channel:
+        """A new channel on the live connection (BrokerUnavailable while there is none)."""
+        connection, generation = self.connection, self.generation
+        try:
+            with trio.fail_after(CALL_TIMEOUT):
+                channel = await aio.call(connection.channel, publisher_confirms=confirms)
+                if prefetch:
+                    await aio.call(channel.set_qos, prefetch_count=prefetch)
+        except CHANNEL_ERRORS as error:
+            raise BrokerUnavailable(f"RabbitMQ at {self.address}: {describe(error)}") from None
+        return Channel(channel, generation)
 
     async def wait_lost(self) -> str:
         """Wait until the connection is lost; returns why."""
@@ -95,7 +141,7 @@ class Broker:
     async def close(self) -> None:
         """Close the connection, waiting at most CLOSE_TIMEOUT seconds."""
         connection, self._connection = self._connection, None
-        self._up = False
+        self._mark_down()
         if connection is None:
             return
         connection.close_callbacks.discard(self._on_close)

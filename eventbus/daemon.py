@@ -21,11 +21,20 @@ from typing import Any
 
 import trio
 
-from . import __version__, aio, broker, http, lock, nodes, rpc, store
+from . import __version__, aio, bookkeeping, broker, http, lock, nodes, rpc, store
 from .config import Config
-from .metrics import Metrics
+from .consumer import Consumers
+from .cron import Cron
+from .delivery import Delivery
+from .errors import Unavailable
+from .gauges import Gauges
+from .lock import RedisLock
+from .metrics import Metrics, label_values
 from .notify import Notifier
-from .wire import MqService, MqTopicService
+from .publisher import Publisher
+from .republish import Republisher
+from .retry import describe
+from .wire import MqService, MqTopicService, SizeLimitedCodec
 
 logger = logging.getLogger(__name__)
 
@@ -74,13 +83,56 @@ class Daemon:
         self.store = await root.start(store.run, cfg.postgres, window)
         self.redis = await root.start(lock.run, cfg.redis, window)
         self.broker = await root.start(broker.run, cfg.amqp, self.metrics)
+        self.publisher = Publisher(self.broker, cfg.amqp.producers_per_queue)
+        self.consumers = Consumers(self.broker, cfg.amqp, root)
+        self.delivery = Delivery(cfg, self.broker, self.publisher, self.consumers, self.metrics)
+        for queue in (self.delivery.internal.confirm, self.delivery.internal.ack):
+            await self.publisher.declare_queue(queue)
+        self._start_background(root)
         # grpclib binds to the running asyncio loop when built, so only now.
-        self.grpc = rpc.GrpcServer([MqService(self.gate), MqTopicService(self.gate)], self.gate)
+        services = [MqService(self.gate, self.delivery), MqTopicService(self.gate, self.delivery)]
+        codec = SizeLimitedCodec(cfg.server.max_message_bytes)
+        self.grpc = rpc.GrpcServer(services, self.gate, codec)
         await root.start(rpc.run, self.grpc, cfg.server.grpc_host, cfg.server.grpc_port)
         app = http.make_app(self._readiness_checks(), self.metrics, self.stats)
         await root.start(self._serve_http, app)
         root.start_soon(nodes.keep_registered, self.store, self.node)
         root.start_soon(self.notifier.keep_alive)
+
+    def _start_background(self, root: trio.Nursery) -> None:
+        """Bookkeeping workers, the crons and the gauges, as this node's configuration asks."""
+        cfg = self.config
+        internal = self.delivery.internal
+        if cfg.background.enabled:
+            root.start_soon(
+                bookkeeping.run,
+                self.broker,
+                self.store,
+                self.metrics,
+                internal.confirm,
+                internal.ack,
+                cfg.background.workers,
+            )
+        if cfg.cron.republish_enabled:
+            republisher = Republisher(self.store, self.publisher, cfg.delivery, self.metrics)
+            lock_ = RedisLock(self.redis, "republish", cfg.cron.lock_ttl_seconds)
+            root.start_soon(
+                Cron(
+                    "republish",
+                    republisher.tick,
+                    lock_,
+                    cfg.cron.interval_seconds,
+                    cfg.cron.lock_ttl_seconds,
+                ).run
+            )
+        self.gauges = Gauges(
+            self.metrics,
+            self.store,
+            self.publisher,
+            self.consumers,
+            [internal.confirm, internal.ack],
+        )
+        root.start_soon(self.gauges.run)
 
     async def _serve_http(
         self, app: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -120,7 +172,7 @@ class Daemon:
     def _readiness_checks(self) -> dict[str, http.Check]:
         async def grpc_serving() -> None:
             if self.gate.draining:
-                raise rpc.Unavailable("gRPC is shutting down")
+                raise Unavailable("gRPC is shutting down")
 
         return {
             "rabbitmq": self.broker.ping,
@@ -130,12 +182,12 @@ class Daemon:
         }
 
     async def stats(self) -> dict[str, Any]:
-        """The /stats document: this node, its calls, its dependencies and its live peers."""
+        """The /stats document: this node, its calls, queues, dependencies and live peers."""
         try:
             with trio.fail_after(http.CHECK_TIMEOUT):
                 peers: list[dict[str, Any]] | str = await nodes.alive(self.store)
         except Exception as error:
-            peers = f"unavailable: {error!r}"
+            peers = f"unavailable: {describe(error)}"
         return {
             "node": self.node,
             "version": __version__,
@@ -143,22 +195,14 @@ class Daemon:
             "grpc": {
                 "in_flight": self.gate.in_flight,
                 "draining": self.gate.draining,
-                "calls": _label_counts(self.metrics.grpc_requests),
+                "calls": label_values(self.metrics.grpc_requests),
             },
             "rabbitmq": {
                 "connected": self.broker.connected,
-                "reconnects": _label_counts(self.metrics.reconnects),
+                "reconnects": label_values(self.metrics.reconnects),
             },
-            "stray_asyncio_errors": sum(_label_counts(self.metrics.stray_asyncio_errors).values()),
+            "stray_asyncio_errors": sum(label_values(self.metrics.stray_asyncio_errors).values()),
+            "queues": self.gauges.per_queue(),
+            "background_backlog": self.gauges.backlog,
             "nodes": peers,
         }
-
-
-def _label_counts(counter: Any) -> dict[str, float]:
-    """{"label/label": value} for every child of a prometheus counter ("" when unlabelled)."""
-    counts = {}
-    for metric in counter.collect():
-        for sample in metric.samples:
-            if sample.name.endswith("_total"):
-                counts["/".join(sample.labels.values())] = sample.value
-    return counts

@@ -1,4 +1,10 @@
-"""Errors that mean something to the daemon as a whole."""
+"""Errors that mean something beyond the line that raised them.
+
+FatalError ends the daemon with its one-line message. CallError and its kinds are expected
+failures of a client's call; the gRPC gate answers each with its status code (in one place).
+"""
+
+from grpclib.const import Status
 
 
 class FatalError(Exception):
@@ -7,3 +13,33 @@ class FatalError(Exception):
 
 class DependencyUnavailable(FatalError):
     """RabbitMQ, PostgreSQL or Redis did not answer within the allowed window."""
+
+
+class CallError(Exception):
+    """An expected failure of a call, answered with its status code and message."""
+
+    status = Status.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(CallError):
+    status = Status.INVALID_ARGUMENT
+
+
+class Unavailable(CallError):
+    status = Status.UNAVAILABLE
+
+
+class ResourceExhausted(CallError):
+    status = Status.RESOURCE_EXHAUSTED
+
+
+class FailedPrecondition(CallError):
+    status = Status.FAILED_PRECONDITION
+
+
+class NotImplementedYet(CallError):
+    status = Status.UNIMPLEMENTED

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import uuid
+from typing import Any
 
 import redis.asyncio as aredis
 import redis.exceptions
@@ -37,6 +39,11 @@ class Redis:
         with trio.fail_after(CALL_TIMEOUT):
             await aio.call(self._client.ping)
 
+    async def eval(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        """Run a Lua script; waits at most CALL_TIMEOUT."""
+        with trio.fail_after(CALL_TIMEOUT):
+            return await aio.call(self._client.eval, script, len(keys), *keys, *args)
+
     async def close(self) -> None:
         with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
             await aio.call(self._client.aclose)
@@ -68,3 +75,35 @@ async def run(
         await trio.sleep_forever()
     finally:
         await redis_.close()
+
+
+# Take the lock when free, or extend it when this token holds it: 1 when held afterwards.
+HOLD = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"""
+RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
+
+class RedisLock:
+    """A lock with a TTL in Redis, held by one token; renewed by holding it again."""
+
+    def __init__(self, redis_: Redis, name: str, ttl_seconds: float) -> None:
+        self._redis = redis_
+        self.key = f"{redis_.key_prefix}lock:{name}"
+        self.token = str(uuid.uuid4())
+        self._ttl_ms = max(1, int(ttl_seconds * 1000))
+
+    async def hold(self) -> bool:
+        """Acquire or renew; True when this holder has the lock for another TTL."""
+        return bool(await self._redis.eval(HOLD, [self.key], [self.token, self._ttl_ms]))
+
+    async def release(self) -> None:
+        """Give the lock up if this holder has it."""
+        await self._redis.eval(RELEASE, [self.key], [self.token])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info, disable_created_metrics
 
 from . import __version__
@@ -11,6 +13,15 @@ disable_created_metrics()  # type: ignore[no-untyped-call] # the *_created serie
 
 class Metrics:
     """The daemon's counters and gauges; /metrics renders the registry, /stats reads the values."""
+
+    published: Counter
+    delivered: Counter
+    redelivered: Counter
+    expired: Counter
+    acked: Counter
+    nacked: Counter
+    republished: Counter
+    dead_lettered: Counter
 
     def __init__(self, node: str) -> None:
         self.registry = CollectorRegistry()
@@ -38,9 +49,57 @@ class Metrics:
             "Errors that reached the asyncio loop's exception handler (logged, not fatal)",
             registry=self.registry,
         )
+        per_queue = {
+            "published": "Messages published by clients",
+            "delivered": "Messages handed out to subscribers",
+            "redelivered": "Hand-outs of a message after its first attempt",
+            "expired": "Messages dropped past their TTL before anybody got them",
+            "acked": "Deliveries acked (counted when both record and ack are written)",
+            "nacked": "Deliveries nacked (counted when both record and nack are written)",
+            "republished": "Deliveries published again after a nack or a missed deadline",
+            "dead_lettered": "Messages that became dead letters",
+        }
+        for name, text in per_queue.items():
+            setattr(
+                self, name, Counter(f"eventbus_{name}", text, ["queue"], registry=self.registry)
+            )
+        self.settlements_received = Counter(
+            "eventbus_settlements_received",
+            "ack and nack calls accepted by this node",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.dead_letters = Gauge(
+            "eventbus_dead_letters",
+            "Dead letters kept, per queue (cluster-wide)",
+            ["queue"],
+            registry=self.registry,
+        )
+        self.buffered = Gauge(
+            "eventbus_buffered",
+            "Prefetched messages in this node's local buffer",
+            ["queue"],
+            registry=self.registry,
+        )
+        self.backlog = Gauge(
+            "eventbus_background_backlog",
+            "Bookkeeping messages waiting in the internal queues (cluster-wide)",
+            ["queue"],
+            registry=self.registry,
+        )
         self.reconnects = Counter(
             "eventbus_reconnects",
             "Connections re-established after a loss, by dependency",
             ["dependency"],
             registry=self.registry,
         )
+
+
+def label_values(metric: Any) -> dict[str, float]:
+    """{"label/label": value} for every child of a counter or gauge ("" when unlabelled)."""
+    values = {}
+    for family in metric.collect():
+        for sample in family.samples:
+            if not sample.name.endswith("_created"):
+                values["/".join(sample.labels.values())] = sample.value
+    return values

@@ -61,6 +61,8 @@ def describe(error: BaseException) -> str:
     """A short, one-line account of a connection error."""
     if isinstance(error, trio.TooSlowError):
         return "timed out"
+    if isinstance(error, BaseExceptionGroup):
+        return "; ".join(sorted({describe(inner) for inner in error.exceptions}))
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import trio
 from grpclib.const import Status
+from grpclib.encoding.base import CodecBase
 from grpclib.exceptions import GRPCError
 from grpclib.health.check import ServiceStatus
 from grpclib.health.service import Health
@@ -21,6 +22,7 @@ from grpclib.reflection.service import ServerReflection
 from grpclib.server import Server, Stream
 
 from . import aio
+from .errors import CallError
 from .metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -29,32 +31,6 @@ Request = TypeVar("Request")
 Reply = TypeVar("Reply")
 
 CLOSE_TIMEOUT = 5.0
-
-
-class CallError(Exception):
-    """An expected failure of a call, answered with its status code and message."""
-
-    status = Status.INTERNAL
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class InvalidArgument(CallError):
-    status = Status.INVALID_ARGUMENT
-
-
-class Unavailable(CallError):
-    status = Status.UNAVAILABLE
-
-
-class ResourceExhausted(CallError):
-    status = Status.RESOURCE_EXHAUSTED
-
-
-class NotImplementedYet(CallError):
-    status = Status.UNIMPLEMENTED
 
 
 class Gate:
@@ -120,11 +96,11 @@ class Gate:
 class GrpcServer:
     """The listening grpclib server with health and reflection services beside the bus's own."""
 
-    def __init__(self, services: Collection[Any], gate: Gate) -> None:
+    def __init__(self, services: Collection[Any], gate: Gate, codec: CodecBase) -> None:
         self.gate = gate
         self.status = ServiceStatus()
         health = Health({service: [self.status] for service in services})
-        self._server = Server(ServerReflection.extend([*services, health]))
+        self._server = Server(ServerReflection.extend([*services, health]), codec=codec)
         self._closed = False
 
     async def start(self, host: str, port: int) -> None:

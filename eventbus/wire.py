@@ -1,44 +1,97 @@
-"""The v1 gRPC services mq.Mq and mq.MqTopic, wire-compatible with the original clients."""
+"""The v1 gRPC services mq.Mq and mq.MqTopic, wire-compatible with the original clients.
+
+Each method only translates between protobuf messages and the delivery logic; the gate around
+it maps errors to status codes.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from google.protobuf.empty_pb2 import Empty
+from grpclib.const import Status
+from grpclib.encoding.proto import ProtoCodec
+from grpclib.exceptions import GRPCError
+
 from ._generated import mq_grpc, mq_pb2
-from .rpc import Gate, NotImplementedYet
+from .delivery import Delivery
+from .envelope import DeliveryRecord
+from .errors import NotImplementedYet
+from .rpc import Gate
+
+EMPTY = Empty()
+
+
+class SizeLimitedCodec(ProtoCodec):
+    """The protobuf codec, refusing requests over server.max_message_bytes (grpclib has no
+    limit of its own)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__()
+        self.max_bytes = max_bytes
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        if len(data) > self.max_bytes:
+            raise GRPCError(
+                Status.RESOURCE_EXHAUSTED,
+                f"request of {len(data)} bytes is over the limit of {self.max_bytes} bytes "
+                "(server.max_message_bytes)",
+            )
+        return super().decode(data, message_type)
+
+
+def _reply(record: DeliveryRecord) -> mq_pb2.SubscribeResponse:
+    return mq_pb2.SubscribeResponse(id=record.id, data=record.body, queue=record.queue)
 
 
 async def _not_yet(_request: Any) -> Any:
-    raise NotImplementedYet("not implemented by this version of eventbus")
+    raise NotImplementedYet("delayed publishing is not available in this version of eventbus")
 
 
 class MqService(mq_grpc.MqBase):
     """Direct queues."""
 
-    def __init__(self, gate: Gate) -> None:
+    def __init__(self, gate: Gate, delivery: Delivery) -> None:
         self._gate = gate
+        self._delivery = delivery
 
     async def publish(self, stream: Any) -> None:
-        await self._gate.unary(stream, "mq.Mq/publish", _not_yet)
+        await self._gate.unary(stream, "mq.Mq/publish", self._publish)
 
     async def delayPublish(self, stream: Any) -> None:
         await self._gate.unary(stream, "mq.Mq/delayPublish", _not_yet)
 
     async def subscribe(self, stream: Any) -> None:
-        await self._gate.unary(stream, "mq.Mq/subscribe", _not_yet)
+        await self._gate.unary(stream, "mq.Mq/subscribe", self._subscribe)
 
     async def ack(self, stream: Any) -> None:
-        await self._gate.unary(stream, "mq.Mq/ack", _not_yet)
+        await self._gate.unary(stream, "mq.Mq/ack", self._ack)
 
     async def nack(self, stream: Any) -> None:
-        await self._gate.unary(stream, "mq.Mq/nack", _not_yet)
+        await self._gate.unary(stream, "mq.Mq/nack", self._nack)
+
+    async def _publish(self, request: mq_pb2.PublishRequest) -> Empty:
+        await self._delivery.publish(request.queue, request.data, request.ExpirationSeconds)
+        return EMPTY
+
+    async def _subscribe(self, request: mq_pb2.SubscribeRequest) -> mq_pb2.SubscribeResponse:
+        return _reply(await self._delivery.subscribe(request.queue))
+
+    async def _ack(self, request: mq_pb2.QueueId) -> Empty:
+        await self._delivery.ack(request.id)
+        return EMPTY
+
+    async def _nack(self, request: mq_pb2.QueueId) -> Empty:
+        await self._delivery.nack(request.id)
+        return EMPTY
 
 
 class MqTopicService(mq_grpc.MqTopicBase):
     """Topic exchanges with a queue per subscriber group."""
 
-    def __init__(self, gate: Gate) -> None:
+    def __init__(self, gate: Gate, delivery: Delivery) -> None:
         self._gate = gate
+        self._delivery = delivery
 
     async def publish(self, stream: Any) -> None:
         await self._gate.unary(stream, "mq.MqTopic/publish", _not_yet)
@@ -54,6 +107,3 @@ class MqTopicService(mq_grpc.MqTopicBase):
 
     async def nack(self, stream: Any) -> None:
         await self._gate.unary(stream, "mq.MqTopic/nack", _not_yet)
-
-
-__all__ = ["MqService", "MqTopicService", "mq_pb2"]

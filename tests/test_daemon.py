@@ -82,24 +82,6 @@ def test_sigint_also_stops_with_status_0(make_daemon: Any) -> None:
     assert "SIGINT received" in daemon.log
 
 
-def test_v1_services_answer_with_a_status_not_a_crash(make_daemon: Any) -> None:
-    from eventbus._generated import mq_pb2
-
-    daemon = make_daemon()
-    daemon.wait_ready()
-    with grpc.insecure_channel(daemon.grpc_address) as channel:
-        publish = channel.unary_unary(
-            "/mq.Mq/publish",
-            request_serializer=mq_pb2.PublishRequest.SerializeToString,
-            response_deserializer=lambda data: data,
-        )
-        with pytest.raises(grpc.RpcError) as caught:
-            publish(mq_pb2.PublishRequest(queue="q", data="d"), timeout=5)
-    assert caught.value.code() in {grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.OK}
-    assert daemon.process.poll() is None
-    assert daemon.stop() == 0
-
-
 def test_sd_notify_ready_after_ports_accept_and_stopping_on_sigterm(
     make_daemon: Any, tmp_path: Path
 ) -> None:

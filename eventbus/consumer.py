@@ -1,0 +1,232 @@
+"""Consuming a queue into a bounded local buffer that subscribe calls take from.
+
+Each subscribed queue gets amqp.consumers_per_queue channels whose prefetch adds up to
+amqp.prefetch_count, so the buffer never holds more than that. Prefetched messages nobody takes
+go back to RabbitMQ after HOLD_SECONDS, long before RabbitMQ's consumer_timeout (30 min by
+default) could close the channel; a queue nobody has pulled from for IDLE_SECONDS stops being
+consumed altogether. A consumer that loses its connection starts again on the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import aio_pika.abc
+import trio
+
+from . import aio
+from .broker import BROKER_ERRORS, Broker, Channel
+from .config import AmqpConfig
+from .errors import Unavailable
+from .retry import describe
+
+logger = logging.getLogger(__name__)
+
+HOLD_SECONDS = 300.0
+IDLE_SECONDS = 60.0
+SWEEP_SECONDS = 1.0
+SETTLE_TIMEOUT = 5.0
+SESSION_ERRORS: tuple[type[BaseException], ...] = (Unavailable, trio.TooSlowError, *BROKER_ERRORS)
+
+
+@dataclass(frozen=True)
+class Buffered:
+    message: aio_pika.abc.AbstractIncomingMessage
+    received_at: float
+
+
+class Buffer:
+    """A FIFO of prefetched messages; take() waits until one is there."""
+
+    def __init__(self) -> None:
+        self._items: deque[Buffered] = deque()
+        self._lot = trio.lowlevel.ParkingLot()
+        self.waiting = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: Buffered) -> None:
+        self._items.append(item)
+        self._lot.unpark()
+
+    def put_back(self, item: Buffered) -> None:
+        """Return an item taken by a call that was cancelled; it is next in line again."""
+        self._items.appendleft(item)
+        self._lot.unpark()
+
+    async def take(self) -> Buffered:
+        """The oldest item; waits until there is one."""
+        self.waiting += 1
+        try:
+            while not self._items:
+                await self._lot.park()
+            return self._items.popleft()
+        finally:
+            self.waiting -= 1
+
+    def take_older_than(self, cutoff: float) -> list[Buffered]:
+        old = []
+        while self._items and self._items[0].received_at < cutoff:
+            old.append(self._items.popleft())
+        return old
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+class ConsumerStopped(Exception):
+    """The consumer stopped (idle); ask the registry for a new one."""
+
+
+class QueueConsumer:
+    """The consumers of one queue and their buffer."""
+
+    def __init__(self, broker: Broker, queue: str, config: AmqpConfig) -> None:
+        self.broker = broker
+        self.queue = queue
+        self.buffer = Buffer()
+        self._channels_wanted = config.consumers_per_queue
+        self._per_channel = max(1, math.ceil(config.prefetch_count / config.consumers_per_queue))
+        self._last_demand = time.monotonic()
+        self.stopped = False
+
+    async def take(self) -> Buffered:
+        """The next prefetched message of this queue; waits until one arrives."""
+        if self.stopped:
+            raise ConsumerStopped(self.queue)
+        self._last_demand = time.monotonic()
+        try:
+            return await self.buffer.take()
+        finally:
+            self._last_demand = time.monotonic()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Consume while anybody pulls from the queue; returns once it has been idle a while."""
+        task_status.started()
+        try:
+            while not self._idle():
+                await self.broker.wait_connected()
+                try:
+                    await self._session()
+                except SESSION_ERRORS as error:
+                    logger.warning("consumer %s: %s; starting again", self.queue, describe(error))
+                    await trio.sleep(1)
+        finally:
+            self.stopped = True
+
+    async def _session(self) -> None:
+        channels: list[Channel] = []
+        try:
+            for _ in range(self._channels_wanted):
+                channels.append(await self._consume_on_new_channel())
+            logger.debug("consumer %s: consuming on %d channels", self.queue, len(channels))
+            await self._watch(channels)
+        finally:
+            self.buffer.clear()  # closing the channels hands their messages back to RabbitMQ
+            with trio.move_on_after(SETTLE_TIMEOUT, shield=True):
+                for channel in channels:
+                    await _close_quietly(channel)
+
+    async def _consume_on_new_channel(self) -> Channel:
+        channel = await self.broker.channel(prefetch=self._per_channel)
+        with trio.fail_after(SETTLE_TIMEOUT):
+            queue = await aio.call(channel.amqp.declare_queue, self.queue, durable=True)
+            await aio.call(queue.consume, self._on_message)
+        return channel
+
+    async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        # asyncio side (one task per message, made by aio-pika): hand over to the trio buffer.
+        self.buffer.put(Buffered(message, time.monotonic()))
+
+    async def _watch(self, channels: list[Channel]) -> None:
+        """Return when idle or when a channel dies; meanwhile give back what was held too long."""
+        while not self._idle():
+            if any(c.amqp.is_closed or c.generation != self.broker.generation for c in channels):
+                logger.info("consumer %s: channel lost", self.queue)
+                return
+            for item in self.buffer.take_older_than(time.monotonic() - HOLD_SECONDS):
+                await requeue(item.message)
+            await trio.sleep(SWEEP_SECONDS)
+
+    def _idle(self) -> bool:
+        return self.buffer.waiting == 0 and time.monotonic() - self._last_demand > IDLE_SECONDS
+
+
+async def settle(message: aio_pika.abc.AbstractIncomingMessage, *, ack: bool) -> bool:
+    """Ack (or requeue) one AMQP delivery, shielded and bounded; False when the channel is gone
+    (RabbitMQ then redelivers the message by itself)."""
+    with trio.move_on_after(SETTLE_TIMEOUT, shield=True):
+        try:
+            if ack:
+                await aio.call(message.ack)
+            else:
+                await aio.call(message.nack, requeue=True)
+            return True
+        except BROKER_ERRORS as error:
+            logger.debug("settling a delivery failed: %s", describe(error))
+    return False
+
+
+async def requeue(message: aio_pika.abc.AbstractIncomingMessage) -> bool:
+    return await settle(message, ack=False)
+
+
+async def _close_quietly(channel: Channel) -> None:
+    if channel.amqp.is_closed:
+        return
+    try:
+        await aio.call(channel.amqp.close)
+    except BROKER_ERRORS as error:
+        logger.debug("closing a channel failed: %s", describe(error))
+
+
+class Consumers:
+    """The running QueueConsumers of this node, started on first demand."""
+
+    def __init__(self, broker: Broker, config: AmqpConfig, nursery: trio.Nursery) -> None:
+        self._broker = broker
+        self._config = config
+        self._nursery = nursery
+        self._running: dict[str, QueueConsumer] = {}
+
+    async def take(self, queue: str) -> Buffered:
+        """The next message of queue from this node's buffer; waits until one arrives."""
+        while True:
+            consumer = self._running.get(queue)
+            if consumer is None or consumer.stopped:
+                consumer = await self._start(queue)
+            try:
+                return await consumer.take()
+            except ConsumerStopped:
+                continue
+
+    def put_back(self, queue: str, item: Buffered) -> None:
+        consumer = self._running.get(queue)
+        if consumer is not None and not consumer.stopped:
+            consumer.buffer.put_back(item)
+
+    def buffered(self) -> dict[str, int]:
+        """Messages held in the local buffer, per queue."""
+        return {queue: len(c.buffer) for queue, c in self._running.items()}
+
+    async def _start(self, queue: str) -> QueueConsumer:
+        consumer = self._running[queue] = QueueConsumer(self._broker, queue, self._config)
+        await self._nursery.start(self._run, consumer)
+        return consumer
+
+    async def _run(
+        self,
+        consumer: QueueConsumer,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        try:
+            await consumer.run(task_status=task_status)
+        finally:
+            if self._running.get(consumer.queue) is consumer:
+                del self._running[consumer.queue]

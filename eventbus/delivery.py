@@ -1,0 +1,124 @@
+"""The bus's delivery logic for direct queues: publish, subscribe, ack, nack.
+
+subscribe hands a message out only after its delivery record (id, queue, body, attempt, deadline)
+is confirmed in the internal confirm queue; only then is the AMQP delivery acked. From then on the
+bookkeeping in PostgreSQL and the republish cron own the message until it is acked.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import trio
+
+from . import validate
+from .broker import Broker
+from .config import Config
+from .consumer import Buffered, Consumers, settle
+from .envelope import DeliveryRecord, Envelope, Outcome, Settlement, internal_message, new_envelope
+from .errors import Unavailable
+from .metrics import Metrics
+from .publisher import Publisher
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InternalQueues:
+    """The bus's own durable queues, inside amqp.namespace."""
+
+    confirm: str
+    ack: str
+
+    @classmethod
+    def of(cls, namespace: str) -> InternalQueues:
+        return cls(confirm=f"{namespace}.confirm", ack=f"{namespace}.ack")
+
+
+class Delivery:
+    """Direct-queue operations, shared by the gRPC services."""
+
+    def __init__(
+        self,
+        config: Config,
+        broker: Broker,
+        publisher: Publisher,
+        consumers: Consumers,
+        metrics: Metrics,
+    ) -> None:
+        self.config = config
+        self.namespace = config.amqp.namespace
+        self.internal = InternalQueues.of(self.namespace)
+        self._broker = broker
+        self._publisher = publisher
+        self._consumers = consumers
+        self._metrics = metrics
+
+    async def publish(self, queue: str, data: str, ttl_seconds: int) -> None:
+        """Publish one message; returns once RabbitMQ confirmed it."""
+        validate.name("queue", queue, self.namespace)
+        validate.data(data)
+        now = time.time()
+        await self._publisher.to_queue(queue, new_envelope(data, ttl_seconds, now).to_amqp(now))
+        self._metrics.published.labels(queue).inc()
+
+    async def subscribe(self, queue: str) -> DeliveryRecord:
+        """Pull one message of queue; waits until one arrives (the caller's deadline bounds it)."""
+        validate.name("queue", queue, self.namespace)
+        if not self._broker.connected:
+            raise Unavailable(f"RabbitMQ at {self._broker.address} is not connected")
+        while True:
+            item = await self._consumers.take(queue)
+            envelope = Envelope.from_amqp(item.message)
+            if envelope.expired(time.time()):
+                await settle(item.message, ack=True)  # past its TTL: dropped, never handed out
+                self._metrics.expired.labels(queue).inc()
+                continue
+            return await self._hand_out(queue, item, envelope)
+
+    async def _hand_out(self, queue: str, item: Buffered, envelope: Envelope) -> DeliveryRecord:
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        except trio.Cancelled:
+            self._consumers.put_back(queue, item)  # the caller left before anything happened
+            raise
+        now = time.time()
+        record = DeliveryRecord(
+            id=str(uuid.uuid4()),
+            message_id=envelope.message_id,
+            queue=queue,
+            body=envelope.body,
+            attempt=envelope.attempt,
+            delivered_at=now,
+            deadline=now + self.config.delivery.ack_deadline_seconds,
+            expires_at=envelope.expires_at,
+        )
+        # From here the message belongs to this call: finish recording it even if the caller
+        # leaves (it then comes back after its deadline). The publish is bounded by its timeout.
+        with trio.CancelScope(shield=True):
+            try:
+                await self._publisher.to_queue(
+                    self.internal.confirm, internal_message(record.encode())
+                )
+            except BaseException:
+                await settle(item.message, ack=False)
+                raise
+            await settle(item.message, ack=True)
+        self._metrics.delivered.labels(queue).inc()
+        if envelope.attempt > 1:
+            self._metrics.redelivered.labels(queue).inc()
+        return record
+
+    async def ack(self, delivery_id: str) -> None:
+        await self._settle(delivery_id, "ack")
+
+    async def nack(self, delivery_id: str) -> None:
+        await self._settle(delivery_id, "nack")
+
+    async def _settle(self, delivery_id: str, outcome: Outcome) -> None:
+        settlement = Settlement(validate.delivery_id(delivery_id), outcome, time.time())
+        await self._publisher.to_queue(self.internal.ack, internal_message(settlement.encode()))
+        self._metrics.settlements_received.labels(outcome).inc()

@@ -1,0 +1,108 @@
+"""What travels through RabbitMQ: client messages with their attempt and expiry, delivery
+records and settlements for the bookkeeping queues. Plain data; no I/O."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import aio_pika
+import aio_pika.abc
+
+ATTEMPT_HEADER = "x-eventbus-attempt"
+EXPIRES_AT_HEADER = "x-eventbus-expires-at"  # epoch milliseconds
+
+Outcome = Literal["ack", "nack"]
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A client message as the bus keeps it: the same message_id on every attempt."""
+
+    message_id: str
+    body: str
+    attempt: int = 1
+    expires_at: float | None = None  # epoch seconds; None never expires
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+    def to_amqp(self, now: float) -> aio_pika.Message:
+        """A persistent AMQP message; RabbitMQ drops it when the remaining TTL runs out."""
+        headers: dict[str, Any] = {ATTEMPT_HEADER: self.attempt}
+        expiration = None
+        if self.expires_at is not None:
+            headers[EXPIRES_AT_HEADER] = int(self.expires_at * 1000)
+            expiration = max(0.001, self.expires_at - now)
+        return aio_pika.Message(
+            self.body.encode(),
+            message_id=self.message_id,
+            headers=headers,
+            expiration=expiration,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            content_type="text/plain; charset=utf-8",
+        )
+
+    @classmethod
+    def from_amqp(cls, message: aio_pika.abc.AbstractIncomingMessage) -> Envelope:
+        """Read back what to_amqp wrote; tolerate messages published by other clients."""
+        headers = message.headers or {}
+        expires_ms = headers.get(EXPIRES_AT_HEADER)
+        attempt = headers.get(ATTEMPT_HEADER, 1)
+        return cls(
+            message_id=message.message_id or str(uuid.uuid4()),
+            body=message.body.decode("utf-8", errors="replace"),
+            attempt=attempt if isinstance(attempt, int) else 1,
+            expires_at=expires_ms / 1000 if isinstance(expires_ms, int) else None,
+        )
+
+
+def new_envelope(body: str, ttl_seconds: int, now: float) -> Envelope:
+    """A fresh message; ttl_seconds 0 means it never expires."""
+    return Envelope(str(uuid.uuid4()), body, 1, now + ttl_seconds if ttl_seconds > 0 else None)
+
+
+@dataclass(frozen=True)
+class DeliveryRecord:
+    """One delivery of a message to a subscriber: the bookkeeping the republish cron acts on."""
+
+    id: str
+    message_id: str
+    queue: str
+    body: str
+    attempt: int
+    delivered_at: float
+    deadline: float
+    expires_at: float | None
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> DeliveryRecord:
+        return cls(**json.loads(raw))
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """An ack or nack of one delivery, at a time."""
+
+    delivery_id: str
+    outcome: Outcome
+    at: float
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Settlement:
+        return cls(**json.loads(raw))
+
+
+def internal_message(body: bytes) -> aio_pika.Message:
+    """A persistent message for the bus's own queues."""
+    return aio_pika.Message(
+        body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, content_type="application/json"
+    )

@@ -1,0 +1,232 @@
+"""The delivery ledger in PostgreSQL: the SQL behind bookkeeping, republishing and dead letters.
+
+Every function takes the Store and plain data, and returns plain data.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from .envelope import DeliveryRecord, Settlement
+from .store import Store
+
+INSERT_RECORDS = """
+WITH added AS (
+    INSERT INTO deliveries (id, message_id, queue, body, attempt, delivered_at, deadline,
+                            expires_at)
+    SELECT r.id, r.message_id, r.queue, r.body, r.attempt, to_timestamp(r.delivered_at),
+           to_timestamp(r.deadline), to_timestamp(r.expires_at)
+    FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int[], $6::float8[],
+                $7::float8[], $8::float8[])
+         AS r(id, message_id, queue, body, attempt, delivered_at, deadline, expires_at)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id, queue
+)
+SELECT added.queue, s.outcome, count(*) AS settled
+FROM added JOIN settlements s ON s.delivery_id = added.id
+GROUP BY added.queue, s.outcome
+"""
+
+# An ack overrides an earlier nack of the same delivery; anything else keeps the first word.
+INSERT_SETTLEMENTS = """
+WITH added AS (
+    INSERT INTO settlements (delivery_id, outcome, settled_at)
+    SELECT s.id, s.outcome, to_timestamp(s.at)
+    FROM unnest($1::uuid[], $2::text[], $3::float8[]) AS s(id, outcome, at)
+    ON CONFLICT (delivery_id) DO UPDATE
+        SET outcome = EXCLUDED.outcome, settled_at = EXCLUDED.settled_at
+        WHERE settlements.outcome = 'nack' AND EXCLUDED.outcome = 'ack'
+    RETURNING delivery_id, outcome
+)
+SELECT d.queue, added.outcome, count(*) AS settled
+FROM added JOIN deliveries d ON d.id = added.delivery_id
+GROUP BY d.queue, added.outcome
+"""
+
+
+def columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows turned into width column lists, the shape unnest() takes."""
+    return [[row[i] for row in rows] for i in range(width)]
+
+
+def settled_counts(rows: Sequence[Any]) -> list[tuple[str, str, int]]:
+    return [(row["queue"], row["outcome"], row["settled"]) for row in rows]
+
+
+async def write_records(
+    store: Store, records: Sequence[DeliveryRecord]
+) -> list[tuple[str, str, int]]:
+    """Insert delivery records (repeats are ignored); returns (queue, outcome, count) of those
+    whose settlement had arrived first."""
+    columns = list(
+        zip(
+            *[
+                (
+                    r.id,
+                    r.message_id,
+                    r.queue,
+                    r.body,
+                    r.attempt,
+                    r.delivered_at,
+                    r.deadline,
+                    r.expires_at,
+                )
+                for r in records
+            ],
+            strict=True,
+        )
+    )
+    return settled_counts(await store.fetch(INSERT_RECORDS, *columns))
+
+
+async def write_settlements(
+    store: Store, settlements: Sequence[Settlement]
+) -> list[tuple[str, str, int]]:
+    """Record acks and nacks; returns (queue, outcome, count) of those whose record is known."""
+    unique = merge_settlements(settlements)
+    rows = [(s.delivery_id, s.outcome, s.at) for s in unique]
+    return settled_counts(await store.fetch(INSERT_SETTLEMENTS, *columns(rows, 3)))
+
+
+def merge_settlements(settlements: Sequence[Settlement]) -> list[Settlement]:
+    """One settlement per delivery: an ack wins over a nack, else the first one stands."""
+    merged: dict[str, Settlement] = {}
+    for settlement in settlements:
+        earlier = merged.get(settlement.delivery_id)
+        if earlier is None or (earlier.outcome == "nack" and settlement.outcome == "ack"):
+            merged[settlement.delivery_id] = settlement
+    return list(merged.values())
+
+
+@dataclass(frozen=True)
+class DueDelivery:
+    """A delivery the republish cron must act on."""
+
+    id: str
+    message_id: str
+    queue: str
+    body: str
+    attempt: int
+    expires_at: float | None
+    failed_at: datetime
+
+
+CLAIM_DUE = """
+WITH timed_out AS (
+    SELECT d.id FROM deliveries d
+    WHERE NOT d.done AND d.deadline <= now()
+      AND (d.claimed_until IS NULL OR d.claimed_until < now())
+      AND NOT EXISTS (SELECT 1 FROM settlements s WHERE s.delivery_id = d.id)
+    ORDER BY d.deadline
+    LIMIT $2
+    FOR UPDATE OF d SKIP LOCKED
+), nacked AS (
+    SELECT d.id FROM settlements s JOIN deliveries d ON d.id = s.delivery_id
+    WHERE s.outcome = 'nack' AND s.settled_at <= now() - make_interval(secs => $3)
+      AND NOT d.done AND (d.claimed_until IS NULL OR d.claimed_until < now())
+    ORDER BY s.settled_at
+    LIMIT $2
+    FOR UPDATE OF d SKIP LOCKED
+)
+UPDATE deliveries d
+SET claim_token = $1, claimed_until = now() + make_interval(secs => $4)
+WHERE d.id IN (SELECT id FROM timed_out UNION ALL SELECT id FROM nacked)
+RETURNING d.id, d.message_id, d.queue, d.body, d.attempt, extract(epoch FROM d.expires_at) AS
+    expires_at, coalesce((SELECT s.settled_at FROM settlements s WHERE s.delivery_id = d.id),
+    d.deadline) AS failed_at
+"""
+
+
+async def claim_due(
+    store: Store, token: str, limit: int, nack_delay: float, claim_seconds: float
+) -> list[DueDelivery]:
+    """Claim up to limit due deliveries for this token, so no other node acts on them."""
+    rows = await store.fetch(CLAIM_DUE, token, limit, nack_delay, claim_seconds)
+    return [
+        DueDelivery(
+            str(r["id"]),
+            str(r["message_id"]),
+            r["queue"],
+            r["body"],
+            r["attempt"],
+            float(r["expires_at"]) if r["expires_at"] is not None else None,
+            r["failed_at"],
+        )
+        for r in rows
+    ]
+
+
+FINISH = """
+UPDATE deliveries SET done = true, outcome = r.outcome, claim_token = NULL, claimed_until = NULL
+FROM unnest($2::uuid[], $3::text[]) AS r(id, outcome)
+WHERE deliveries.id = r.id AND deliveries.claim_token = $1
+"""
+
+BURY = """
+INSERT INTO dead_letters (queue, message_id, body, attempts, last_delivery_id, last_failure_at)
+SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::int[], $5::uuid[], $6::timestamptz[])
+ON CONFLICT (queue, message_id) DO UPDATE
+    SET body = EXCLUDED.body, attempts = EXCLUDED.attempts,
+        last_delivery_id = EXCLUDED.last_delivery_id,
+        last_failure_at = EXCLUDED.last_failure_at, dead_at = now()
+"""
+
+
+async def finish(
+    store: Store, token: str, outcomes: dict[str, str], dead: Sequence[DueDelivery]
+) -> None:
+    """Mark claimed deliveries done with their outcome, and keep the dead ones as dead letters.
+
+    Only rows still claimed by token change: a claim that expired meanwhile was taken over.
+    """
+    dead_columns = columns(
+        [(d.queue, d.message_id, d.body, d.attempt, d.id, d.failed_at) for d in dead], 6
+    )
+
+    async def work(connection: Any) -> None:
+        await connection.execute(FINISH, token, list(outcomes), list(outcomes.values()))
+        if dead:
+            await connection.execute(BURY, *dead_columns)
+
+    await store.transaction(work)
+
+
+CLEAN_ACKED = """
+WITH pairs AS (
+    SELECT d.id FROM deliveries d JOIN settlements s ON s.delivery_id = d.id
+    WHERE s.outcome = 'ack' LIMIT $1
+), gone AS (
+    DELETE FROM deliveries WHERE id IN (SELECT id FROM pairs) RETURNING id
+)
+DELETE FROM settlements WHERE delivery_id IN (SELECT id FROM gone)
+"""
+
+# Settlements whose delivery is gone (cleaned after it was done) or never came.
+CLEAN_ORPHANS = """
+DELETE FROM settlements WHERE delivery_id IN (
+    SELECT s.delivery_id FROM settlements s
+    WHERE s.settled_at < now() - make_interval(secs => $2)
+      AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.id = s.delivery_id)
+    LIMIT $1)
+"""
+
+CLEAN_DONE = """
+DELETE FROM deliveries WHERE id IN (
+    SELECT id FROM deliveries WHERE done AND deadline < now() - make_interval(secs => $2)
+    LIMIT $1)
+"""
+
+
+async def clean(store: Store, limit: int, keep_done_seconds: float) -> None:
+    """Forget acked deliveries and, after keep_done_seconds, retried, dead or expired ones."""
+    await store.execute(CLEAN_ACKED, limit)
+    await store.execute(CLEAN_DONE, limit, keep_done_seconds)
+    await store.execute(CLEAN_ORPHANS, limit, keep_done_seconds)
+
+
+def new_token() -> str:
+    return str(uuid.uuid4())

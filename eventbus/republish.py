@@ -1,0 +1,107 @@
+"""The republish job: deliveries that were nacked, or not acked by their deadline, come back.
+
+Each due delivery is published again to its own queue as a new attempt, or, past
+delivery.max_retries, kept as a dead letter; a message past its TTL is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import aio_pika
+
+from . import ledger
+from .config import DeliveryConfig
+from .envelope import Envelope
+from .ledger import DueDelivery
+from .metrics import Metrics
+from .publisher import Publisher
+from .store import Store
+
+logger = logging.getLogger(__name__)
+
+BATCH = 1000
+CLAIM_SECONDS = 60.0
+CLEAN_EVERY_SECONDS = 30.0
+CLEAN_LIMIT = 10_000
+KEEP_DONE_SECONDS = 24 * 3600.0
+
+
+@dataclass
+class Plan:
+    """What to do with a batch of due deliveries."""
+
+    outcomes: dict[str, str] = field(default_factory=dict)  # delivery id -> outcome
+    retries: list[tuple[str, Envelope]] = field(default_factory=list)  # (queue, next attempt)
+    dead: list[DueDelivery] = field(default_factory=list)
+
+
+def plan(due: Sequence[DueDelivery], now: float, max_retries: int) -> Plan:
+    """Decide each due delivery's fate: expired, dead (max_retries + 1 deliveries), or retried."""
+    result = Plan()
+    for delivery in due:
+        envelope = Envelope(
+            delivery.message_id, delivery.body, delivery.attempt + 1, delivery.expires_at
+        )
+        if envelope.expired(now):
+            result.outcomes[delivery.id] = "expired"
+        elif delivery.attempt >= max_retries + 1:
+            result.outcomes[delivery.id] = "dead"
+            result.dead.append(delivery)
+        else:
+            result.outcomes[delivery.id] = "retried"
+            result.retries.append((delivery.queue, envelope))
+    return result
+
+
+class Republisher:
+    """One node's republish job; several nodes may run it, row claims keep them apart."""
+
+    def __init__(
+        self, store: Store, publisher: Publisher, config: DeliveryConfig, metrics: Metrics
+    ) -> None:
+        self._store = store
+        self._publisher = publisher
+        self._config = config
+        self._metrics = metrics
+        self._last_clean = 0.0
+
+    async def tick(self) -> None:
+        """Move every due delivery, batch by batch; now and then forget finished ones."""
+        while await self._move_batch() == BATCH:
+            pass
+        if time.monotonic() - self._last_clean > CLEAN_EVERY_SECONDS:
+            await ledger.clean(self._store, CLEAN_LIMIT, KEEP_DONE_SECONDS)
+            self._last_clean = time.monotonic()
+
+    async def _move_batch(self) -> int:
+        token = ledger.new_token()
+        due = await ledger.claim_due(
+            self._store, token, BATCH, self._config.nack_redelivery_delay_seconds, CLAIM_SECONDS
+        )
+        if not due:
+            return 0
+        now = time.time()
+        decided = plan(due, now, self._config.max_retries)
+        messages: list[tuple[str, aio_pika.Message]] = [
+            (queue, envelope.to_amqp(now)) for queue, envelope in decided.retries
+        ]
+        await self._publisher.to_queues(messages)
+        await ledger.finish(self._store, token, decided.outcomes, decided.dead)
+        self._count(decided)
+        return len(due)
+
+    def _count(self, decided: Plan) -> None:
+        for queue, _ in decided.retries:
+            self._metrics.republished.labels(queue).inc()
+        for delivery in decided.dead:
+            self._metrics.dead_lettered.labels(delivery.queue).inc()
+            logger.info(
+                "dead letter: message %s of queue %s after %d deliveries",
+                delivery.message_id,
+                delivery.queue,
+                delivery.attempt,
+            )
