@@ -1,15 +1,17 @@
-"""The eventbus command line: serve, migrate."""
+"""The eventbus command line: serve, migrate, dead-letters."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import trio
 
-from . import __version__, aio, store
+from . import __version__, aio, deadletters, store
 from .config import Config, ConfigError, load
 from .daemon import Daemon
 from .errors import FatalError
@@ -19,10 +21,15 @@ logger = logging.getLogger("eventbus")
 EXIT_FATAL = 1
 EXIT_CONFIG = 2
 
+Command = Callable[[Config, argparse.Namespace], Awaitable[None]]
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line, run the command, and return the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is _requeue_dead_letters and not (args.all or args.queue or args.message_id):
+        parser.error("dead-letters requeue: name --queue, --message-id or --all")
     try:
         config = load(args.config)
     except ConfigError as error:
@@ -31,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(config)
     status = 0
     try:
-        trio.run(args.command, config)
+        trio.run(args.command, config, args)
     except* FatalError as group:
         for fatal in _leaves(group):
             logger.error("%s", fatal)
@@ -53,26 +60,47 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"eventbus {__version__}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
-    for name, command, summary in [
-        ("serve", _serve, "run the daemon until SIGTERM or SIGINT"),
-        ("migrate", _migrate, "bring the PostgreSQL schema up to date, then exit"),
-    ]:
-        sub = commands.add_parser(name, help=summary, description=summary)
-        sub.add_argument(
-            "--config",
-            default="config.toml",
-            metavar="FILE",
-            help="the TOML configuration file (default: %(default)s)",
-        )
-        sub.set_defaults(command=command)
+    _command(commands, "serve", _serve, "run the daemon until SIGTERM or SIGINT")
+    _command(commands, "migrate", _migrate, "bring the PostgreSQL schema up to date, then exit")
+    letters = commands.add_parser(
+        "dead-letters",
+        help="list or requeue dead letters",
+        description="list or requeue dead letters",
+    )
+    actions = letters.add_subparsers(required=True, metavar="ACTION")
+    listing = _command(actions, "list", _list_dead_letters, "print dead letters, oldest first")
+    listing.add_argument("--limit", type=int, default=100, help="at most this many (100)")
+    listing.add_argument("--json", action="store_true", help="one JSON object a line")
+    again = _command(
+        actions,
+        "requeue",
+        _requeue_dead_letters,
+        "publish dead letters to their queue again, as fresh messages",
+    )
+    again.add_argument("--all", action="store_true", help="every dead letter")
+    for sub in (listing, again):
+        sub.add_argument("--queue", help="only the dead letters of this queue")
+        sub.add_argument("--message-id", help="only this message")
     return parser
 
 
-async def _serve(config: Config) -> None:
+def _command(commands: Any, name: str, run: Command, summary: str) -> argparse.ArgumentParser:
+    sub: argparse.ArgumentParser = commands.add_parser(name, help=summary, description=summary)
+    sub.add_argument(
+        "--config",
+        default="config.toml",
+        metavar="FILE",
+        help="the TOML configuration file (default: %(default)s)",
+    )
+    sub.set_defaults(command=run)
+    return sub
+
+
+async def _serve(config: Config, _args: argparse.Namespace) -> None:
     await Daemon(config).serve()
 
 
-async def _migrate(config: Config) -> None:
+async def _migrate(config: Config, _args: argparse.Namespace) -> None:
     async with aio.open_loop(lambda: None):
         db = await store.open_store(config.postgres, window=config.amqp.reconnect_window_seconds)
         await db.close()
@@ -93,3 +121,38 @@ def _configure_logging(config: Config) -> None:
     # aiormq logs every failed connect as an ERROR; the broker supervisor already reports each
     # attempt in one warning line, and the final failure once.
     logging.getLogger("aiormq.connection").setLevel(logging.CRITICAL)
+
+
+def _selection(args: argparse.Namespace) -> deadletters.Selection:
+    return deadletters.Selection(queue=args.queue, message_id=args.message_id)
+
+
+async def _list_dead_letters(config: Config, args: argparse.Namespace) -> None:
+    async with aio.open_loop(lambda: None):
+        db = await store.open_store(config.postgres, config.amqp.reconnect_window_seconds)
+        try:
+            letters = await deadletters.list_letters(db, _selection(args), args.limit)
+        finally:
+            await db.close()
+    for letter in letters:
+        print(_format_letter(letter, as_json=args.json))
+
+
+def _format_letter(letter: deadletters.DeadLetter, *, as_json: bool) -> str:
+    fields = {
+        "message_id": letter.message_id,
+        "queue": letter.queue,
+        "attempts": letter.attempts,
+        "last_failure_at": letter.last_failure_at.isoformat(),
+        "dead_at": letter.dead_at.isoformat(),
+        "data": letter.body,
+    }
+    if as_json:
+        return json.dumps(fields, ensure_ascii=False)
+    return "\t".join(str(value) for value in fields.values())
+
+
+async def _requeue_dead_letters(config: Config, args: argparse.Namespace) -> None:
+    async with aio.open_loop(lambda: None), deadletters.connected(config) as (db, publisher):
+        moved = await deadletters.requeue(db, publisher, _selection(args))
+    logger.info("requeued %d dead letters", moved)

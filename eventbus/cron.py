@@ -1,4 +1,4 @@
-"""Periodic jobs under a Redis lock: one node runs each job at a time, as an optimisation.
+"""Periodic jobs under a Redis lock: one node runs each tick of a job, as an optimisation.
 
 The guarantee that no row is moved twice lives in PostgreSQL (row claims); the lock only keeps
 the other nodes from competing for them. While Redis is unreachable every node runs its jobs on
@@ -37,18 +37,20 @@ class Cron:
         self.holding = False
 
     async def run(self) -> None:
-        """Tick forever; on the way out give the lock up (bounded)."""
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._keep_renewing)
-                while True:
-                    tick_started = trio.current_time()
-                    if await self._may_run():
+        """Tick forever. The lock is held only during a tick, so a node that dies between
+        ticks leaves nothing to wait for, and one that dies during a tick blocks the job for at
+        most the lock's TTL."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keep_renewing)
+            while True:
+                tick_started = trio.current_time()
+                if await self._may_run():
+                    try:
                         await self._run_job()
-                    await trio.sleep_until(tick_started + self._interval)
-        finally:
-            with trio.move_on_after(RELEASE_TIMEOUT, shield=True):
-                await self._release()
+                    finally:
+                        with trio.move_on_after(RELEASE_TIMEOUT, shield=True):
+                            await self._release()
+                await trio.sleep_until(tick_started + self._interval)
 
     async def _may_run(self) -> bool:
         try:
@@ -88,6 +90,7 @@ class Cron:
     async def _release(self) -> None:
         if not self.holding:
             return
+        self.holding = False
         try:
             await self._lock.release()
         except Exception as error:

@@ -60,29 +60,43 @@ class Daemon:
             trio.open_nursery() as root,
         ):
             root.start_soon(self._watch_signals, root.cancel_scope)
-            await self._start(root)
-            self.ready = True
-            self.notifier.send("READY=1")
-            logger.info(
-                "eventbus %s: node %s ready: gRPC on %s:%d, HTTP on %s:%d",
-                __version__,
-                self.node,
-                self.config.server.grpc_host,
-                self.config.server.grpc_port,
-                self.config.server.http_host,
-                self.config.server.http_port,
-            )
-            await self.stop_requested.wait()
-            await self._stop()
+            await self._connect(root)
+            # The work stops before the connections close, so the crons can give up their
+            # locks and the consumers hand their messages back.
+            async with trio.open_nursery() as work:
+                await self._start(work)
+                self._announce_ready()
+                await self.stop_requested.wait()
+                await self._stop()
+                work.cancel_scope.cancel()
             root.cancel_scope.cancel()
         logger.info("eventbus: node %s stopped", self.node)
 
-    async def _start(self, root: trio.Nursery) -> None:
+    async def _connect(self, root: trio.Nursery) -> None:
+        """PostgreSQL, Redis and RabbitMQ, in that order, each supervised by root."""
         cfg = self.config
         window = cfg.amqp.reconnect_window_seconds
         self.store = await root.start(store.run, cfg.postgres, window)
         self.redis = await root.start(lock.run, cfg.redis, window)
         self.broker = await root.start(broker.run, cfg.amqp, self.metrics)
+
+    def _announce_ready(self) -> None:
+        self.ready = True
+        self.notifier.send("READY=1")
+        server = self.config.server
+        logger.info(
+            "eventbus %s: node %s ready: gRPC on %s:%d, HTTP on %s:%d",
+            __version__,
+            self.node,
+            server.grpc_host,
+            server.grpc_port,
+            server.http_host,
+            server.http_port,
+        )
+
+    async def _start(self, root: trio.Nursery) -> None:
+        """Everything that serves or works, on top of the connections."""
+        cfg = self.config
         self.publisher = Publisher(self.broker, cfg.amqp.producers_per_queue)
         self.consumers = Consumers(self.broker, cfg.amqp, root)
         self.delivery = Delivery(cfg, self.broker, self.publisher, self.consumers, self.metrics)

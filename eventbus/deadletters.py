@@ -1,0 +1,98 @@
+"""Dead letters: listing them and putting them back on their queue (eventbus dead-letters)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+
+from .broker import Broker
+from .config import Config
+from .envelope import Envelope
+from .publisher import Publisher
+from .store import Store, open_store
+
+REQUEUE_BATCH = 500
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    queue: str
+    message_id: str
+    body: str
+    attempts: int
+    last_failure_at: datetime
+    dead_at: datetime
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which dead letters a command means: one queue, one message, or all of them."""
+
+    queue: str | None = None
+    message_id: str | None = None
+
+    def where(self) -> tuple[str, list[str]]:
+        clauses, args = [], []
+        for column, value in (("queue", self.queue), ("message_id::text", self.message_id)):
+            if value is not None:
+                args.append(value)
+                clauses.append(f"{column} = ${len(args)}")
+        return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
+
+
+async def list_letters(store: Store, selection: Selection, limit: int) -> list[DeadLetter]:
+    """Dead letters in the order they died, oldest first."""
+    where, args = selection.where()
+    rows = await store.fetch(
+        "SELECT queue, message_id, body, attempts, last_failure_at, dead_at FROM dead_letters"
+        f"{where} ORDER BY dead_at, queue, message_id LIMIT ${len(args) + 1}",
+        *args,
+        limit,
+    )
+    return [
+        DeadLetter(
+            r["queue"],
+            str(r["message_id"]),
+            r["body"],
+            r["attempts"],
+            r["last_failure_at"],
+            r["dead_at"],
+        )
+        for r in rows
+    ]
+
+
+async def requeue(store: Store, publisher: Publisher, selection: Selection) -> int:
+    """Publish the selected dead letters again as fresh messages (attempt 1, same message id,
+    no TTL), then forget them; returns how many went back."""
+    moved = 0
+    while batch := await list_letters(store, selection, REQUEUE_BATCH):
+        now = time.time()
+        await publisher.to_queues(
+            [(d.queue, Envelope(d.message_id, d.body).to_amqp(now)) for d in batch]
+        )
+        await store.execute(
+            "DELETE FROM dead_letters d USING unnest($1::text[], $2::uuid[]) AS g(queue, id) "
+            "WHERE d.queue = g.queue AND d.message_id = g.id",
+            [d.queue for d in batch],
+            [d.message_id for d in batch],
+        )
+        moved += len(batch)
+    return moved
+
+
+@asynccontextmanager
+async def connected(config: Config) -> AsyncIterator[tuple[Store, Publisher]]:
+    """A store and a publisher for one command, closed afterwards."""
+    window = config.amqp.reconnect_window_seconds
+    store = await open_store(config.postgres, window)
+    broker = Broker(config.amqp)
+    try:
+        await broker.connect(window)
+        yield store, Publisher(broker, 1)
+    finally:
+        await broker.close()
+        await store.close()
