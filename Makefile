@@ -7,12 +7,12 @@ BIN := $(VENV)/bin
 CONFIG ?= config.toml
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest services proto bench clean
+.PHONY: run test lint typecheck pytest services node proto bench clean
 
 run: $(STAMP) services
 	$(BIN)/eventbus serve --config $(CONFIG)
 
-test: $(STAMP) services lint typecheck pytest
+test: $(STAMP) services node lint typecheck pytest
 
 $(VENV)/bin/python:
 	@$(PYTHON) -m venv --help >/dev/null 2>&1 && $(PYTHON) -c 'import ensurepip' 2>/dev/null || \
@@ -26,6 +26,14 @@ $(STAMP): $(VENV)/bin/python pyproject.toml
 
 services: $(STAMP)
 	$(BIN)/python scripts/services.py $(CONFIG)
+
+# The Node.js client test of the gRPC contract needs @grpc/grpc-js.
+node: tests/node/node_modules/.package-lock.json
+
+tests/node/node_modules/.package-lock.json: tests/node/package.json tests/node/package-lock.json
+	@command -v npm >/dev/null || (apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm)
+	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
 
 lint: $(STAMP)
 	$(BIN)/ruff check eventbus tests scripts $(wildcard bench)
@@ -41,4 +49,4 @@ proto: $(STAMP)
 	$(BIN)/python scripts/generate_protos.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache tests/node/node_modules
