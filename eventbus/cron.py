@@ -40,17 +40,18 @@ class Cron:
         """Tick forever. The lock is held only during a tick, so a node that dies between
         ticks leaves nothing to wait for, and one that dies during a tick blocks the job for at
         most the lock's TTL."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._keep_renewing)
-            while True:
-                tick_started = trio.current_time()
-                if await self._may_run():
-                    try:
+        while True:
+            tick_started = trio.current_time()
+            if await self._may_run():
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._keep_renewing)
                         await self._run_job()
-                    finally:
-                        with trio.move_on_after(RELEASE_TIMEOUT, shield=True):
-                            await self._release()
-                await trio.sleep_until(tick_started + self._interval)
+                        nursery.cancel_scope.cancel()
+                finally:
+                    with trio.move_on_after(RELEASE_TIMEOUT, shield=True):
+                        await self._release()
+            await trio.sleep_until(tick_started + self._interval)
 
     async def _may_run(self) -> bool:
         try:
@@ -77,13 +78,11 @@ class Cron:
             logger.warning("cron %s: tick skipped: %s", self.name, describe(error))
 
     async def _keep_renewing(self) -> None:
-        """Renew the lock while held, also during a job that outlasts its TTL."""
+        """Renew the lock during a job, which may outlast the lock's TTL."""
         while True:
             await trio.sleep(self._renew_every)
-            if not self.holding:
-                continue
             try:
-                self.holding = await self._lock.hold()
+                await self._lock.hold()
             except Exception as error:
                 logger.debug("cron %s: renewing the lock failed: %s", self.name, describe(error))
 
