@@ -15,6 +15,8 @@ from typing import Any, ParamSpec, TypeVar
 import trio
 import trio_asyncio
 
+from . import loopfix
+
 logger = logging.getLogger(__name__)
 
 P = ParamSpec("P")
@@ -61,6 +63,7 @@ async def open_loop(on_stray_error: Callable[[], None]) -> AsyncIterator[asyncio
         on_stray_error()
         logger.warning("asyncio: %s: %r", message, error, exc_info=error)
 
+    loopfix.install()
     async with trio_asyncio.open_loop() as loop:
         loop.set_exception_handler(handle)
         yield loop
