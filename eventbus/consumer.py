@@ -9,6 +9,7 @@ consumed altogether. A consumer that loses its connection starts again on the ne
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -30,6 +31,7 @@ HOLD_SECONDS = 300.0
 IDLE_SECONDS = 60.0
 SWEEP_SECONDS = 1.0
 SETTLE_TIMEOUT = 5.0
+SETTLE_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, *BROKER_ERRORS)
 SESSION_ERRORS: tuple[type[BaseException], ...] = (Unavailable, trio.TooSlowError, *BROKER_ERRORS)
 
 
@@ -40,34 +42,50 @@ class Buffered:
 
 
 class Buffer:
-    """A FIFO of prefetched messages; take() waits until one is there."""
+    """A FIFO of prefetched messages. take() (asyncio side) waits until one is there; the other
+    methods are plain calls, usable from either side of the seam."""
 
     def __init__(self) -> None:
         self._items: deque[Buffered] = deque()
-        self._lot = trio.lowlevel.ParkingLot()
-        self.waiting = 0
+        self._waiters: deque[asyncio.Future[Buffered]] = deque()
 
     def __len__(self) -> int:
         return len(self._items)
 
+    @property
+    def waiting(self) -> int:
+        """How many takers wait for a message now."""
+        return sum(1 for waiter in self._waiters if not waiter.done())
+
     def put(self, item: Buffered) -> None:
-        self._items.append(item)
-        self._lot.unpark()
+        if not self._hand_to_waiter(item):
+            self._items.append(item)
 
     def put_back(self, item: Buffered) -> None:
-        """Return an item taken by a call that was cancelled; it is next in line again."""
-        self._items.appendleft(item)
-        self._lot.unpark()
+        """Return an item a cancelled taker got; it is next in line again."""
+        if not self._hand_to_waiter(item):
+            self._items.appendleft(item)
+
+    def _hand_to_waiter(self, item: Buffered) -> bool:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(item)
+                return True
+        return False
 
     async def take(self) -> Buffered:
-        """The oldest item; waits until there is one."""
-        self.waiting += 1
-        try:
-            while not self._items:
-                await self._lot.park()
+        """(asyncio side) The oldest item; waits until there is one."""
+        if self._items:
             return self._items.popleft()
-        finally:
-            self.waiting -= 1
+        waiter: asyncio.Future[Buffered] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.put_back(waiter.result())  # handed over just as the taker left
+            raise
 
     def take_older_than(self, cutoff: float) -> list[Buffered]:
         old = []
@@ -96,7 +114,7 @@ class QueueConsumer:
         self.stopped = False
 
     async def take(self) -> Buffered:
-        """The next prefetched message of this queue; waits until one arrives."""
+        """(asyncio side) The next prefetched message of this queue; waits until one arrives."""
         if self.stopped:
             raise ConsumerStopped(self.queue)
         self._last_demand = time.monotonic()
@@ -150,7 +168,7 @@ class QueueConsumer:
                 logger.info("consumer %s: channel lost", self.queue)
                 return
             for item in self.buffer.take_older_than(time.monotonic() - HOLD_SECONDS):
-                await requeue(item.message)
+                await aio.call(settle, item.message, ack=False)
             await trio.sleep(SWEEP_SECONDS)
 
     def _idle(self) -> bool:
@@ -158,22 +176,18 @@ class QueueConsumer:
 
 
 async def settle(message: aio_pika.abc.AbstractIncomingMessage, *, ack: bool) -> bool:
-    """Ack (or requeue) one AMQP delivery, shielded and bounded; False when the channel is gone
-    (RabbitMQ then redelivers the message by itself)."""
-    with trio.move_on_after(SETTLE_TIMEOUT, shield=True):
-        try:
+    """(asyncio side) Ack, or requeue, one AMQP delivery within SETTLE_TIMEOUT; False when the
+    channel is gone (RabbitMQ then redelivers the message by itself)."""
+    try:
+        async with asyncio.timeout(SETTLE_TIMEOUT):
             if ack:
-                await aio.call(message.ack)
+                await message.ack()
             else:
-                await aio.call(message.nack, requeue=True)
-            return True
-        except BROKER_ERRORS as error:
-            logger.debug("settling a delivery failed: %s", describe(error))
-    return False
-
-
-async def requeue(message: aio_pika.abc.AbstractIncomingMessage) -> bool:
-    return await settle(message, ack=False)
+                await message.nack(requeue=True)
+        return True
+    except SETTLE_ERRORS as error:
+        logger.debug("settling a delivery failed: %s", describe(error))
+        return False
 
 
 async def _close_quietly(channel: Channel) -> None:
@@ -195,26 +209,25 @@ class Consumers:
         self._running: dict[str, QueueConsumer] = {}
 
     async def take(self, queue: str) -> Buffered:
-        """The next message of queue from this node's buffer; waits until one arrives."""
+        """(asyncio side) The next message of queue from this node's buffer; waits until one
+        arrives, starting the queue's consumer when it is not running."""
         while True:
             consumer = self._running.get(queue)
             if consumer is None or consumer.stopped:
-                consumer = await self._start(queue)
+                consumer = await aio.run_trio(self._start)(queue)
             try:
                 return await consumer.take()
             except ConsumerStopped:
                 continue
-
-    def put_back(self, queue: str, item: Buffered) -> None:
-        consumer = self._running.get(queue)
-        if consumer is not None and not consumer.stopped:
-            consumer.buffer.put_back(item)
 
     def buffered(self) -> dict[str, int]:
         """Messages held in the local buffer, per queue."""
         return {queue: len(c.buffer) for queue, c in self._running.items()}
 
     async def _start(self, queue: str) -> QueueConsumer:
+        consumer = self._running.get(queue)
+        if consumer is not None and not consumer.stopped:
+            return consumer  # another caller started it meanwhile
         consumer = self._running[queue] = QueueConsumer(self._broker, queue, self._config)
         await self._nursery.start(self._run, consumer)
         return consumer

@@ -1,18 +1,20 @@
-"""The bus's delivery logic for direct queues: publish, subscribe, ack, nack.
+"""The request path of direct queues: publish, subscribe, ack, nack.
 
-subscribe hands a message out only after its delivery record (id, queue, body, attempt, deadline)
-is confirmed in the internal confirm queue; only then is the AMQP delivery acked. From then on the
-bookkeeping in PostgreSQL and the republish cron own the message until it is acked.
+These run on the asyncio side of the seam, straight from the gRPC handlers to aio-pika, so a
+call costs no task or seam crossing of its own; what they decide is plain code (validate,
+envelope). subscribe hands a message out only after its delivery record (id, queue, body,
+attempt, deadline) is confirmed in the internal confirm queue; only then is the AMQP delivery
+acked. From then on the bookkeeping in PostgreSQL and the republish cron own the message until
+it is acked.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from dataclasses import dataclass
-
-import trio
 
 from . import validate
 from .broker import Broker
@@ -22,6 +24,7 @@ from .envelope import DeliveryRecord, Envelope, Outcome, Settlement, internal_me
 from .errors import Unavailable
 from .metrics import Metrics
 from .publisher import Publisher
+from .retry import describe
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ class InternalQueues:
 
 
 class Delivery:
-    """Direct-queue operations, shared by the gRPC services."""
+    """Direct-queue operations, shared by the gRPC services (asyncio side)."""
 
     def __init__(
         self,
@@ -62,7 +65,7 @@ class Delivery:
         validate.name("queue", queue, self.namespace)
         validate.data(data)
         now = time.time()
-        await self._publisher.to_queue(queue, new_envelope(data, ttl_seconds, now).to_amqp(now))
+        await self._publisher.publish(queue, new_envelope(data, ttl_seconds, now).to_amqp(now))
         self._metrics.published.labels(queue).inc()
 
     async def subscribe(self, queue: str) -> DeliveryRecord:
@@ -80,11 +83,6 @@ class Delivery:
             return await self._hand_out(queue, item, envelope)
 
     async def _hand_out(self, queue: str, item: Buffered, envelope: Envelope) -> DeliveryRecord:
-        try:
-            await trio.lowlevel.checkpoint_if_cancelled()
-        except trio.Cancelled:
-            self._consumers.put_back(queue, item)  # the caller left before anything happened
-            raise
         now = time.time()
         record = DeliveryRecord(
             id=str(uuid.uuid4()),
@@ -96,21 +94,26 @@ class Delivery:
             deadline=now + self.config.delivery.ack_deadline_seconds,
             expires_at=envelope.expires_at,
         )
-        # From here the message belongs to this call: finish recording it even if the caller
-        # leaves (it then comes back after its deadline). The publish is bounded by its timeout.
-        with trio.CancelScope(shield=True):
-            try:
-                await self._publisher.to_queue(
-                    self.internal.confirm, internal_message(record.encode())
-                )
-            except BaseException:
-                await settle(item.message, ack=False)
-                raise
-            await settle(item.message, ack=True)
-        self._metrics.delivered.labels(queue).inc()
-        if envelope.attempt > 1:
-            self._metrics.redelivered.labels(queue).inc()
+        # From here the message belongs to this call: the recording finishes even if the caller
+        # leaves (the message then comes back after its deadline).
+        recording = asyncio.ensure_future(self._record(item, record, envelope.attempt))
+        try:
+            await asyncio.shield(recording)
+        except asyncio.CancelledError:
+            recording.add_done_callback(_log_failure)
+            raise
         return record
+
+    async def _record(self, item: Buffered, record: DeliveryRecord, attempt: int) -> None:
+        try:
+            await self._publisher.publish(self.internal.confirm, internal_message(record.encode()))
+        except BaseException:
+            await settle(item.message, ack=False)
+            raise
+        await settle(item.message, ack=True)
+        self._metrics.delivered.labels(record.queue).inc()
+        if attempt > 1:
+            self._metrics.redelivered.labels(record.queue).inc()
 
     async def ack(self, delivery_id: str) -> None:
         await self._settle(delivery_id, "ack")
@@ -120,5 +123,14 @@ class Delivery:
 
     async def _settle(self, delivery_id: str, outcome: Outcome) -> None:
         settlement = Settlement(validate.delivery_id(delivery_id), outcome, time.time())
-        await self._publisher.to_queue(self.internal.ack, internal_message(settlement.encode()))
+        await self._publisher.publish(self.internal.ack, internal_message(settlement.encode()))
         self._metrics.settlements_received.labels(outcome).inc()
+
+
+def _log_failure(recording: asyncio.Future[None]) -> None:
+    """A recording whose caller had left failed: the message went back to its queue."""
+    error = None if recording.cancelled() else recording.exception()
+    if error is not None:
+        logger.info(
+            "a delivery whose caller left could not be recorded (%s); requeued", describe(error)
+        )

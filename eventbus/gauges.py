@@ -78,9 +78,7 @@ class Gauges:
 
     async def _refresh_backlog(self) -> None:
         for queue in self._internal:
-            channel = await self._publisher.channel_for(queue)
-            declared = await aio.call(channel.amqp.declare_queue, queue, passive=True)
-            count = declared.declaration_result.message_count or 0
+            count = await aio.call(self._publisher.message_count, queue)
             self.backlog[queue] = count
             self._metrics.backlog.labels(queue).set(count)
 

@@ -1,130 +1,150 @@
-"""Publishing with publisher confirms: channel pools per target, queues declared once.
+"""Publishing with publisher confirms: channel pools per queue, queues declared once.
 
-Every publish waits for RabbitMQ's confirm (or a return, for an unroutable message) under a
-deadline, so a broken connection turns into Unavailable within seconds, never a hang.
+The request path (gRPC handlers) publishes from the asyncio side of the seam with `publish`, so
+a call costs no task of its own; trio code uses `to_queue` / `to_queues`, which cross the seam
+once. Every publish waits for RabbitMQ's confirm (or a return, for an unroutable message) under
+PUBLISH_TIMEOUT, so a broken connection turns into Unavailable within seconds, never a hang.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Awaitable, Iterator, Sequence
+from typing import TypeVar
 
 import aio_pika
+import aio_pika.abc
+import aio_pika.exceptions
 import aiormq.exceptions
-import trio
 
 from . import aio
-from .broker import BROKER_ERRORS, Broker, Channel
+from .broker import BROKER_ERRORS, Broker
 from .errors import FailedPrecondition, Unavailable
 from .retry import describe
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 PUBLISH_TIMEOUT = 5.0
 
 
 class ChannelPool:
-    """A few confirm channels used round robin; rebuilt after a reconnect."""
+    """A few confirm channels of one connection generation, used round robin (asyncio side)."""
 
     def __init__(self, broker: Broker, size: int) -> None:
         self._broker = broker
         self._size = size
-        self._channels: list[Channel] = []
+        self._channels: list[aio_pika.abc.AbstractChannel] = []
+        self._generation = -1
         self._turn: Iterator[int] = itertools.count()
-        self._lock = trio.Lock()
+        self._lock = asyncio.Lock()
 
-    async def get(self) -> Channel:
-        live = [c for c in self._channels if _usable(c, self._broker.generation)]
-        if len(live) < self._size:
+    async def get(self) -> aio_pika.abc.AbstractChannel:
+        if self._generation != self._broker.generation or len(self._live()) < self._size:
             async with self._lock:
-                live = [c for c in self._channels if _usable(c, self._broker.generation)]
-                while len(live) < self._size:
-                    live.append(await self._broker.channel(confirms=True))
-                self._channels = live
+                await self._refill()
+        live = self._channels
         return live[next(self._turn) % len(live)]
 
+    def _live(self) -> list[aio_pika.abc.AbstractChannel]:
+        return [c for c in self._channels if not c.is_closed]
 
-def _usable(channel: Channel, generation: int) -> bool:
-    return channel.generation == generation and not channel.amqp.is_closed
+    async def _refill(self) -> None:
+        connection = self._broker.connection  # BrokerUnavailable while there is none
+        if self._generation != self._broker.generation:
+            self._channels, self._generation = [], self._broker.generation
+        live = self._live()
+        while len(live) < self._size:
+            live.append(
+                await _bounded("opening a channel", connection.channel(publisher_confirms=True))
+            )
+        self._channels = live
 
 
 class Publisher:
-    """Confirmed publishing to queues and exchanges, with declarations cached."""
+    """Confirmed publishing to queues, with declarations cached per connection."""
 
     def __init__(self, broker: Broker, producers_per_queue: int) -> None:
         self._broker = broker
         self._producers = producers_per_queue
         self._pools: dict[str, ChannelPool] = {}
-        self._declared: set[tuple[str, str]] = set()
+        self._declared: set[str] = set()
         self._declared_generation = 0
 
-    def _pool(self, target: str) -> ChannelPool:
-        pool = self._pools.get(target)
+    def _pool(self, queue: str) -> ChannelPool:
+        pool = self._pools.get(queue)
         if pool is None:
-            pool = self._pools[target] = ChannelPool(self._broker, self._producers)
+            pool = self._pools[queue] = ChannelPool(self._broker, self._producers)
         return pool
 
-    async def channel_for(self, target: str) -> Channel:
-        """A confirm channel from target's pool."""
-        return await self._pool(target).get()
+    async def publish(self, queue: str, message: aio_pika.Message) -> None:
+        """(asyncio side) Publish to queue, declaring it once, and wait for the confirm."""
+        await self.declare(queue)
+        channel = await self._pool(queue).get()
+        try:
+            await self._confirm(channel, queue, message)
+        except aio_pika.exceptions.PublishError:
+            # Unroutable: the queue was deleted behind our back. Declare it again, once.
+            self._declared.discard(queue)
+            await self.declare(queue)
+            await self._confirm(channel, queue, message)
 
-    async def declare_queue(self, queue: str) -> None:
-        """Declare a durable queue once per connection."""
+    async def declare(self, queue: str) -> None:
+        """(asyncio side) Declare a durable queue once per connection."""
         if self._declared_generation != self._broker.generation:
             self._declared.clear()  # a reconnect: the broker may have lost what it had
             self._declared_generation = self._broker.generation
-        if ("queue", queue) in self._declared:
+        if queue in self._declared:
             return
         channel = await self._pool(queue).get()
-        await _guard(f"declaring queue {queue!r}", channel.amqp.declare_queue, queue, durable=True)
-        self._declared.add(("queue", queue))
-
-    async def to_queue(self, queue: str, message: aio_pika.Message) -> None:
-        """Publish to a queue (declared if needed) and wait for the confirm."""
-        await self.declare_queue(queue)
-        channel = await self._pool(queue).get()
-        try:
-            await self._confirm(channel, "", queue, message)
-        except aio_pika.exceptions.PublishError:
-            # Unroutable: the queue was deleted behind our back. Declare it again, once.
-            self._declared.discard(("queue", queue))
-            await self.declare_queue(queue)
-            await self._confirm(channel, "", queue, message)
-
-    async def to_queues(self, messages: Sequence[tuple[str, aio_pika.Message]]) -> None:
-        """Publish many (queue, message) pairs concurrently; returns once all are confirmed."""
-        async with trio.open_nursery() as nursery:
-            for queue, message in messages:
-                nursery.start_soon(self.to_queue, queue, message)
+        await _bounded(f"declaring queue {queue!r}", channel.declare_queue(queue, durable=True))
+        self._declared.add(queue)
 
     async def _confirm(
-        self, channel: Channel, exchange: str, routing_key: str, message: aio_pika.Message
+        self, channel: aio_pika.abc.AbstractChannel, queue: str, message: aio_pika.Message
     ) -> None:
-        target = channel.amqp.default_exchange
-        await _guard(
-            f"publishing to {routing_key!r}",
-            target.publish,
-            message,
-            routing_key=routing_key,
-            mandatory=True,
+        publishing = channel.default_exchange.publish(message, routing_key=queue, mandatory=True)
+        await _bounded(f"publishing to {queue!r}", publishing)
+
+    async def message_count(self, queue: str) -> int:
+        """(asyncio side) How many messages wait in an existing queue."""
+        channel = await self._pool(queue).get()
+        declared = await _bounded(
+            f"inspecting queue {queue!r}", channel.declare_queue(queue, passive=True)
         )
+        return int(declared.declaration_result.message_count or 0)
+
+    async def to_queue(self, queue: str, message: aio_pika.Message) -> None:
+        """(trio side) Publish to a queue and wait for the confirm."""
+        await aio.call(self.publish, queue, message)
+
+    async def to_queues(self, messages: Sequence[tuple[str, aio_pika.Message]]) -> None:
+        """(trio side) Publish many (queue, message) pairs at once; returns once all are
+        confirmed, or raises the first failure."""
+        await aio.call(self._publish_all, messages)
+
+    async def declare_queue(self, queue: str) -> None:
+        """(trio side) Declare a durable queue once per connection."""
+        await aio.call(self.declare, queue)
+
+    async def _publish_all(self, messages: Sequence[tuple[str, aio_pika.Message]]) -> None:
+        await asyncio.gather(*(self.publish(queue, message) for queue, message in messages))
 
 
-async def _guard(
-    what: str, fn: Callable[..., Awaitable[object]], *args: Any, **kwargs: Any
-) -> None:
-    """Call a broker coroutine function under PUBLISH_TIMEOUT; failures become Unavailable
-    (or FailedPrecondition when RabbitMQ refuses the request itself)."""
+async def _bounded(what: str, call: Awaitable[T]) -> T:
+    """(asyncio side) Await a broker call under PUBLISH_TIMEOUT; broker failures become
+    Unavailable, a refusal by RabbitMQ itself FailedPrecondition."""
     try:
-        with trio.fail_after(PUBLISH_TIMEOUT):
-            await aio.call(fn, *args, **kwargs)
+        async with asyncio.timeout(PUBLISH_TIMEOUT):
+            return await call
     except aio_pika.exceptions.PublishError:
         raise
     except aiormq.exceptions.ChannelPreconditionFailed as error:
         raise FailedPrecondition(f"RabbitMQ refused {what}: {describe(error)}") from None
-    except trio.TooSlowError:
+    except TimeoutError:
         raise Unavailable(f"RabbitMQ did not confirm {what} within {PUBLISH_TIMEOUT:g} s") from None
     except BROKER_ERRORS as error:
         raise Unavailable(f"RabbitMQ is unavailable ({what}): {describe(error)}") from None

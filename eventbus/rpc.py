@@ -49,7 +49,7 @@ class Gate:
         method: str,
         work: Callable[[Request], Awaitable[Reply]],
     ) -> None:
-        """Handle one unary call: receive, run work on the trio side, send the reply."""
+        """Handle one unary call: receive, run work (asyncio side), send the reply."""
         if self.draining:
             raise GRPCError(Status.UNAVAILABLE, "server is shutting down")
         self._enter()
@@ -57,7 +57,7 @@ class Gate:
         try:
             request = await stream.recv_message()
             assert request is not None
-            reply = await aio.run_trio(work)(request)
+            reply = await work(request)
             await stream.send_message(reply)
         except CallError as error:
             code = error.status
