@@ -1,14 +1,14 @@
 """Background workers: the internal confirm and ack queues, written to PostgreSQL in batches.
 
-Each worker consumes one internal queue on its own channel, gathers up to BATCH_SIZE messages
-(or what arrived within BATCH_WAIT seconds), writes them in one statement and only then acks
-them. While PostgreSQL is down the messages wait, unacked and durable, in RabbitMQ.
+Each internal queue is consumed on one channel. One task gathers what arrives into batches of up
+to BATCH_SIZE messages (or what arrived within BATCH_WAIT seconds of the first); up to
+`background.workers` writers then write batches concurrently, one statement each, and only then
+ack their messages. While PostgreSQL is down the messages wait, unacked and durable, in RabbitMQ.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -36,7 +36,8 @@ Writer = Callable[[Store, Sequence[Item]], Awaitable[list[tuple[str, str, int]]]
 
 
 class Worker(Generic[Item]):
-    """Consumes one internal queue and writes what arrives through writer, batch by batch."""
+    """Consumes one internal queue and writes what arrives through writer, batch by batch, with
+    up to `writers` batches in flight."""
 
     def __init__(
         self,
@@ -46,6 +47,7 @@ class Worker(Generic[Item]):
         queue: str,
         decode: Callable[[bytes], Item],
         writer: Writer[Item],
+        writers: int,
     ) -> None:
         self._broker = broker
         self._store = store
@@ -53,6 +55,7 @@ class Worker(Generic[Item]):
         self.queue = queue
         self._decode = decode
         self._writer = writer
+        self._writers = writers
 
     async def run(self) -> None:
         """Consume and write forever; a lost connection starts a new session on the next one."""
@@ -65,15 +68,14 @@ class Worker(Generic[Item]):
                 await trio.sleep(1)
 
     async def _session(self) -> None:
-        send, receive = trio.open_memory_channel[aio_pika.abc.AbstractIncomingMessage](
-            BATCH_SIZE * 2
-        )
+        prefetch = BATCH_SIZE * (self._writers + 1)
+        send, receive = trio.open_memory_channel[aio_pika.abc.AbstractIncomingMessage](prefetch)
 
         async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             # asyncio side; prefetch equals the channel's capacity, so it never overflows
             send.send_nowait(message)
 
-        channel = await self._broker.channel(prefetch=BATCH_SIZE * 2)
+        channel = await self._broker.channel(prefetch=prefetch)
         try:
             with trio.fail_after(5):
                 queue = await aio.call(channel.amqp.declare_queue, self.queue, durable=True)
@@ -87,13 +89,24 @@ class Worker(Generic[Item]):
     async def _write_batches(
         self, channel: Channel, receive: trio.MemoryReceiveChannel[Any]
     ) -> None:
-        while not channel.amqp.is_closed and channel.generation == self._broker.generation:
-            batch = await _gather(receive)
-            if not batch:
-                continue
+        in_flight = trio.CapacityLimiter(self._writers)
+        async with trio.open_nursery() as nursery:
+            while not channel.amqp.is_closed and channel.generation == self._broker.generation:
+                batch = await _gather(receive)
+                if batch:
+                    await in_flight.acquire_on_behalf_of(batch[0])
+                    nursery.start_soon(self._write_and_ack, batch, in_flight)
+            nursery.cancel_scope.cancel()
+
+    async def _write_and_ack(
+        self, batch: list[aio_pika.abc.AbstractIncomingMessage], in_flight: trio.CapacityLimiter
+    ) -> None:
+        try:
             await self._write(batch)
             with trio.fail_after(5):
-                await aio.call(batch[-1].ack, multiple=True)
+                await aio.call(_ack_each, batch)
+        finally:
+            in_flight.release_on_behalf_of(batch[0])
 
     async def _write(self, batch: list[aio_pika.abc.AbstractIncomingMessage]) -> None:
         """Write the batch, retrying with back-off while PostgreSQL is unreachable."""
@@ -141,6 +154,13 @@ class Worker(Generic[Item]):
             counter.labels(queue).inc(count)
 
 
+async def _ack_each(batch: list[aio_pika.abc.AbstractIncomingMessage]) -> None:
+    """(asyncio side) Ack every message of a batch; batches finish out of order, so one
+    multiple-ack could cover messages another writer still holds."""
+    for message in batch:
+        await message.ack()
+
+
 async def _gather(receive: trio.MemoryReceiveChannel[Any]) -> list[Any]:
     """Up to BATCH_SIZE items: waits for the first (at most a second), then BATCH_WAIT more."""
     batch: list[Any] = []
@@ -157,18 +177,27 @@ async def _gather(receive: trio.MemoryReceiveChannel[Any]) -> list[Any]:
 async def run(
     broker: Broker, store: Store, metrics: Metrics, confirm_queue: str, ack_queue: str, workers: int
 ) -> None:
-    """Run workers split between the confirm and the ack queue, forever."""
-    for_records = max(1, math.ceil(workers / 2))
-    for_settlements = max(1, workers - for_records)
+    """Write both internal queues to PostgreSQL forever, up to `workers` batches at a time each."""
     async with trio.open_nursery() as nursery:
-        for _ in range(for_records):
-            worker = Worker(
-                broker, store, metrics, confirm_queue, DeliveryRecord.decode, ledger.write_records
-            )
-            nursery.start_soon(worker.run)
-        for _ in range(for_settlements):
-            nursery.start_soon(
-                Worker(
-                    broker, store, metrics, ack_queue, Settlement.decode, ledger.write_settlements
-                ).run
-            )
+        nursery.start_soon(
+            Worker(
+                broker,
+                store,
+                metrics,
+                confirm_queue,
+                DeliveryRecord.decode,
+                ledger.write_records,
+                workers,
+            ).run
+        )
+        nursery.start_soon(
+            Worker(
+                broker,
+                store,
+                metrics,
+                ack_queue,
+                Settlement.decode,
+                ledger.write_settlements,
+                workers,
+            ).run
+        )
