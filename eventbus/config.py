@@ -91,6 +91,8 @@ class AmqpConfig:
     producers_per_queue: int = _setting(2, _int(1, 100))
     reconnect_window_seconds: float = _setting(60.0, _float(1, 3600))
     heartbeat_seconds: int = _setting(10, _int(1, 600))
+    buffer_hold_seconds: float = _setting(300.0, _float(0.5, 1500))
+    consumer_idle_seconds: float = _setting(60.0, _float(1, 86400))
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 Each subscribed queue gets amqp.consumers_per_queue channels whose prefetch adds up to
 amqp.prefetch_count, so the buffer never holds more than that. Prefetched messages nobody takes
-go back to RabbitMQ after HOLD_SECONDS, long before RabbitMQ's consumer_timeout (30 min by
-default) could close the channel; a queue nobody has pulled from for IDLE_SECONDS stops being
+go back to RabbitMQ after amqp.buffer_hold_seconds, long before RabbitMQ's consumer_timeout (30
+min by default) could close the channel; a queue nobody has pulled from for
+amqp.consumer_idle_seconds stops being
 consumed altogether. A consumer that loses its connection starts again on the next one.
 """
 
@@ -23,12 +24,11 @@ from . import aio
 from .broker import BROKER_ERRORS, Broker, Channel
 from .config import AmqpConfig
 from .errors import Unavailable
+from .metrics import Metrics
 from .retry import describe
 
 logger = logging.getLogger(__name__)
 
-HOLD_SECONDS = 300.0
-IDLE_SECONDS = 60.0
 SWEEP_SECONDS = 1.0
 SETTLE_TIMEOUT = 5.0
 SETTLE_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, *BROKER_ERRORS)
@@ -104,12 +104,15 @@ class ConsumerStopped(Exception):
 class QueueConsumer:
     """The consumers of one queue and their buffer."""
 
-    def __init__(self, broker: Broker, queue: str, config: AmqpConfig) -> None:
+    def __init__(self, broker: Broker, queue: str, config: AmqpConfig, metrics: Metrics) -> None:
         self.broker = broker
         self.queue = queue
         self.buffer = Buffer()
         self._channels_wanted = config.consumers_per_queue
         self._per_channel = max(1, math.ceil(config.prefetch_count / config.consumers_per_queue))
+        self._hold_seconds = config.buffer_hold_seconds
+        self._idle_seconds = config.consumer_idle_seconds
+        self._metrics = metrics
         self._last_demand = time.monotonic()
         self.stopped = False
 
@@ -167,12 +170,15 @@ class QueueConsumer:
             if any(c.amqp.is_closed or c.generation != self.broker.generation for c in channels):
                 logger.info("consumer %s: channel lost", self.queue)
                 return
-            for item in self.buffer.take_older_than(time.monotonic() - HOLD_SECONDS):
+            for item in self.buffer.take_older_than(time.monotonic() - self._hold_seconds):
                 await aio.call(settle, item.message, ack=False)
+                self._metrics.given_back.labels(self.queue).inc()
             await trio.sleep(SWEEP_SECONDS)
 
     def _idle(self) -> bool:
-        return self.buffer.waiting == 0 and time.monotonic() - self._last_demand > IDLE_SECONDS
+        return (
+            self.buffer.waiting == 0 and time.monotonic() - self._last_demand > self._idle_seconds
+        )
 
 
 async def settle(message: aio_pika.abc.AbstractIncomingMessage, *, ack: bool) -> bool:
@@ -202,9 +208,12 @@ async def _close_quietly(channel: Channel) -> None:
 class Consumers:
     """The running QueueConsumers of this node, started on first demand."""
 
-    def __init__(self, broker: Broker, config: AmqpConfig, nursery: trio.Nursery) -> None:
+    def __init__(
+        self, broker: Broker, config: AmqpConfig, metrics: Metrics, nursery: trio.Nursery
+    ) -> None:
         self._broker = broker
         self._config = config
+        self._metrics = metrics
         self._nursery = nursery
         self._running: dict[str, QueueConsumer] = {}
 
@@ -228,7 +237,9 @@ class Consumers:
         consumer = self._running.get(queue)
         if consumer is not None and not consumer.stopped:
             return consumer  # another caller started it meanwhile
-        consumer = self._running[queue] = QueueConsumer(self._broker, queue, self._config)
+        consumer = self._running[queue] = QueueConsumer(
+            self._broker, queue, self._config, self._metrics
+        )
         await self._nursery.start(self._run, consumer)
         return consumer
 

@@ -98,7 +98,7 @@ class Daemon:
         """Everything that serves or works, on top of the connections."""
         cfg = self.config
         self.publisher = Publisher(self.broker, cfg.amqp.producers_per_queue)
-        self.consumers = Consumers(self.broker, cfg.amqp, root)
+        self.consumers = Consumers(self.broker, cfg.amqp, self.metrics, root)
         self.delivery = Delivery(cfg, self.broker, self.publisher, self.consumers, self.metrics)
         for queue in (self.delivery.internal.confirm, self.delivery.internal.ack):
             await self.publisher.declare_queue(queue)

@@ -27,6 +27,7 @@ PER_QUEUE_COUNTERS = (
     "nacked",
     "republished",
     "dead_lettered",
+    "given_back",
 )
 
 

@@ -22,6 +22,7 @@ class Metrics:
     nacked: Counter
     republished: Counter
     dead_lettered: Counter
+    given_back: Counter
 
     def __init__(self, node: str) -> None:
         self.registry = CollectorRegistry()
@@ -58,6 +59,7 @@ class Metrics:
             "nacked": "Deliveries nacked (counted when both record and nack are written)",
             "republished": "Deliveries published again after a nack or a missed deadline",
             "dead_lettered": "Messages that became dead letters",
+            "given_back": "Prefetched messages handed back to RabbitMQ after buffer_hold_seconds",
         }
         for name, text in per_queue.items():
             setattr(

@@ -249,3 +249,36 @@ def test_a_second_signal_exits_at_once(make_daemon: Any) -> None:
     assert "second SIGTERM; exiting at once" in daemon.log
     waiting.join()
     assert outcome == [grpc.StatusCode.UNAVAILABLE]  # the connection went away with the daemon
+
+
+def test_prefetched_messages_nobody_pulls_go_back_to_rabbitmq(make_daemon: Any) -> None:
+    daemon = make_daemon(amqp={"buffer_hold_seconds": 1.0})
+    daemon.wait_ready()
+    client = BusClient(daemon.grpc_address)
+    assert client.try_subscribe("held", timeout=0.5) is None  # starts this node's consumer
+    for i in range(5):
+        client.publish("held", f"h{i}")  # all prefetched into the local buffer at once
+    deadline = time.monotonic() + 15
+    while metric(daemon, "eventbus_given_back_total", "held") < 5:
+        assert time.monotonic() < deadline, "prefetched messages were never given back"
+        time.sleep(0.3)
+    got = sorted(client.subscribe("held").data for _ in range(5))
+    assert got == [f"h{i}" for i in range(5)]  # given back, not lost
+
+
+def test_stats_count_per_queue(bus: tuple[Any, BusClient]) -> None:
+    daemon, client = bus
+    for i in range(3):
+        client.publish("counted", f"c{i}")
+    client.ack(client.subscribe("counted").id)
+    client.nack(client.subscribe("counted").id)
+    deadline = time.monotonic() + 10
+    while True:
+        queues = json.loads(daemon.http_get("/stats")[1])["queues"]
+        counted = queues.get("counted", {})
+        if counted.get("acked") == 1 and counted.get("nacked") == 1:
+            break
+        assert time.monotonic() < deadline, queues
+        time.sleep(0.3)
+    assert counted["published"] == 3 and counted["delivered"] >= 2
+    assert "eventbus_background_backlog" in daemon.http_get("/metrics")[1]
