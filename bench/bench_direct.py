@@ -43,16 +43,19 @@ def run_load(address: str, mode: str, seconds: float, concurrency: int, queue: s
     return json.loads(out.stdout)
 
 
-def noop_publish_rate(seconds: float, concurrency: int) -> float:
+def server_publish_rate(
+    script: str, args: list[str], seconds: float, concurrency: int, queue: str
+) -> float:
+    """Unary publish rate of a bench/ server script started on a free port."""
     port = servers.free_port()
     server = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "noop_server.py"), str(port)],
+        [sys.executable, str(ROOT / "bench" / script), str(port), *args],
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-        result = run_load(f"127.0.0.1:{port}", "publish", seconds, concurrency, "noop")
+        result = run_load(f"127.0.0.1:{port}", "publish", seconds, concurrency, queue)
     finally:
         server.terminate()
         server.wait(10)
@@ -152,7 +155,8 @@ def main(seconds: float, concurrency: int) -> None:
     url = servers.create_vhost(vhost)
     dsn = servers.create_database(database)
     try:
-        noop = noop_publish_rate(seconds, concurrency)
+        noop = server_publish_rate("noop_server.py", [], seconds, concurrency, "noop")
+        relay = server_publish_rate("relay_server.py", [url], seconds, concurrency, "relay")
         raw = asyncio.run(aio_pika_rates(url, seconds, concurrency))
         with tempfile.TemporaryDirectory() as tmp:
             daemon, port = start_daemon(url, dsn, prefix, Path(tmp))
@@ -167,11 +171,17 @@ def main(seconds: float, concurrency: int) -> None:
         servers.delete_vhost(vhost)
         servers.drop_database(database)
         servers.delete_redis_keys(prefix)
-    report(noop, raw, publish, trip, seconds, concurrency)
+    report(noop, relay, raw, publish, trip, seconds, concurrency)
 
 
 def report(
-    noop: float, raw: dict[str, float], publish: dict, trip: dict, seconds: float, concurrency: int
+    noop: float,
+    relay: float,
+    raw: dict[str, float],
+    publish: dict,
+    trip: dict,
+    seconds: float,
+    concurrency: int,
 ) -> None:
     bus_publish = publish["calls"] / publish["seconds"]
     bus_trip = trip["operations"] / trip["seconds"]
@@ -184,6 +194,12 @@ def report(
         ("aio-pika publish (confirms, persistent)", raw["publish"], "msgs/s", ""),
         ("aio-pika consume (acks)", raw["consume"], "msgs/s", ""),
         ("aio-pika publish + consume at once", raw["publish+consume"], "msgs/s", ""),
+        (
+            "plain-asyncio grpclib->aio-pika relay",
+            relay,
+            "calls/s",
+            f"{relay / noop:.2f} x grpclib floor (reference: no bus logic at all)",
+        ),
         (
             "bus publish",
             bus_publish,

@@ -71,8 +71,8 @@ async def requeue(store: Store, publisher: Publisher, selection: Selection) -> i
     moved = 0
     while batch := await list_letters(store, selection, REQUEUE_BATCH):
         now = time.time()
-        await publisher.to_queues(
-            [(d.queue, Envelope(d.message_id, d.body).to_amqp(now)) for d in batch]
+        await publisher.to_targets(
+            [(("queue", d.queue), Envelope(d.message_id, d.body).to_amqp(now)) for d in batch]
         )
         await store.execute(
             "DELETE FROM dead_letters d USING unnest($1::text[], $2::uuid[]) AS g(queue, id) "

@@ -1,7 +1,7 @@
 """Publishing with publisher confirms: channel pools per queue, queues declared once.
 
 The request path (gRPC handlers) publishes from the asyncio side of the seam with `publish`, so
-a call costs no task of its own; trio code uses `to_queue` / `to_queues`, which cross the seam
+a call costs no task of its own; trio code uses `to_queue` / `to_targets`, which cross the seam
 once. Every publish waits for RabbitMQ's confirm (or a return, for an unroutable message) under
 PUBLISH_TIMEOUT, so a broken connection turns into Unavailable within seconds, never a hang.
 """
@@ -64,20 +64,24 @@ class ChannelPool:
         self._channels = live
 
 
+Target = tuple[str, str]  # ("queue", name) or ("topic", name)
+
+
 class Publisher:
-    """Confirmed publishing to queues, with declarations cached per connection."""
+    """Confirmed publishing to queues and topic exchanges, with declarations cached per
+    connection."""
 
     def __init__(self, broker: Broker, producers_per_queue: int) -> None:
         self._broker = broker
         self._producers = producers_per_queue
         self._pools: dict[str, ChannelPool] = {}
-        self._declared: set[str] = set()
+        self._declared: set[tuple[str, ...]] = set()
         self._declared_generation = 0
 
-    def _pool(self, queue: str) -> ChannelPool:
-        pool = self._pools.get(queue)
+    def _pool(self, name: str) -> ChannelPool:
+        pool = self._pools.get(name)
         if pool is None:
-            pool = self._pools[queue] = ChannelPool(self._broker, self._producers)
+            pool = self._pools[name] = ChannelPool(self._broker, self._producers)
         return pool
 
     async def publish(self, queue: str, message: aio_pika.Message) -> None:
@@ -85,29 +89,75 @@ class Publisher:
         await self.declare(queue)
         channel = await self._pool(queue).get()
         try:
-            await self._confirm(channel, queue, message)
+            await self._confirm(channel.default_exchange, queue, message, mandatory=True)
         except aio_pika.exceptions.PublishError:
             # Unroutable: the queue was deleted behind our back. Declare it again, once.
-            self._declared.discard(queue)
+            self._declared.discard(("queue", queue))
             await self.declare(queue)
-            await self._confirm(channel, queue, message)
+            await self._confirm(channel.default_exchange, queue, message, mandatory=True)
+
+    async def publish_topic(self, topic: str, message: aio_pika.Message) -> None:
+        """(asyncio side) Publish to a topic exchange and wait for the confirm. Every queue
+        bound to it gets the message; with none bound it goes nowhere, as pub/sub has it."""
+        await self.declare_topic(topic)
+        channel = await self._pool(topic).get()
+        exchange = await channel.get_exchange(topic, ensure=False)
+        await self._confirm(exchange, topic, message, mandatory=False)
+
+    async def publish_to(self, target: Target, message: aio_pika.Message) -> None:
+        """(asyncio side) Publish to ("queue", name) or ("topic", name)."""
+        kind, name = target
+        if kind == "topic":
+            await self.publish_topic(name, message)
+        else:
+            await self.publish(name, message)
 
     async def declare(self, queue: str) -> None:
         """(asyncio side) Declare a durable queue once per connection."""
-        if self._declared_generation != self._broker.generation:
-            self._declared.clear()  # a reconnect: the broker may have lost what it had
-            self._declared_generation = self._broker.generation
-        if queue in self._declared:
+        if self._known(("queue", queue)):
             return
         channel = await self._pool(queue).get()
         await _bounded(f"declaring queue {queue!r}", channel.declare_queue(queue, durable=True))
-        self._declared.add(queue)
+        self._declared.add(("queue", queue))
+
+    async def declare_topic(self, topic: str) -> None:
+        """(asyncio side) Declare a durable topic exchange once per connection."""
+        if self._known(("topic", topic)):
+            return
+        channel = await self._pool(topic).get()
+        declaring = channel.declare_exchange(topic, aio_pika.ExchangeType.TOPIC, durable=True)
+        await _bounded(f"declaring topic {topic!r}", declaring)
+        self._declared.add(("topic", topic))
+
+    async def bind(self, queue: str, topic: str) -> None:
+        """(asyncio side) Declare queue and topic and bind them, once per connection: from then
+        on the queue gets every message published to the topic."""
+        if self._known(("binding", queue, topic)):
+            return
+        await self.declare_topic(topic)
+        channel = await self._pool(queue).get()
+        declared = await _bounded(
+            f"declaring queue {queue!r}", channel.declare_queue(queue, durable=True)
+        )
+        await _bounded(f"binding {queue!r} to {topic!r}", declared.bind(topic, routing_key="#"))
+        self._declared.update({("queue", queue), ("binding", queue, topic)})
+
+    def _known(self, declaration: tuple[str, ...]) -> bool:
+        if self._declared_generation != self._broker.generation:
+            self._declared.clear()  # a reconnect: the broker may have lost what it had
+            self._declared_generation = self._broker.generation
+        return declaration in self._declared
 
     async def _confirm(
-        self, channel: aio_pika.abc.AbstractChannel, queue: str, message: aio_pika.Message
+        self,
+        exchange: aio_pika.abc.AbstractExchange,
+        routing_key: str,
+        message: aio_pika.Message,
+        *,
+        mandatory: bool,
     ) -> None:
-        publishing = channel.default_exchange.publish(message, routing_key=queue, mandatory=True)
-        await _bounded(f"publishing to {queue!r}", publishing)
+        publishing = exchange.publish(message, routing_key=routing_key, mandatory=mandatory)
+        await _bounded(f"publishing to {routing_key!r}", publishing)
 
     async def message_count(self, queue: str) -> int:
         """(asyncio side) How many messages wait in an existing queue."""
@@ -121,17 +171,17 @@ class Publisher:
         """(trio side) Publish to a queue and wait for the confirm."""
         await aio.call(self.publish, queue, message)
 
-    async def to_queues(self, messages: Sequence[tuple[str, aio_pika.Message]]) -> None:
-        """(trio side) Publish many (queue, message) pairs at once; returns once all are
-        confirmed, or raises the first failure."""
+    async def to_targets(self, messages: Sequence[tuple[Target, aio_pika.Message]]) -> None:
+        """(trio side) Publish many messages at once, each to its queue or topic; returns once
+        all are confirmed, or raises the first failure."""
         await aio.call(self._publish_all, messages)
 
     async def declare_queue(self, queue: str) -> None:
         """(trio side) Declare a durable queue once per connection."""
         await aio.call(self.declare, queue)
 
-    async def _publish_all(self, messages: Sequence[tuple[str, aio_pika.Message]]) -> None:
-        await asyncio.gather(*(self.publish(queue, message) for queue, message in messages))
+    async def _publish_all(self, messages: Sequence[tuple[Target, aio_pika.Message]]) -> None:
+        await asyncio.gather(*(self.publish_to(target, message) for target, message in messages))
 
 
 async def _bounded(what: str, call: Awaitable[T]) -> T:

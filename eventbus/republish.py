@@ -18,7 +18,7 @@ from .config import DeliveryConfig
 from .envelope import Envelope
 from .ledger import DueDelivery
 from .metrics import Metrics
-from .publisher import Publisher
+from .publisher import Publisher, Target
 from .store import Store
 
 logger = logging.getLogger(__name__)
@@ -86,10 +86,10 @@ class Republisher:
             return 0
         now = time.time()
         decided = plan(due, now, self._config.max_retries)
-        messages: list[tuple[str, aio_pika.Message]] = [
-            (queue, envelope.to_amqp(now)) for queue, envelope in decided.retries
+        messages: list[tuple[Target, aio_pika.Message]] = [
+            (("queue", queue), envelope.to_amqp(now)) for queue, envelope in decided.retries
         ]
-        await self._publisher.to_queues(messages)
+        await self._publisher.to_targets(messages)
         await ledger.finish(self._store, token, decided.outcomes, decided.dead)
         self._count(decided)
         return len(due)
