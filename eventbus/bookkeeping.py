@@ -16,9 +16,10 @@ import aio_pika.abc
 import asyncpg
 import trio
 
-from . import aio, ledger
+from . import aio, delay, ledger
 from .broker import BROKER_ERRORS, Broker, Channel
-from .envelope import DeliveryRecord, Settlement
+from .delivery import InternalQueues
+from .envelope import DelayedMessage, DeliveryRecord, Settlement
 from .errors import Unavailable
 from .metrics import Metrics
 from .retry import describe
@@ -175,29 +176,14 @@ async def _gather(receive: trio.MemoryReceiveChannel[Any]) -> list[Any]:
 
 
 async def run(
-    broker: Broker, store: Store, metrics: Metrics, confirm_queue: str, ack_queue: str, workers: int
+    broker: Broker, store: Store, metrics: Metrics, internal: InternalQueues, workers: int
 ) -> None:
-    """Write both internal queues to PostgreSQL forever, up to `workers` batches at a time each."""
+    """Write the internal queues to PostgreSQL forever, up to `workers` batches at a time each."""
+    writers: list[tuple[str, Callable[[bytes], Any], Writer[Any]]] = [
+        (internal.confirm, DeliveryRecord.decode, ledger.write_records),
+        (internal.ack, Settlement.decode, ledger.write_settlements),
+        (internal.delay, DelayedMessage.decode, delay.write),
+    ]
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(
-            Worker(
-                broker,
-                store,
-                metrics,
-                confirm_queue,
-                DeliveryRecord.decode,
-                ledger.write_records,
-                workers,
-            ).run
-        )
-        nursery.start_soon(
-            Worker(
-                broker,
-                store,
-                metrics,
-                ack_queue,
-                Settlement.decode,
-                ledger.write_settlements,
-                workers,
-            ).run
-        )
+        for queue, decode, writer in writers:
+            nursery.start_soon(Worker(broker, store, metrics, queue, decode, writer, workers).run)

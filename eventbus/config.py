@@ -114,6 +114,7 @@ class DeliveryConfig:
     max_retries: int = _setting(3, _int(0, 1000))
     ack_deadline_seconds: int = _setting(1800, _int(1, 7 * 86400))
     nack_redelivery_delay_seconds: int = _setting(600, _int(0, 7 * 86400))
+    max_delay_seconds: int = _setting(365 * 86400, _int(1, 10 * 365 * 86400))
 
 
 @dataclass(frozen=True)

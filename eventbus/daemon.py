@@ -25,6 +25,7 @@ from . import __version__, aio, bookkeeping, broker, http, lock, nodes, rpc, sto
 from .config import Config
 from .consumer import Consumers
 from .cron import Cron
+from .delay import Dispatcher
 from .delivery import Delivery
 from .errors import Unavailable
 from .gauges import Gauges
@@ -100,7 +101,7 @@ class Daemon:
         self.publisher = Publisher(self.broker, cfg.amqp.producers_per_queue)
         self.consumers = Consumers(self.broker, cfg.amqp, self.metrics, root)
         self.delivery = Delivery(cfg, self.broker, self.publisher, self.consumers, self.metrics)
-        for queue in (self.delivery.internal.confirm, self.delivery.internal.ack):
+        for queue in self.delivery.internal.all():
             await self.publisher.declare_queue(queue)
         self._start_background(root)
         # grpclib binds to the running asyncio loop when built, so only now.
@@ -123,28 +124,29 @@ class Daemon:
                 self.broker,
                 self.store,
                 self.metrics,
-                internal.confirm,
-                internal.ack,
+                internal,
                 cfg.background.workers,
             )
-        if cfg.cron.republish_enabled:
-            republisher = Republisher(self.store, self.publisher, cfg.delivery, self.metrics)
-            lock_ = RedisLock(self.redis, "republish", cfg.cron.lock_ttl_seconds)
-            root.start_soon(
-                Cron(
-                    "republish",
-                    republisher.tick,
-                    lock_,
-                    cfg.cron.interval_seconds,
-                    cfg.cron.lock_ttl_seconds,
-                ).run
-            )
+        jobs = [
+            (
+                "republish",
+                cfg.cron.republish_enabled,
+                Republisher(self.store, self.publisher, cfg.delivery, self.metrics).tick,
+            ),
+            (
+                "delay",
+                cfg.cron.delay_publish_enabled,
+                Dispatcher(self.store, self.publisher, self.metrics).tick,
+            ),
+        ]
+        for name, enabled, job in jobs:
+            if enabled:
+                lock_ = RedisLock(self.redis, name, cfg.cron.lock_ttl_seconds)
+                root.start_soon(
+                    Cron(name, job, lock_, cfg.cron.interval_seconds, cfg.cron.lock_ttl_seconds).run
+                )
         self.gauges = Gauges(
-            self.metrics,
-            self.store,
-            self.publisher,
-            self.consumers,
-            [internal.confirm, internal.ack],
+            self.metrics, self.store, self.publisher, self.consumers, internal.all()
         )
         root.start_soon(self.gauges.run)
 

@@ -1,4 +1,4 @@
-"""The request path of direct queues: publish, subscribe, ack, nack.
+"""The request path: publish, delayed publish, subscribe, ack, nack, for queues and topics.
 
 These run on the asyncio side of the seam, straight from the gRPC handlers to aio-pika, so a
 call costs no task or seam crossing of its own; what they decide is plain code (validate,
@@ -20,10 +20,18 @@ from . import validate
 from .broker import Broker
 from .config import Config
 from .consumer import Buffered, Consumers, settle
-from .envelope import DeliveryRecord, Envelope, Outcome, Settlement, internal_message, new_envelope
+from .envelope import (
+    DelayedMessage,
+    DeliveryRecord,
+    Envelope,
+    Outcome,
+    Settlement,
+    internal_message,
+    new_envelope,
+)
 from .errors import Unavailable
 from .metrics import Metrics
-from .publisher import Publisher
+from .publisher import Publisher, Target
 from .retry import describe
 
 logger = logging.getLogger(__name__)
@@ -35,10 +43,14 @@ class InternalQueues:
 
     confirm: str
     ack: str
+    delay: str
 
     @classmethod
     def of(cls, namespace: str) -> InternalQueues:
-        return cls(confirm=f"{namespace}.confirm", ack=f"{namespace}.ack")
+        return cls(f"{namespace}.confirm", f"{namespace}.ack", f"{namespace}.delay")
+
+    def all(self) -> list[str]:
+        return [self.confirm, self.ack, self.delay]
 
 
 class Delivery:
@@ -68,9 +80,58 @@ class Delivery:
         await self._publisher.publish(queue, new_envelope(data, ttl_seconds, now).to_amqp(now))
         self._metrics.published.labels(queue).inc()
 
+    async def publish_topic(self, topic: str, data: str, ttl_seconds: int) -> None:
+        """Publish one message to every queue bound to topic; returns once confirmed."""
+        validate.name("topic", topic, self.namespace)
+        validate.data(data)
+        now = time.time()
+        message = new_envelope(data, ttl_seconds, now).to_amqp(now)
+        await self._publisher.publish_topic(topic, message)
+        self._metrics.published.labels(topic).inc()
+
+    async def delay_publish(
+        self, target: Target, data: str, delay_seconds: int, ttl_seconds: int
+    ) -> None:
+        """Publish to a queue or topic once delay_seconds have passed (0: now). Returns once the
+        delayed message is confirmed in the internal delay queue."""
+        kind, name = target
+        validate.name(kind, name, self.namespace)
+        validate.data(data)
+        validate.delay(delay_seconds, self.config.delivery.max_delay_seconds)
+        if delay_seconds == 0:
+            await self._publish_now(target, data, ttl_seconds)
+            return
+        delayed = DelayedMessage(
+            str(uuid.uuid4()),
+            kind,
+            name,
+            data,
+            time.time() + delay_seconds,
+            ttl_seconds,
+        )
+        await self._publisher.publish(self.internal.delay, internal_message(delayed.encode()))
+        self._metrics.delayed.labels(name).inc()
+
+    async def _publish_now(self, target: Target, data: str, ttl_seconds: int) -> None:
+        kind, name = target
+        if kind == "topic":
+            await self.publish_topic(name, data, ttl_seconds)
+        else:
+            await self.publish(name, data, ttl_seconds)
+
+    async def subscribe_topic(self, topic: str, queue: str) -> DeliveryRecord:
+        """Pull one message of the subscriber group queue bound to topic (bound on first use)."""
+        validate.name("topic", topic, self.namespace)
+        validate.name("queueName", queue, self.namespace)
+        await self._publisher.bind(queue, topic)
+        return await self._pull(queue)
+
     async def subscribe(self, queue: str) -> DeliveryRecord:
         """Pull one message of queue; waits until one arrives (the caller's deadline bounds it)."""
         validate.name("queue", queue, self.namespace)
+        return await self._pull(queue)
+
+    async def _pull(self, queue: str) -> DeliveryRecord:
         if not self._broker.connected:
             raise Unavailable(f"RabbitMQ at {self._broker.address} is not connected")
         while True:

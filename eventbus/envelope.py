@@ -15,6 +15,7 @@ ATTEMPT_HEADER = "x-eventbus-attempt"
 EXPIRES_AT_HEADER = "x-eventbus-expires-at"  # epoch milliseconds
 
 Outcome = Literal["ack", "nack"]
+Kind = Literal["queue", "topic"]
 
 
 @dataclass(frozen=True)
@@ -106,3 +107,27 @@ def internal_message(body: bytes) -> aio_pika.Message:
     return aio_pika.Message(
         body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, content_type="application/json"
     )
+
+
+@dataclass(frozen=True)
+class DelayedMessage:
+    """A message to publish later to a queue or a topic; its id becomes the message id."""
+
+    id: str
+    kind: Kind
+    target: str
+    body: str
+    due_at: float  # epoch seconds
+    ttl_seconds: int  # counted from when it reaches its queue; 0 never expires
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> DelayedMessage:
+        return cls(**json.loads(raw))
+
+    def envelope(self, now: float) -> Envelope:
+        """The message as it is published when due."""
+        expires_at = now + self.ttl_seconds if self.ttl_seconds > 0 else None
+        return Envelope(self.id, self.body, 1, expires_at)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Info, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+)
 
 from . import __version__
 
@@ -23,6 +30,8 @@ class Metrics:
     republished: Counter
     dead_lettered: Counter
     given_back: Counter
+    delayed: Counter
+    delay_dispatched: Counter
 
     def __init__(self, node: str) -> None:
         self.registry = CollectorRegistry()
@@ -60,11 +69,19 @@ class Metrics:
             "republished": "Deliveries published again after a nack or a missed deadline",
             "dead_lettered": "Messages that became dead letters",
             "given_back": "Prefetched messages handed back to RabbitMQ after buffer_hold_seconds",
+            "delayed": "Delayed messages accepted, by queue or topic",
+            "delay_dispatched": "Delayed messages moved to their queue or topic when due",
         }
         for name, text in per_queue.items():
             setattr(
                 self, name, Counter(f"eventbus_{name}", text, ["queue"], registry=self.registry)
             )
+        self.delay_lateness = Histogram(
+            "eventbus_delay_lateness_seconds",
+            "How long after its due time a delayed message was published",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300),
+            registry=self.registry,
+        )
         self.settlements_received = Counter(
             "eventbus_settlements_received",
             "ack and nack calls accepted by this node",

@@ -21,6 +21,7 @@ import aiormq.exceptions
 
 from . import aio
 from .broker import BROKER_ERRORS, Broker
+from .envelope import Kind
 from .errors import FailedPrecondition, Unavailable
 from .retry import describe
 
@@ -64,7 +65,7 @@ class ChannelPool:
         self._channels = live
 
 
-Target = tuple[str, str]  # ("queue", name) or ("topic", name)
+Target = tuple[Kind, str]  # ("queue", name) or ("topic", name)
 
 
 class Publisher:

@@ -43,6 +43,7 @@ def delivery_id(value: str) -> str:
 
 
 def delay(seconds: int, maximum: int = MAX_DELAY_SECONDS) -> int:
+    """A delayPublish delay: at most maximum seconds (delivery.max_delay_seconds)."""
     if seconds > maximum:
         raise InvalidArgument(f"delaySeconds must be at most {maximum}")
     return seconds

@@ -16,7 +16,6 @@ from grpclib.exceptions import GRPCError
 from ._generated import mq_grpc, mq_pb2
 from .delivery import Delivery
 from .envelope import DeliveryRecord
-from .errors import NotImplementedYet
 from .rpc import Gate
 
 EMPTY = Empty()
@@ -44,10 +43,6 @@ def _reply(record: DeliveryRecord) -> mq_pb2.SubscribeResponse:
     return mq_pb2.SubscribeResponse(id=record.id, data=record.body, queue=record.queue)
 
 
-async def _not_yet(_request: Any) -> Any:
-    raise NotImplementedYet("delayed publishing is not available in this version of eventbus")
-
-
 class MqService(mq_grpc.MqBase):
     """Direct queues."""
 
@@ -59,7 +54,7 @@ class MqService(mq_grpc.MqBase):
         await self._gate.unary(stream, "mq.Mq/publish", self._publish)
 
     async def delayPublish(self, stream: Any) -> None:
-        await self._gate.unary(stream, "mq.Mq/delayPublish", _not_yet)
+        await self._gate.unary(stream, "mq.Mq/delayPublish", self._delay_publish)
 
     async def subscribe(self, stream: Any) -> None:
         await self._gate.unary(stream, "mq.Mq/subscribe", self._subscribe)
@@ -72,6 +67,12 @@ class MqService(mq_grpc.MqBase):
 
     async def _publish(self, request: mq_pb2.PublishRequest) -> Empty:
         await self._delivery.publish(request.queue, request.data, request.ExpirationSeconds)
+        return EMPTY
+
+    async def _delay_publish(self, request: mq_pb2.DelayPublishRequest) -> Empty:
+        await self._delivery.delay_publish(
+            ("queue", request.queue), request.data, request.delaySeconds, request.ExpirationSeconds
+        )
         return EMPTY
 
     async def _subscribe(self, request: mq_pb2.SubscribeRequest) -> mq_pb2.SubscribeResponse:
@@ -94,16 +95,37 @@ class MqTopicService(mq_grpc.MqTopicBase):
         self._delivery = delivery
 
     async def publish(self, stream: Any) -> None:
-        await self._gate.unary(stream, "mq.MqTopic/publish", _not_yet)
+        await self._gate.unary(stream, "mq.MqTopic/publish", self._publish)
 
     async def delayPublish(self, stream: Any) -> None:
-        await self._gate.unary(stream, "mq.MqTopic/delayPublish", _not_yet)
+        await self._gate.unary(stream, "mq.MqTopic/delayPublish", self._delay_publish)
 
     async def subscribe(self, stream: Any) -> None:
-        await self._gate.unary(stream, "mq.MqTopic/subscribe", _not_yet)
+        await self._gate.unary(stream, "mq.MqTopic/subscribe", self._subscribe)
 
     async def ack(self, stream: Any) -> None:
-        await self._gate.unary(stream, "mq.MqTopic/ack", _not_yet)
+        await self._gate.unary(stream, "mq.MqTopic/ack", self._ack)
 
     async def nack(self, stream: Any) -> None:
-        await self._gate.unary(stream, "mq.MqTopic/nack", _not_yet)
+        await self._gate.unary(stream, "mq.MqTopic/nack", self._nack)
+
+    async def _publish(self, request: mq_pb2.TopicPublishRequest) -> Empty:
+        await self._delivery.publish_topic(request.topic, request.data, request.ExpirationSeconds)
+        return EMPTY
+
+    async def _delay_publish(self, request: mq_pb2.DelayTopicPublishRequest) -> Empty:
+        await self._delivery.delay_publish(
+            ("topic", request.topic), request.data, request.delaySeconds, request.ExpirationSeconds
+        )
+        return EMPTY
+
+    async def _subscribe(self, request: mq_pb2.TopicSubscribeRequest) -> mq_pb2.SubscribeResponse:
+        return _reply(await self._delivery.subscribe_topic(request.topic, request.queueName))
+
+    async def _ack(self, request: mq_pb2.QueueId) -> Empty:
+        await self._delivery.ack(request.id)
+        return EMPTY
+
+    async def _nack(self, request: mq_pb2.QueueId) -> Empty:
+        await self._delivery.nack(request.id)
+        return EMPTY

@@ -1,0 +1,137 @@
+"""Delayed messages in PostgreSQL, and the delay job that moves due ones to their queue or topic.
+
+Due rows are claimed in batches (FOR UPDATE SKIP LOCKED plus a claim token), published with
+confirms, then deleted under the same claim: two nodes never move the same row, and a node that
+dies midway leaves rows whose claim expires and that another node moves (at least once).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import aio_pika
+
+from .envelope import DelayedMessage
+from .ledger import columns
+from .metrics import Metrics
+from .publisher import Publisher, Target
+from .store import Store
+
+logger = logging.getLogger(__name__)
+
+BATCH = 2000
+CLAIM_SECONDS = 60.0
+
+INSERT = """
+INSERT INTO delayed_messages (id, kind, target, body, due_at, ttl_seconds)
+SELECT m.id, m.kind, m.target, m.body, to_timestamp(m.due_at), m.ttl
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::bigint[])
+     AS m(id, kind, target, body, due_at, ttl)
+ON CONFLICT (id) DO NOTHING
+"""
+
+CLAIM = """
+UPDATE delayed_messages d
+SET claim_token = $1, claimed_until = now() + make_interval(secs => $3)
+WHERE d.id IN (
+    SELECT id FROM delayed_messages
+    WHERE due_at <= now() AND (claimed_until IS NULL OR claimed_until < now())
+    ORDER BY due_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED)
+RETURNING d.id, d.kind, d.target, d.body, extract(epoch FROM d.due_at) AS due_at, d.ttl_seconds
+"""
+
+FORGET = "DELETE FROM delayed_messages WHERE id = ANY($2::uuid[]) AND claim_token = $1"
+
+
+async def write(store: Store, messages: Sequence[DelayedMessage]) -> list[tuple[str, str, int]]:
+    """Store delayed messages (repeats are ignored); the bookkeeping writer's signature."""
+    rows = [(m.id, m.kind, m.target, m.body, m.due_at, m.ttl_seconds) for m in messages]
+    await store.execute(INSERT, *columns(rows, 6))
+    return []
+
+
+async def claim_due(store: Store, token: str, limit: int) -> list[DelayedMessage]:
+    rows = await store.fetch(CLAIM, token, limit, CLAIM_SECONDS)
+    return [
+        DelayedMessage(
+            str(r["id"]),
+            r["kind"],
+            r["target"],
+            r["body"],
+            float(r["due_at"]),
+            int(r["ttl_seconds"]),
+        )
+        for r in rows
+    ]
+
+
+class Dispatcher:
+    """One node's delay job; several nodes may run it, row claims keep them apart."""
+
+    def __init__(self, store: Store, publisher: Publisher, metrics: Metrics) -> None:
+        self._store = store
+        self._publisher = publisher
+        self._metrics = metrics
+
+    async def tick(self) -> None:
+        """Move every due delayed message, batch by batch."""
+        while await self._move_batch() == BATCH:
+            pass
+
+    async def _move_batch(self) -> int:
+        token = str(uuid.uuid4())
+        due = await claim_due(self._store, token, BATCH)
+        if not due:
+            return 0
+        now = time.time()
+        messages: list[tuple[Target, aio_pika.Message]] = [
+            ((m.kind, m.target), m.envelope(now).to_amqp(now)) for m in due
+        ]
+        await self._publisher.to_targets(messages)
+        await self._store.execute(FORGET, token, [m.id for m in due])
+        for message in due:
+            self._metrics.delay_dispatched.labels(message.target).inc()
+            self._metrics.delay_lateness.observe(max(0.0, now - message.due_at))
+        return len(due)
+
+
+@dataclass(frozen=True)
+class Pending:
+    id: str
+    kind: str
+    target: str
+    body: str
+    due_at: datetime
+
+
+async def pending(store: Store, kind: str | None, target: str | None, limit: int) -> list[Pending]:
+    """Delayed messages not yet moved, soonest first; optionally of one queue or topic."""
+    clauses, args = [], []
+    for column, value in (("kind", kind), ("target", target)):
+        if value is not None:
+            args.append(value)
+            clauses.append(f"{column} = ${len(args)}")
+    where = " WHERE " + " AND ".join(clauses) if clauses else ""
+    rows = await store.fetch(
+        f"SELECT id, kind, target, body, due_at FROM delayed_messages{where} "
+        f"ORDER BY due_at LIMIT ${len(args) + 1}",
+        *args,
+        limit,
+    )
+    return [Pending(str(r["id"]), r["kind"], r["target"], r["body"], r["due_at"]) for r in rows]
+
+
+async def cancel(store: Store, message_id: str) -> bool:
+    """Forget a delayed message that has not been moved yet; False when there is none."""
+    status: Any = await store.execute(
+        "DELETE FROM delayed_messages WHERE id = $1::uuid", message_id
+    )
+    return bool(status == "DELETE 1")
