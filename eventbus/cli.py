@@ -11,15 +11,20 @@ from typing import Any
 
 import trio
 
-from . import __version__, aio, deadletters, store
+from . import __version__, aio, deadletters, delay, store, validate
 from .config import Config, ConfigError, load
 from .daemon import Daemon
-from .errors import FatalError
+from .errors import FatalError, InvalidArgument
 
 logger = logging.getLogger("eventbus")
 
 EXIT_FATAL = 1
 EXIT_CONFIG = 2
+
+
+class NothingToCancel(FatalError):
+    """`delayed cancel` named a message that is not pending (moved already, or never was)."""
+
 
 Command = Callable[[Config, argparse.Namespace], Awaitable[None]]
 
@@ -28,8 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line, run the command, and return the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command is _requeue_dead_letters and not (args.all or args.queue or args.message_id):
-        parser.error("dead-letters requeue: name --queue, --message-id or --all")
+    _check_arguments(parser, args)
     try:
         config = load(args.config)
     except ConfigError as error:
@@ -44,6 +48,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             logger.error("%s", fatal)
         status = EXIT_FATAL
     return status
+
+
+def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What argparse cannot say itself; parser.error exits with status 2 and the usage."""
+    if args.command is _requeue_dead_letters and not (args.all or args.queue or args.message_id):
+        parser.error("dead-letters requeue: name --queue, --message-id or --all")
+    if args.command is _cancel_delayed:
+        try:
+            validate.delivery_id(args.id)
+        except InvalidArgument as error:
+            parser.error(f"delayed cancel: {error.message}")
 
 
 def _leaves(group: BaseExceptionGroup[FatalError]) -> list[BaseException]:
@@ -81,7 +96,27 @@ def _parser() -> argparse.ArgumentParser:
     for sub in (listing, again):
         sub.add_argument("--queue", help="only the dead letters of this queue")
         sub.add_argument("--message-id", help="only this message")
+    _delayed_commands(commands)
     return parser
+
+
+def _delayed_commands(commands: Any) -> None:
+    delayed = commands.add_parser(
+        "delayed",
+        help="list or cancel delayed messages",
+        description="list or cancel delayed messages",
+    )
+    actions = delayed.add_subparsers(required=True, metavar="ACTION")
+    listing = _command(
+        actions, "list", _list_delayed, "print pending delayed messages, soonest first"
+    )
+    target = listing.add_mutually_exclusive_group()
+    target.add_argument("--queue", help="only those for this queue")
+    target.add_argument("--topic", help="only those for this topic")
+    listing.add_argument("--limit", type=int, default=100, help="at most this many (100)")
+    listing.add_argument("--json", action="store_true", help="one JSON object a line")
+    cancel = _command(actions, "cancel", _cancel_delayed, "cancel a pending delayed message")
+    cancel.add_argument("id", help="the id `delayed list` shows")
 
 
 def _command(commands: Any, name: str, run: Command, summary: str) -> argparse.ArgumentParser:
@@ -156,3 +191,39 @@ async def _requeue_dead_letters(config: Config, args: argparse.Namespace) -> Non
     async with aio.open_loop(lambda: None), deadletters.connected(config) as (db, publisher):
         moved = await deadletters.requeue(db, publisher, _selection(args))
     logger.info("requeued %d dead letters", moved)
+
+
+async def _list_delayed(config: Config, args: argparse.Namespace) -> None:
+    kind, target = ("topic", args.topic) if args.topic else ("queue", args.queue)
+    async with aio.open_loop(lambda: None):
+        db = await store.open_store(config.postgres, config.amqp.reconnect_window_seconds)
+        try:
+            rows = await delay.pending(db, kind if target else None, target, args.limit)
+        finally:
+            await db.close()
+    for row in rows:
+        fields = {
+            "id": row.id,
+            "kind": row.kind,
+            "target": row.target,
+            "due_at": row.due_at.isoformat(),
+            "data": row.body,
+        }
+        print(
+            json.dumps(fields, ensure_ascii=False)
+            if args.json
+            else "\t".join(str(value) for value in fields.values())
+        )
+
+
+async def _cancel_delayed(config: Config, args: argparse.Namespace) -> None:
+    message_id = validate.delivery_id(args.id)  # checked in main already: normalises it
+    async with aio.open_loop(lambda: None):
+        db = await store.open_store(config.postgres, config.amqp.reconnect_window_seconds)
+        try:
+            cancelled = await delay.cancel(db, message_id)
+        finally:
+            await db.close()
+    if not cancelled:
+        raise NothingToCancel(f"no pending delayed message {message_id}")
+    logger.info("cancelled delayed message %s", message_id)

@@ -123,6 +123,7 @@ class CronConfig:
     delay_publish_enabled: bool = _setting(True, BOOL)
     interval_seconds: float = _setting(1.0, _float(0.05, 3600))
     lock_ttl_seconds: int = _setting(1800, _int(1, 86400))
+    claim_seconds: float = _setting(60.0, _float(1, 3600))
 
 
 @dataclass(frozen=True)

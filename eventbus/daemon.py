@@ -131,12 +131,14 @@ class Daemon:
             (
                 "republish",
                 cfg.cron.republish_enabled,
-                Republisher(self.store, self.publisher, cfg.delivery, self.metrics).tick,
+                Republisher(
+                    self.store, self.publisher, cfg.delivery, self.metrics, cfg.cron.claim_seconds
+                ).tick,
             ),
             (
                 "delay",
                 cfg.cron.delay_publish_enabled,
-                Dispatcher(self.store, self.publisher, self.metrics).tick,
+                Dispatcher(self.store, self.publisher, self.metrics, cfg.cron.claim_seconds).tick,
             ),
         ]
         for name, enabled, job in jobs:

@@ -26,7 +26,6 @@ from .store import Store
 logger = logging.getLogger(__name__)
 
 BATCH = 2000
-CLAIM_SECONDS = 60.0
 
 INSERT = """
 INSERT INTO delayed_messages (id, kind, target, body, due_at, ttl_seconds)
@@ -58,8 +57,11 @@ async def write(store: Store, messages: Sequence[DelayedMessage]) -> list[tuple[
     return []
 
 
-async def claim_due(store: Store, token: str, limit: int) -> list[DelayedMessage]:
-    rows = await store.fetch(CLAIM, token, limit, CLAIM_SECONDS)
+async def claim_due(
+    store: Store, token: str, limit: int, claim_seconds: float
+) -> list[DelayedMessage]:
+    """Claim up to limit due delayed messages for claim_seconds, soonest first."""
+    rows = await store.fetch(CLAIM, token, limit, claim_seconds)
     return [
         DelayedMessage(
             str(r["id"]),
@@ -76,7 +78,10 @@ async def claim_due(store: Store, token: str, limit: int) -> list[DelayedMessage
 class Dispatcher:
     """One node's delay job; several nodes may run it, row claims keep them apart."""
 
-    def __init__(self, store: Store, publisher: Publisher, metrics: Metrics) -> None:
+    def __init__(
+        self, store: Store, publisher: Publisher, metrics: Metrics, claim_seconds: float
+    ) -> None:
+        self._claim_seconds = claim_seconds
         self._store = store
         self._publisher = publisher
         self._metrics = metrics
@@ -88,7 +93,7 @@ class Dispatcher:
 
     async def _move_batch(self) -> int:
         token = str(uuid.uuid4())
-        due = await claim_due(self._store, token, BATCH)
+        due = await claim_due(self._store, token, BATCH, self._claim_seconds)
         if not due:
             return 0
         now = time.time()

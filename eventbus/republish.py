@@ -24,7 +24,6 @@ from .store import Store
 logger = logging.getLogger(__name__)
 
 BATCH = 1000
-CLAIM_SECONDS = 60.0
 CLEAN_EVERY_SECONDS = 30.0
 CLEAN_LIMIT = 10_000
 KEEP_DONE_SECONDS = 24 * 3600.0
@@ -61,13 +60,19 @@ class Republisher:
     """One node's republish job; several nodes may run it, row claims keep them apart."""
 
     def __init__(
-        self, store: Store, publisher: Publisher, config: DeliveryConfig, metrics: Metrics
+        self,
+        store: Store,
+        publisher: Publisher,
+        config: DeliveryConfig,
+        metrics: Metrics,
+        claim_seconds: float,
     ) -> None:
         self._store = store
         self._publisher = publisher
         self._config = config
         self._metrics = metrics
         self._last_clean = 0.0
+        self._claim_seconds = claim_seconds
 
     async def tick(self) -> None:
         """Move every due delivery, batch by batch; now and then forget finished ones."""
@@ -79,9 +84,8 @@ class Republisher:
 
     async def _move_batch(self) -> int:
         token = ledger.new_token()
-        due = await ledger.claim_due(
-            self._store, token, BATCH, self._config.nack_redelivery_delay_seconds, CLAIM_SECONDS
-        )
+        nack_delay = self._config.nack_redelivery_delay_seconds
+        due = await ledger.claim_due(self._store, token, BATCH, nack_delay, self._claim_seconds)
         if not due:
             return 0
         now = time.time()

@@ -17,8 +17,9 @@ class BusClient:
         )
         self.service = service
 
-    def _call(self, method: str, request: Any, reply: Any, timeout: float,
-              service: str | None = None) -> Any:
+    def _call(
+        self, method: str, request: Any, reply: Any, timeout: float, service: str | None = None
+    ) -> Any:
         call = self.channel.unary_unary(
             f"/{service or self.service}/{method}",
             request_serializer=type(request).SerializeToString,
@@ -50,29 +51,35 @@ class BusClient:
     def nack(self, delivery_id: str, timeout: float = 10) -> None:
         self._call("nack", mq_pb2.QueueId(id=delivery_id), Empty, timeout)
 
-    def delay_publish(self, queue: str, data: str, delay: int, ttl: int = 0,
-                      timeout: float = 10) -> None:
-        request = mq_pb2.DelayPublishRequest(queue=queue, data=data, delaySeconds=delay,
-                                             ExpirationSeconds=ttl)
+    def delay_publish(
+        self, queue: str, data: str, delay: int, ttl: int = 0, timeout: float = 10
+    ) -> None:
+        request = mq_pb2.DelayPublishRequest(
+            queue=queue, data=data, delaySeconds=delay, ExpirationSeconds=ttl
+        )
         self._call("delayPublish", request, Empty, timeout, "mq.Mq")
 
     def topic_publish(self, topic: str, data: str, ttl: int = 0, timeout: float = 10) -> None:
         request = mq_pb2.TopicPublishRequest(topic=topic, data=data, ExpirationSeconds=ttl)
         self._call("publish", request, Empty, timeout, "mq.MqTopic")
 
-    def topic_delay_publish(self, topic: str, data: str, delay: int, ttl: int = 0,
-                            timeout: float = 10) -> None:
-        request = mq_pb2.DelayTopicPublishRequest(topic=topic, data=data, delaySeconds=delay,
-                                                  ExpirationSeconds=ttl)
+    def topic_delay_publish(
+        self, topic: str, data: str, delay: int, ttl: int = 0, timeout: float = 10
+    ) -> None:
+        request = mq_pb2.DelayTopicPublishRequest(
+            topic=topic, data=data, delaySeconds=delay, ExpirationSeconds=ttl
+        )
         self._call("delayPublish", request, Empty, timeout, "mq.MqTopic")
 
-    def topic_subscribe(self, topic: str, queue: str, timeout: float = 10
-                        ) -> mq_pb2.SubscribeResponse:
+    def topic_subscribe(
+        self, topic: str, queue: str, timeout: float = 10
+    ) -> mq_pb2.SubscribeResponse:
         request = mq_pb2.TopicSubscribeRequest(topic=topic, queueName=queue)
         return self._call("subscribe", request, mq_pb2.SubscribeResponse, timeout, "mq.MqTopic")
 
-    def try_topic_subscribe(self, topic: str, queue: str, timeout: float
-                            ) -> mq_pb2.SubscribeResponse | None:
+    def try_topic_subscribe(
+        self, topic: str, queue: str, timeout: float
+    ) -> mq_pb2.SubscribeResponse | None:
         try:
             return self.topic_subscribe(topic, queue, timeout)
         except grpc.RpcError as error:
