@@ -138,8 +138,8 @@ def _past() -> Any:
     return datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=1)
 
 
-async def count_and_drain(url: str, queue: str, expected: int, timeout: float) -> Counter[str]:
-    """Consume queue straight from RabbitMQ until `expected` distinct bodies or timeout."""
+async def count_and_drain(url: str, queue: str, expected: int, patience: float) -> Counter[str]:
+    """Consume queue straight from RabbitMQ until `expected` distinct bodies, or patience s."""
     seen: Counter[str] = Counter()
     connection = await aio_pika.connect(url)
     try:
@@ -148,7 +148,7 @@ async def count_and_drain(url: str, queue: str, expected: int, timeout: float) -
         source = await channel.declare_queue(queue, durable=True)
         arrived: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
         await source.consume(arrived.put)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + patience
         while len(seen) < expected and time.monotonic() < deadline:
             try:
                 message = await asyncio.wait_for(arrived.get(), 2)
@@ -189,6 +189,6 @@ def test_a_node_killed_in_the_middle_of_a_dispatch_batch_loses_nothing(
     assert 0 < moved_before_kill < count
 
     started(make_daemon, **takeover)  # takes over: lock TTL, then the dead node's claims expire
-    seen = asyncio.run(count_and_drain(backends.amqp_url, "killed", count, timeout=90))
+    seen = asyncio.run(count_and_drain(backends.amqp_url, "killed", count, patience=90))
     assert len(seen) == count  # nothing lost; a message published twice is allowed
     assert sum(seen.values()) - count <= 2000  # at most the one interrupted batch again
