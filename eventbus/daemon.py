@@ -138,7 +138,13 @@ class Daemon:
             (
                 "delay",
                 cfg.cron.delay_publish_enabled,
-                Dispatcher(self.store, self.publisher, self.metrics, cfg.cron.claim_seconds).tick,
+                Dispatcher(
+                    self.store,
+                    self.publisher,
+                    self.metrics,
+                    cfg.cron.claim_seconds,
+                    cfg.cron.interval_seconds,
+                ).tick,
             ),
         ]
         for name, enabled, job in jobs:

@@ -35,15 +35,28 @@ FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::bi
 ON CONFLICT (id) DO NOTHING
 """
 
+# Rows that fell due within the last $4 seconds go first, so a backlog (a node was down) does
+# not make messages late that fall due while it drains; the backlog fills the rest, oldest first.
 CLAIM = """
-UPDATE delayed_messages d
-SET claim_token = $1, claimed_until = now() + make_interval(secs => $3)
-WHERE d.id IN (
+WITH fresh AS (
     SELECT id FROM delayed_messages
-    WHERE due_at <= now() AND (claimed_until IS NULL OR claimed_until < now())
+    WHERE due_at <= now() AND due_at > now() - make_interval(secs => $4)
+      AND (claimed_until IS NULL OR claimed_until < now())
     ORDER BY due_at
     LIMIT $2
-    FOR UPDATE SKIP LOCKED)
+    FOR UPDATE SKIP LOCKED
+), backlog AS (
+    SELECT id FROM delayed_messages
+    WHERE due_at <= now() - make_interval(secs => $4)
+      AND (claimed_until IS NULL OR claimed_until < now())
+    ORDER BY due_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE delayed_messages d
+SET claim_token = $1, claimed_until = now() + make_interval(secs => $3)
+WHERE d.id IN (SELECT id FROM fresh UNION ALL
+               (SELECT id FROM backlog LIMIT greatest(0, $2 - (SELECT count(*) FROM fresh))))
 RETURNING d.id, d.kind, d.target, d.body, extract(epoch FROM d.due_at) AS due_at, d.ttl_seconds
 """
 
@@ -58,10 +71,11 @@ async def write(store: Store, messages: Sequence[DelayedMessage]) -> list[tuple[
 
 
 async def claim_due(
-    store: Store, token: str, limit: int, claim_seconds: float
+    store: Store, token: str, limit: int, claim_seconds: float, fresh_seconds: float
 ) -> list[DelayedMessage]:
-    """Claim up to limit due delayed messages for claim_seconds, soonest first."""
-    rows = await store.fetch(CLAIM, token, limit, claim_seconds)
+    """Claim up to limit due delayed messages for claim_seconds: those due within the last
+    fresh_seconds first, then the oldest."""
+    rows = await store.fetch(CLAIM, token, limit, claim_seconds, fresh_seconds)
     return [
         DelayedMessage(
             str(r["id"]),
@@ -79,9 +93,15 @@ class Dispatcher:
     """One node's delay job; several nodes may run it, row claims keep them apart."""
 
     def __init__(
-        self, store: Store, publisher: Publisher, metrics: Metrics, claim_seconds: float
+        self,
+        store: Store,
+        publisher: Publisher,
+        metrics: Metrics,
+        claim_seconds: float,
+        interval: float,
     ) -> None:
         self._claim_seconds = claim_seconds
+        self._fresh_seconds = max(2.0, 3 * interval)
         self._store = store
         self._publisher = publisher
         self._metrics = metrics
@@ -93,7 +113,7 @@ class Dispatcher:
 
     async def _move_batch(self) -> int:
         token = str(uuid.uuid4())
-        due = await claim_due(self._store, token, BATCH, self._claim_seconds)
+        due = await claim_due(self._store, token, BATCH, self._claim_seconds, self._fresh_seconds)
         if not due:
             return 0
         now = time.time()
