@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import aio_pika
 
 ROOT = Path(__file__).resolve().parent.parent
+DAEMON_LOG = Path(tempfile.gettempdir()) / "eventbus-bench-daemon.log"  # kept for a look after
 sys.path.insert(0, str(ROOT))
 
 from tests import servers  # noqa: E402
@@ -128,11 +131,14 @@ def start_daemon(url: str, dsn: str, prefix: str, tmp: Path) -> tuple[subprocess
                 "amqp": {"url": url, "namespace": "bench"},
                 "postgres": {"dsn": dsn},
                 "redis": {"key_prefix": prefix},
-                "log": {"level": "warning"},
+                "log": {"level": os.environ.get("EVENTBUS_BENCH_LOG", "warning")},
             }
         )
     )
-    daemon = subprocess.Popen([sys.executable, "-m", "eventbus", "serve", "--config", str(config)])
+    log = open(DAEMON_LOG, "wb")  # noqa: SIM115 (lives as long as the daemon)
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "eventbus", "serve", "--config", str(config)], stderr=log
+    )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -147,8 +153,6 @@ def start_daemon(url: str, dsn: str, prefix: str, tmp: Path) -> tuple[subprocess
 
 
 def main(seconds: float, concurrency: int) -> None:
-    import tempfile
-
     vhost = servers.unique_name("eventbus_bench")
     database = servers.unique_name("eventbus_bench")
     prefix = servers.unique_name("eventbus_bench") + ":"

@@ -113,6 +113,7 @@ class Dispatcher:
 
     async def _move_batch(self) -> int:
         token = str(uuid.uuid4())
+        started = time.time()
         due = await claim_due(self._store, token, BATCH, self._claim_seconds, self._fresh_seconds)
         if not due:
             return 0
@@ -121,7 +122,15 @@ class Dispatcher:
             ((m.kind, m.target), m.envelope(now).to_amqp(now)) for m in due
         ]
         await self._publisher.to_targets(messages)
+        published = time.time()
         await self._store.execute(FORGET, token, [m.id for m in due])
+        logger.debug(
+            "delay: moved %d (claim %.3f s, publish %.3f s, forget %.3f s)",
+            len(due),
+            now - started,
+            published - now,
+            time.time() - published,
+        )
         for message in due:
             self._metrics.delay_dispatched.labels(message.target).inc()
             self._metrics.delay_lateness.observe(max(0.0, now - message.due_at))

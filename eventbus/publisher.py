@@ -12,12 +12,14 @@ import asyncio
 import itertools
 import logging
 from collections.abc import Awaitable, Iterator, Sequence
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import aio_pika
 import aio_pika.abc
 import aio_pika.exceptions
+import aiormq
 import aiormq.exceptions
+from pamqp.commands import Basic
 
 from . import aio
 from .broker import BROKER_ERRORS, Broker
@@ -87,31 +89,44 @@ class Publisher:
 
     async def publish(self, queue: str, message: aio_pika.Message) -> None:
         """(asyncio side) Publish to queue, declaring it once, and wait for the confirm."""
-        await self.declare(queue)
-        channel = await self._pool(queue).get()
-        try:
-            await self._confirm(channel.default_exchange, queue, message, mandatory=True)
-        except aio_pika.exceptions.PublishError:
-            # Unroutable: the queue was deleted behind our back. Declare it again, once.
-            self._declared.discard(("queue", queue))
-            await self.declare(queue)
-            await self._confirm(channel.default_exchange, queue, message, mandatory=True)
+        await self.publish_to(("queue", queue), message)
 
     async def publish_topic(self, topic: str, message: aio_pika.Message) -> None:
         """(asyncio side) Publish to a topic exchange and wait for the confirm. Every queue
         bound to it gets the message; with none bound it goes nowhere, as pub/sub has it."""
-        await self.declare_topic(topic)
-        channel = await self._pool(topic).get()
-        exchange = await channel.get_exchange(topic, ensure=False)
-        await self._confirm(exchange, topic, message, mandatory=False)
+        await self.publish_to(("topic", topic), message)
 
     async def publish_to(self, target: Target, message: aio_pika.Message) -> None:
-        """(asyncio side) Publish to ("queue", name) or ("topic", name)."""
+        """(asyncio side) Publish to ("queue", name) or ("topic", name) and wait for the
+        confirm. A message RabbitMQ returns as unroutable (its queue was deleted behind our
+        back) is declared and published once more."""
+        try:
+            await _bounded(f"publishing to {target[1]!r}", self._confirm(target, message))
+        except Returned:
+            self._declared.discard(target)
+            await _bounded(f"publishing to {target[1]!r}", self._confirm(target, message))
+
+    async def _confirm(self, target: Target, message: aio_pika.Message) -> None:
+        """Publish on the target's channel and wait for RabbitMQ's confirm. aiormq is called
+        with wait=False: its default holds the channel lock until the frame is written, which
+        serialises every publish of a channel."""
         kind, name = target
         if kind == "topic":
-            await self.publish_topic(name, message)
+            await self.declare_topic(name)
         else:
-            await self.publish(name, message)
+            await self.declare(name)
+        pooled = await self._pool(name).get()
+        channel = cast(aiormq.Channel, await pooled.get_underlay_channel())
+        confirmation = await channel.basic_publish(
+            message.body,
+            exchange=name if kind == "topic" else "",
+            routing_key=name,
+            properties=message.properties,
+            mandatory=kind == "queue",
+            wait=False,
+        )
+        if not isinstance(confirmation, Basic.Ack):
+            raise Returned(name)
 
     async def declare(self, queue: str) -> None:
         """(asyncio side) Declare a durable queue once per connection."""
@@ -149,17 +164,6 @@ class Publisher:
             self._declared_generation = self._broker.generation
         return declaration in self._declared
 
-    async def _confirm(
-        self,
-        exchange: aio_pika.abc.AbstractExchange,
-        routing_key: str,
-        message: aio_pika.Message,
-        *,
-        mandatory: bool,
-    ) -> None:
-        publishing = exchange.publish(message, routing_key=routing_key, mandatory=mandatory)
-        await _bounded(f"publishing to {routing_key!r}", publishing)
-
     async def message_count(self, queue: str) -> int:
         """(asyncio side) How many messages wait in an existing queue."""
         channel = await self._pool(queue).get()
@@ -182,20 +186,25 @@ class Publisher:
         await aio.call(self.declare, queue)
 
     async def _publish_all(self, messages: Sequence[tuple[Target, aio_pika.Message]]) -> None:
+        """(asyncio side) Publish every message at once; returns when all are confirmed."""
         await asyncio.gather(*(self.publish_to(target, message) for target, message in messages))
 
 
-async def _bounded(what: str, call: Awaitable[T]) -> T:
-    """(asyncio side) Await a broker call under PUBLISH_TIMEOUT; broker failures become
+class Returned(Exception):
+    """RabbitMQ returned a mandatory message: no queue of that name (any more)."""
+
+
+async def _bounded(what: str, call: Awaitable[T], seconds: float = PUBLISH_TIMEOUT) -> T:
+    """(asyncio side) Await a broker call for at most seconds; broker failures become
     Unavailable, a refusal by RabbitMQ itself FailedPrecondition."""
     try:
-        async with asyncio.timeout(PUBLISH_TIMEOUT):
+        async with asyncio.timeout(seconds):
             return await call
-    except aio_pika.exceptions.PublishError:
+    except Returned:
         raise
     except aiormq.exceptions.ChannelPreconditionFailed as error:
         raise FailedPrecondition(f"RabbitMQ refused {what}: {describe(error)}") from None
     except TimeoutError:
-        raise Unavailable(f"RabbitMQ did not confirm {what} within {PUBLISH_TIMEOUT:g} s") from None
+        raise Unavailable(f"RabbitMQ did not confirm {what} within {seconds:g} s") from None
     except BROKER_ERRORS as error:
         raise Unavailable(f"RabbitMQ is unavailable ({what}): {describe(error)}") from None

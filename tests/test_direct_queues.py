@@ -282,3 +282,25 @@ def test_stats_count_per_queue(bus: tuple[Any, BusClient]) -> None:
         time.sleep(0.3)
     assert counted["published"] == 3 and counted["delivered"] >= 2
     assert "eventbus_background_backlog" in daemon.http_get("/metrics")[1]
+
+
+def test_a_queue_deleted_behind_the_bus_is_declared_again(
+    bus: tuple[Any, BusClient], backends: Any
+) -> None:
+    import asyncio
+
+    import aio_pika
+
+    _, client = bus
+    client.publish("ephemeral", "first")
+    assert client.subscribe("ephemeral").data == "first"
+
+    async def delete_queue() -> None:
+        connection = await aio_pika.connect(backends.amqp_url)
+        channel = await connection.channel()
+        await channel.queue_delete("ephemeral")
+        await connection.close()
+
+    asyncio.run(delete_queue())
+    client.publish("ephemeral", "second")  # returned as unroutable, declared, published again
+    assert client.subscribe("ephemeral", timeout=5).data == "second"
