@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import os
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -27,8 +27,7 @@ import asyncpg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_direct import aio_pika_rates, start_daemon  # noqa: E402
-from tests import servers  # noqa: E402
+from bench.bench_direct import aio_pika_rates, bench_backends, running_daemon  # noqa: E402
 
 PROBE_START = 8.0  # seconds after loading ends
 PROBE_SPREAD = 20.0
@@ -107,33 +106,20 @@ def percentile(values: list[float], share: float) -> float:
 
 
 def main(total: int, backlog: int, probes: int) -> None:
-    vhost, database = servers.unique_name("eventbus_bench"), servers.unique_name("eventbus_bench")
-    prefix = servers.unique_name("eventbus_bench") + ":"
-    url, dsn = servers.create_vhost(vhost), servers.create_database(database)
-    try:
+    with bench_backends() as (url, dsn, prefix):
         raw = asyncio.run(aio_pika_rates(url, 10, 64))["publish"]
-        with tempfile.TemporaryDirectory() as tmp:
-            config = Path(tmp) / "migrate.toml"
-            config.write_text(f'[postgres]\ndsn = "{dsn}"\n')
-            subprocess.run(
-                [sys.executable, "-m", "eventbus", "migrate", "--config", str(config)],
-                check=True,
-                capture_output=True,
-            )
-            loading = time.monotonic()
-            asyncio.run(load(dsn, total, backlog, probes))
-            load_seconds = time.monotonic() - loading
-            daemon, _ = start_daemon(url, dsn, prefix, Path(tmp))
+        subprocess.run(
+            [sys.executable, "-m", "eventbus", "migrate", "--config", str(ROOT / "config.toml")],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "EVENTBUS_POSTGRES__DSN": dsn},
+        )
+        loading = time.monotonic()
+        asyncio.run(load(dsn, total, backlog, probes))
+        load_seconds = time.monotonic() - loading
+        with running_daemon(url, dsn, prefix):
             started = time.time()
-            try:
-                seen = asyncio.run(watch(url, backlog, probes, patience=300))
-            finally:
-                daemon.terminate()
-                daemon.wait(30)
-    finally:
-        servers.delete_vhost(vhost)
-        servers.drop_database(database)
-        servers.delete_redis_keys(prefix)
+            seen = asyncio.run(watch(url, backlog, probes, patience=300))
     report(total, backlog, probes, raw, load_seconds, started, seen)
 
 

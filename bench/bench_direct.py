@@ -9,12 +9,14 @@ vhost and a database of its own and removes both afterwards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import aio_pika
@@ -152,29 +154,41 @@ def start_daemon(url: str, dsn: str, prefix: str, tmp: Path) -> tuple[subprocess
     raise SystemExit("the daemon did not become ready")
 
 
-def main(seconds: float, concurrency: int) -> None:
-    vhost = servers.unique_name("eventbus_bench")
-    database = servers.unique_name("eventbus_bench")
+@contextlib.contextmanager
+def bench_backends() -> Iterator[tuple[str, str, str]]:
+    """A RabbitMQ vhost, a database and a Redis prefix of the run's own, removed afterwards:
+    yields (amqp url, postgres dsn, redis prefix)."""
+    vhost, database = servers.unique_name("eventbus_bench"), servers.unique_name("eventbus_bench")
     prefix = servers.unique_name("eventbus_bench") + ":"
-    url = servers.create_vhost(vhost)
-    dsn = servers.create_database(database)
     try:
-        noop = server_publish_rate("noop_server.py", [], seconds, concurrency, "noop")
-        relay = server_publish_rate("relay_server.py", [url], seconds, concurrency, "relay")
-        raw = asyncio.run(aio_pika_rates(url, seconds, concurrency))
-        with tempfile.TemporaryDirectory() as tmp:
-            daemon, port = start_daemon(url, dsn, prefix, Path(tmp))
-            try:
-                address = f"127.0.0.1:{port}"
-                publish = run_load(address, "publish", seconds, concurrency, "bench-publish")
-                trip = run_load(address, "roundtrip", seconds, concurrency, "bench-roundtrip")
-            finally:
-                daemon.terminate()
-                daemon.wait(30)
+        yield servers.create_vhost(vhost), servers.create_database(database), prefix
     finally:
         servers.delete_vhost(vhost)
         servers.drop_database(database)
         servers.delete_redis_keys(prefix)
+
+
+@contextlib.contextmanager
+def running_daemon(url: str, dsn: str, prefix: str) -> Iterator[int]:
+    """A daemon on those backends for the duration; yields its gRPC port."""
+    with tempfile.TemporaryDirectory() as tmp:
+        daemon, port = start_daemon(url, dsn, prefix, Path(tmp))
+        try:
+            yield port
+        finally:
+            daemon.terminate()
+            daemon.wait(30)
+
+
+def main(seconds: float, concurrency: int) -> None:
+    with bench_backends() as (url, dsn, prefix):
+        noop = server_publish_rate("noop_server.py", [], seconds, concurrency, "noop")
+        relay = server_publish_rate("relay_server.py", [url], seconds, concurrency, "relay")
+        raw = asyncio.run(aio_pika_rates(url, seconds, concurrency))
+        with running_daemon(url, dsn, prefix) as port:
+            address = f"127.0.0.1:{port}"
+            publish = run_load(address, "publish", seconds, concurrency, "bench-publish")
+            trip = run_load(address, "roundtrip", seconds, concurrency, "bench-roundtrip")
     report(noop, relay, raw, publish, trip, seconds, concurrency)
 
 

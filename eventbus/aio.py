@@ -31,15 +31,6 @@ async def call(fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs)
     return await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)  # type: ignore[no-any-return]
 
 
-async def wait(awaitable: Awaitable[T]) -> T:
-    """Wait from trio for an asyncio future or coroutine object."""
-
-    async def waiter() -> T:
-        return await awaitable
-
-    return await call(waiter)
-
-
 def run_trio(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     """Wrap a trio async function so that asyncio code (grpclib handlers) can await it."""
     return trio_asyncio.trio_as_aio(fn)  # type: ignore[no-any-return]

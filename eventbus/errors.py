@@ -33,13 +33,5 @@ class Unavailable(CallError):
     status = Status.UNAVAILABLE
 
 
-class ResourceExhausted(CallError):
-    status = Status.RESOURCE_EXHAUSTED
-
-
 class FailedPrecondition(CallError):
     status = Status.FAILED_PRECONDITION
-
-
-class NotImplementedYet(CallError):
-    status = Status.UNIMPLEMENTED

@@ -43,12 +43,24 @@ def _reply(record: DeliveryRecord) -> mq_pb2.SubscribeResponse:
     return mq_pb2.SubscribeResponse(id=record.id, data=record.body, queue=record.queue)
 
 
-class MqService(mq_grpc.MqBase):
-    """Direct queues."""
+class _Service:
+    """What both services share: the gate, the delivery logic, ack and nack."""
 
     def __init__(self, gate: Gate, delivery: Delivery) -> None:
         self._gate = gate
         self._delivery = delivery
+
+    async def _ack(self, request: mq_pb2.QueueId) -> Empty:
+        await self._delivery.ack(request.id)
+        return EMPTY
+
+    async def _nack(self, request: mq_pb2.QueueId) -> Empty:
+        await self._delivery.nack(request.id)
+        return EMPTY
+
+
+class MqService(_Service, mq_grpc.MqBase):
+    """Direct queues."""
 
     async def publish(self, stream: Any) -> None:
         await self._gate.unary(stream, "mq.Mq/publish", self._publish)
@@ -78,21 +90,9 @@ class MqService(mq_grpc.MqBase):
     async def _subscribe(self, request: mq_pb2.SubscribeRequest) -> mq_pb2.SubscribeResponse:
         return _reply(await self._delivery.subscribe(request.queue))
 
-    async def _ack(self, request: mq_pb2.QueueId) -> Empty:
-        await self._delivery.ack(request.id)
-        return EMPTY
 
-    async def _nack(self, request: mq_pb2.QueueId) -> Empty:
-        await self._delivery.nack(request.id)
-        return EMPTY
-
-
-class MqTopicService(mq_grpc.MqTopicBase):
+class MqTopicService(_Service, mq_grpc.MqTopicBase):
     """Topic exchanges with a queue per subscriber group."""
-
-    def __init__(self, gate: Gate, delivery: Delivery) -> None:
-        self._gate = gate
-        self._delivery = delivery
 
     async def publish(self, stream: Any) -> None:
         await self._gate.unary(stream, "mq.MqTopic/publish", self._publish)
@@ -121,11 +121,3 @@ class MqTopicService(mq_grpc.MqTopicBase):
 
     async def _subscribe(self, request: mq_pb2.TopicSubscribeRequest) -> mq_pb2.SubscribeResponse:
         return _reply(await self._delivery.subscribe_topic(request.topic, request.queueName))
-
-    async def _ack(self, request: mq_pb2.QueueId) -> Empty:
-        await self._delivery.ack(request.id)
-        return EMPTY
-
-    async def _nack(self, request: mq_pb2.QueueId) -> Empty:
-        await self._delivery.nack(request.id)
-        return EMPTY
