@@ -114,6 +114,7 @@ class QueueConsumer:
         self._idle_seconds = config.consumer_idle_seconds
         self._metrics = metrics
         self._last_demand = time.monotonic()
+        self._interrupted: str | None = None
         self.stopped = False
 
     async def take(self) -> Buffered:
@@ -158,7 +159,17 @@ class QueueConsumer:
         with trio.fail_after(SETTLE_TIMEOUT):
             queue = await aio.call(channel.amqp.declare_queue, self.queue, durable=True)
             await aio.call(queue.consume, self._on_message)
+            underlay = await aio.call(channel.amqp.get_underlay_channel)
+        underlay.on_consumer_cancel_callbacks.add(self._on_cancelled_by_broker)
         return channel
+
+    def _on_cancelled_by_broker(self, _frame: object) -> None:
+        # asyncio side: RabbitMQ cancelled a consumer (its queue was deleted, say).
+        self.interrupt("consumer cancelled by RabbitMQ")
+
+    def interrupt(self, reason: str) -> None:
+        """End the current session soon; the next one declares and consumes again."""
+        self._interrupted = reason
 
     async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         # asyncio side (one task per message, made by aio-pika): hand over to the trio buffer.
@@ -166,9 +177,13 @@ class QueueConsumer:
 
     async def _watch(self, channels: list[Channel]) -> None:
         """Return when idle or when a channel dies; meanwhile give back what was held too long."""
+        self._interrupted = None
         while not self._idle():
             if any(c.amqp.is_closed or c.generation != self.broker.generation for c in channels):
                 logger.info("consumer %s: channel lost", self.queue)
+                return
+            if self._interrupted:
+                logger.info("consumer %s: %s", self.queue, self._interrupted)
                 return
             for item in self.buffer.take_older_than(time.monotonic() - self._hold_seconds):
                 await aio.call(settle, item.message, ack=False)
