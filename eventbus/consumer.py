@@ -29,7 +29,7 @@ from .retry import describe
 
 logger = logging.getLogger(__name__)
 
-SWEEP_SECONDS = 1.0
+SWEEP_SECONDS = 0.25
 SETTLE_TIMEOUT = 5.0
 SETTLE_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, *BROKER_ERRORS)
 SESSION_ERRORS: tuple[type[BaseException], ...] = (Unavailable, trio.TooSlowError, *BROKER_ERRORS)
@@ -48,6 +48,7 @@ class Buffer:
     def __init__(self) -> None:
         self._items: deque[Buffered] = deque()
         self._waiters: deque[asyncio.Future[Buffered]] = deque()
+        self._waiting_since = 0.0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -56,6 +57,12 @@ class Buffer:
     def waiting(self) -> int:
         """How many takers wait for a message now."""
         return sum(1 for waiter in self._waiters if not waiter.done())
+
+    @property
+    def waiting_since(self) -> float | None:
+        """Since when (time.monotonic) takers have been waiting without a break; None when
+        nobody waits."""
+        return self._waiting_since if self.waiting else None
 
     def put(self, item: Buffered) -> None:
         if not self._hand_to_waiter(item):
@@ -78,6 +85,8 @@ class Buffer:
         """(asyncio side) The oldest item; waits until there is one."""
         if self._items:
             return self._items.popleft()
+        if not self.waiting:
+            self._waiting_since = time.monotonic()
         waiter: asyncio.Future[Buffered] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
@@ -115,6 +124,7 @@ class QueueConsumer:
         self._metrics = metrics
         self._last_demand = time.monotonic()
         self._interrupted: str | None = None
+        self._paused_until = 0.0  # trio time
         self.stopped = False
 
     async def take(self) -> Buffered:
@@ -132,6 +142,7 @@ class QueueConsumer:
         task_status.started()
         try:
             while not self._idle():
+                await trio.sleep_until(self._paused_until)
                 await self.broker.wait_connected()
                 try:
                     await self._session()
@@ -170,6 +181,12 @@ class QueueConsumer:
     def interrupt(self, reason: str) -> None:
         """End the current session soon; the next one declares and consumes again."""
         self._interrupted = reason
+
+    def release(self, reason: str, pause: float) -> None:
+        """Hand every prefetched message back to RabbitMQ (the session ends, its channels
+        close) and consume again only after pause seconds, so other nodes get them."""
+        self._paused_until = trio.current_time() + pause
+        self.interrupt(reason)
 
     async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         # asyncio side (one task per message, made by aio-pika): hand over to the trio buffer.
@@ -243,6 +260,13 @@ class Consumers:
                 return await consumer.take()
             except ConsumerStopped:
                 continue
+
+    def running(self) -> list[QueueConsumer]:
+        return [c for c in self._running.values() if not c.stopped]
+
+    def get(self, queue: str) -> QueueConsumer | None:
+        consumer = self._running.get(queue)
+        return consumer if consumer is not None and not consumer.stopped else None
 
     def buffered(self) -> dict[str, int]:
         """Messages held in the local buffer, per queue."""

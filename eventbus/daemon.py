@@ -33,6 +33,7 @@ from .lock import RedisLock
 from .metrics import Metrics, label_values
 from .notify import Notifier
 from .publisher import Publisher
+from .rebalance import Rebalancer
 from .republish import Republisher
 from .retry import describe
 from .wire import MqService, MqTopicService, SizeLimitedCodec
@@ -153,6 +154,15 @@ class Daemon:
                 root.start_soon(
                     Cron(name, job, lock_, cfg.cron.interval_seconds, cfg.cron.lock_ttl_seconds).run
                 )
+        rebalancer = Rebalancer(
+            self.node,
+            self.broker,
+            self.publisher,
+            self.consumers,
+            f"{cfg.amqp.namespace}.rebalance",
+            self.metrics,
+        )
+        root.start_soon(rebalancer.run)
         self.gauges = Gauges(
             self.metrics, self.store, self.publisher, self.consumers, internal.all()
         )

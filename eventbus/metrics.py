@@ -32,6 +32,7 @@ class Metrics:
     given_back: Counter
     delayed: Counter
     delay_dispatched: Counter
+    released: Counter
 
     def __init__(self, node: str) -> None:
         self.registry = CollectorRegistry()
@@ -71,6 +72,7 @@ class Metrics:
             "given_back": "Prefetched messages handed back to RabbitMQ after buffer_hold_seconds",
             "delayed": "Delayed messages accepted, by queue or topic",
             "delay_dispatched": "Delayed messages moved to their queue or topic when due",
+            "released": "Times this node handed a queue's prefetched messages to a starving node",
         }
         for name, text in per_queue.items():
             setattr(
