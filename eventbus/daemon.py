@@ -6,9 +6,12 @@ serve
     ├── PostgreSQL pool (migrations applied at start)
     ├── Redis client
     ├── RabbitMQ supervisor (reconnects within the window, else the daemon exits)
-    ├── gRPC server: mq.Mq, mq.MqTopic, health, reflection
-    ├── HTTP server: /healthz /readyz /metrics /stats
-    └── node registration, watchdog keep-alive
+    └── work nursery (stopped before the connections close)
+        ├── consumers per queue, bookkeeping workers, rebalance watcher
+        ├── crons: republish, delay (Redis lock per tick, row claims in PostgreSQL)
+        ├── gRPC server: mq.Mq, mq.MqTopic, health, reflection
+        ├── HTTP server: /healthz /readyz /metrics /stats
+        └── gauges, node registration, watchdog keep-alive
 """
 
 from __future__ import annotations
