@@ -12,7 +12,7 @@ import asyncio
 import itertools
 import logging
 from collections.abc import Awaitable, Iterator, Sequence
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import aio_pika
 import aio_pika.abc
@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PUBLISH_TIMEOUT = 5.0
+BULK_PER_DEADLINE = 5000  # a bulk publish gets PUBLISH_TIMEOUT more for each this many messages
 
 
 class ChannelPool:
@@ -51,6 +52,11 @@ class ChannelPool:
                 await self._refill()
         live = self._channels
         return live[next(self._turn) % len(live)]
+
+    async def underlays(self) -> list[aiormq.Channel]:
+        """Every channel of the pool, as aiormq channels (for the bulk path)."""
+        await self.get()
+        return [cast(aiormq.Channel, await c.get_underlay_channel()) for c in self._channels]
 
     def _live(self) -> list[aio_pika.abc.AbstractChannel]:
         return [c for c in self._channels if not c.is_closed]
@@ -107,26 +113,19 @@ class Publisher:
             await _bounded(f"publishing to {target[1]!r}", self._confirm(target, message))
 
     async def _confirm(self, target: Target, message: aio_pika.Message) -> None:
-        """Publish on the target's channel and wait for RabbitMQ's confirm. aiormq is called
-        with wait=False: its default holds the channel lock until the frame is written, which
-        serialises every publish of a channel."""
+        """Publish on one of the target's channels and wait for RabbitMQ's confirm."""
+        await self._declare_target(target)
+        pooled = await self._pool(target[1]).get()
+        channel = cast(aiormq.Channel, await pooled.get_underlay_channel())
+        if not isinstance(await _send(channel, target, message), Basic.Ack):
+            raise Returned(target[1])
+
+    async def _declare_target(self, target: Target) -> None:
         kind, name = target
         if kind == "topic":
             await self.declare_topic(name)
         else:
             await self.declare(name)
-        pooled = await self._pool(name).get()
-        channel = cast(aiormq.Channel, await pooled.get_underlay_channel())
-        confirmation = await channel.basic_publish(
-            message.body,
-            exchange=name if kind == "topic" else "",
-            routing_key=name,
-            properties=message.properties,
-            mandatory=kind == "queue",
-            wait=False,
-        )
-        if not isinstance(confirmation, Basic.Ack):
-            raise Returned(name)
 
     async def declare(self, queue: str) -> None:
         """(asyncio side) Declare a durable queue once per connection."""
@@ -186,8 +185,47 @@ class Publisher:
         await aio.call(self.declare, queue)
 
     async def _publish_all(self, messages: Sequence[tuple[Target, aio_pika.Message]]) -> None:
-        """(asyncio side) Publish every message at once; returns when all are confirmed."""
-        await asyncio.gather(*(self.publish_to(target, message) for target, message in messages))
+        """(asyncio side) The bulk path: each target declared once, then every message sent at
+        once over its target's channels, under one deadline that grows with the batch. What
+        RabbitMQ returns as unroutable goes again through the single path (which re-declares)."""
+        channels: dict[Target, list[aiormq.Channel]] = {}
+        for target in dict.fromkeys(target for target, _ in messages):
+            await self._declare_target(target)
+            channels[target] = await self._pool(target[1]).underlays()
+        sending = [
+            _send(channels[target][i % len(channels[target])], target, message)
+            for i, (target, message) in enumerate(messages)
+        ]
+        seconds = PUBLISH_TIMEOUT * (1 + len(messages) // BULK_PER_DEADLINE)
+        results = await _bounded(
+            f"publishing {len(messages)} messages",
+            asyncio.gather(*sending, return_exceptions=True),
+            seconds,
+        )
+        for (target, message), result in zip(messages, results, strict=True):
+            if isinstance(result, BaseException):
+                await _bounded("publishing", _fail(result))
+            if not isinstance(result, Basic.Ack):
+                await self.publish_to(target, message)
+
+
+def _send(channel: aiormq.Channel, target: Target, message: aio_pika.Message) -> Awaitable[Any]:
+    """Publish on an aiormq channel; the awaitable resolves to RabbitMQ's confirm. wait=False:
+    aiormq's default holds the channel lock until the frame is written, which serialises every
+    publish of a channel."""
+    kind, name = target
+    return channel.basic_publish(
+        message.body,
+        exchange=name if kind == "topic" else "",
+        routing_key=name,
+        properties=message.properties,
+        mandatory=kind == "queue",
+        wait=False,
+    )
+
+
+async def _fail(error: BaseException) -> None:
+    raise error
 
 
 class Returned(Exception):

@@ -196,3 +196,44 @@ def test_daemon_killed_with_unacked_deliveries_loses_nothing(make_daemon: Any) -
     seen = drain(BusClient(second.grpc_address), "killed-holder", wait=6)
     assert set(seen) == {f"k{i}" for i in range(10)}
     assert held <= set(seen)
+
+
+@pytest.fixture
+def rabbitmq_restarted() -> Iterator[None]:
+    yield
+    if subprocess.run("rabbitmqctl -q status", shell=True, capture_output=True).returncode != 0:
+        run("rabbitmq-server -detached")
+    run("rabbitmqctl -q await_startup --timeout 120")
+
+
+def test_rabbitmq_killed_hard_during_traffic_loses_no_confirmed_message(
+    make_daemon: Any, rabbitmq_restarted: None
+) -> None:
+    daemon = make_daemon(
+        delivery={"ack_deadline_seconds": 5},
+        cron={"interval_seconds": 0.2},
+        amqp={"reconnect_window_seconds": 120},
+    )
+    daemon.wait_ready()
+    client = BusClient(daemon.grpc_address)
+    publisher = Publisher(client, "hard-kill")
+    publisher.start()
+    time.sleep(2)
+    run("pkill -9 -f beam.smp")
+    time.sleep(1)
+    run("rabbitmq-server -detached")
+    run("rabbitmqctl -q await_startup --timeout 120")
+    deadline = time.monotonic() + 60
+    while daemon.http_get("/readyz")[0] != 200:
+        assert time.monotonic() < deadline, daemon.log
+        time.sleep(0.5)
+    time.sleep(2)  # traffic again after the broker came back
+    publisher.stop.set()
+    publisher.join(30)
+    consumed = drain(client, "hard-kill", wait=3)
+
+    lost = set(publisher.confirmed) - set(consumed)
+    assert publisher.other_errors == []
+    assert publisher.failed > 0 and len(publisher.confirmed) > 50
+    assert lost == set(), f"lost {len(lost)}: {sorted(lost)[:10]}"
+    assert set(consumed) <= {f"n{i}" for i in range(1, publisher.attempted + 1)}
