@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import subprocess
+import time
 import uuid
 
 import asyncpg
@@ -39,6 +40,19 @@ def create_vhost(name: str) -> str:
     rabbitmqctl("add_vhost", name)
     rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
     return f"amqp://guest:guest@{AMQP_HOST}/{name}"
+
+
+def start_rabbitmq_if_down(patience: float = 180) -> None:
+    """Start the local RabbitMQ node when it does not answer, and wait until it has booted."""
+    ping = ["rabbitmqctl", "-q", "ping"]
+    if subprocess.run(ping, capture_output=True, timeout=60).returncode != 0:
+        subprocess.run(["rabbitmq-server", "-detached"], check=True, timeout=60)
+    deadline = time.monotonic() + patience
+    while subprocess.run(ping, capture_output=True, timeout=60).returncode != 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError("RabbitMQ did not come back")
+        time.sleep(1)
+    rabbitmqctl("await_startup", "--timeout", str(int(patience)))
 
 
 def delete_vhost(name: str) -> None:

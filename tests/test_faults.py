@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from tests.bus_client import BusClient
-from tests.servers import rabbitmqctl
+from tests.servers import rabbitmqctl, start_rabbitmq_if_down
 
 PG_VERSION = sorted(os.listdir("/etc/postgresql"))[-1] if os.path.isdir("/etc/postgresql") else ""
 REDIS_START = (
@@ -201,9 +201,7 @@ def test_daemon_killed_with_unacked_deliveries_loses_nothing(make_daemon: Any) -
 @pytest.fixture
 def rabbitmq_restarted() -> Iterator[None]:
     yield
-    if subprocess.run("rabbitmqctl -q status", shell=True, capture_output=True).returncode != 0:
-        run("rabbitmq-server -detached")
-    run("rabbitmqctl -q await_startup --timeout 120")
+    start_rabbitmq_if_down()
 
 
 def test_rabbitmq_killed_hard_during_traffic_loses_no_confirmed_message(
@@ -219,10 +217,9 @@ def test_rabbitmq_killed_hard_during_traffic_loses_no_confirmed_message(
     publisher = Publisher(client, "hard-kill")
     publisher.start()
     time.sleep(2)
-    run("pkill -9 -f beam.smp")
+    run("pkill -9 -x beam.smp")
     time.sleep(1)
-    run("rabbitmq-server -detached")
-    run("rabbitmqctl -q await_startup --timeout 120")
+    start_rabbitmq_if_down()
     deadline = time.monotonic() + 60
     while daemon.http_get("/readyz")[0] != 200:
         assert time.monotonic() < deadline, daemon.log
