@@ -22,7 +22,7 @@ from .delivery import InternalQueues
 from .envelope import DelayedMessage, DeliveryRecord, Settlement
 from .errors import Unavailable
 from .metrics import Metrics
-from .retry import describe
+from .retry import describe, keep_running
 from .store import Store
 
 logger = logging.getLogger(__name__)
@@ -60,15 +60,10 @@ class Worker(Generic[Item]):
 
     async def run(self) -> None:
         """Consume and write forever; a lost connection starts a new session on the next one."""
-        while True:
-            await self._broker.wait_connected()
-            try:
-                await self._session()
-            except SESSION_ERRORS as error:
-                logger.warning("bookkeeping %s: %s; starting again", self.queue, describe(error))
-                await trio.sleep(1)
+        await keep_running(f"bookkeeping {self.queue}", self._session, SESSION_ERRORS)
 
     async def _session(self) -> None:
+        await self._broker.wait_connected()
         prefetch = BATCH_SIZE * (self._writers + 1)
         send, receive = trio.open_memory_channel[aio_pika.abc.AbstractIncomingMessage](prefetch)
 

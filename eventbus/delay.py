@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,6 +16,7 @@ from typing import Any
 
 import aio_pika
 
+from . import ledger
 from .envelope import DelayedMessage
 from .ledger import columns
 from .metrics import Metrics
@@ -112,7 +112,7 @@ class Dispatcher:
             pass
 
     async def _move_batch(self) -> int:
-        token = str(uuid.uuid4())
+        token = ledger.new_token()
         started = time.time()
         due = await claim_due(self._store, token, BATCH, self._claim_seconds, self._fresh_seconds)
         if not due:

@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import aio_pika
@@ -23,11 +23,11 @@ import trio
 
 from . import aio
 from .broker import Broker
-from .consumer import Consumers
+from .consumer import Consumers, QueueConsumer
 from .envelope import internal_message
 from .metrics import Metrics
 from .publisher import Publisher
-from .retry import describe
+from .retry import keep_running
 
 logger = logging.getLogger(__name__)
 
@@ -96,22 +96,13 @@ class Rebalancer:
     async def run(self) -> None:
         """Announce and listen forever; either part starts again after an error."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._supervise, "announcing", self._announce_forever)
-            nursery.start_soon(self._supervise, "listening", self._listen)
-
-    async def _supervise(self, what: str, part: Callable[[], Awaitable[None]]) -> None:
-        while True:
-            try:
-                await part()
-            except Exception as error:
-                logger.warning("rebalance: %s failed (%s); starting again", what, describe(error))
-            await trio.sleep(RESTART_AFTER)
+            for what, part in (("announcing", self._announce_forever), ("listening", self._listen)):
+                nursery.start_soon(
+                    keep_running, f"rebalance {what}", part, (Exception,), RESTART_AFTER
+                )
 
     def states(self) -> list[QueueState]:
-        return [
-            QueueState(c.queue, len(c.buffer), c.buffer.waiting_since)
-            for c in self._consumers.running()
-        ]
+        return [_state_of(c) for c in self._consumers.running()]
 
     async def _announce_forever(self) -> None:
         while True:
@@ -162,11 +153,7 @@ class Rebalancer:
         if node == self.node:
             return
         consumer = self._consumers.get(queue)
-        state = (
-            QueueState(queue, len(consumer.buffer), consumer.buffer.waiting_since)
-            if consumer
-            else None
-        )
+        state = _state_of(consumer) if consumer else None
         now = time.monotonic()
         if consumer is not None and should_release(state, now, self._released):
             self._released[queue] = now
@@ -174,3 +161,7 @@ class Rebalancer:
                 f"handing {len(consumer.buffer)} prefetched messages to {node}", PAUSE_SECONDS
             )
             self._metrics.released.labels(queue).inc()
+
+
+def _state_of(consumer: QueueConsumer) -> QueueState:
+    return QueueState(consumer.queue, len(consumer.buffer), consumer.buffer.waiting_since)

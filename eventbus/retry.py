@@ -57,6 +57,22 @@ async def connect_within(
         delay = min(delay * 2, MAX_DELAY)
 
 
+async def keep_running(
+    what: str,
+    part: Callable[[], Awaitable[None]],
+    errors: tuple[type[BaseException], ...],
+    pause: float = 1.0,
+) -> None:
+    """Run part again and again, forever: an expected error is one warning line, and every
+    end is followed by a pause before the next start."""
+    while True:
+        try:
+            await part()
+        except errors as error:
+            logger.warning("%s: %s; starting again", what, describe(error))
+        await trio.sleep(pause)
+
+
 def describe(error: BaseException) -> str:
     """A short, one-line account of a connection error."""
     if isinstance(error, trio.TooSlowError):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import asyncpg
@@ -52,11 +52,6 @@ class Store:
         """Run a statement and return its status tag; waits on the database."""
         with trio.fail_after(CALL_TIMEOUT):
             return await aio.call(self._pool.execute, sql, *args)
-
-    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        """Run a statement once per row, in one round trip; waits on the database."""
-        with trio.fail_after(CALL_TIMEOUT):
-            await aio.call(self._pool.executemany, sql, rows)
 
     async def transaction(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         """Run work(connection) inside one transaction on one connection, and return its result.

@@ -89,18 +89,39 @@ class Publisher(threading.Thread):
                 time.sleep(0.05)
 
 
-def test_rabbitmq_stopped_during_traffic_loses_no_confirmed_message(
-    make_daemon: Any, rabbitmq_back: None
-) -> None:
+def publishing_daemon(
+    make_daemon: Any, queue: str, window: float
+) -> tuple[Any, BusClient, Publisher]:
+    """A ready daemon, a client of it, and a Publisher thread already sending to queue."""
     daemon = make_daemon(
         delivery={"ack_deadline_seconds": 5},
         cron={"interval_seconds": 0.2},
-        amqp={"reconnect_window_seconds": 60},
+        amqp={"reconnect_window_seconds": window},
     )
     daemon.wait_ready()
     client = BusClient(daemon.grpc_address)
-    publisher = Publisher(client, "jepsen")
+    publisher = Publisher(client, queue)
     publisher.start()
+    return daemon, client, publisher
+
+
+def check_nothing_lost(publisher: Publisher, consumed: Counter[str]) -> None:
+    """Every publish that got OK was consumed; nothing appeared that was never sent; a failed
+    publish said UNAVAILABLE; the outage was seen, and traffic went on around it."""
+    lost = set(publisher.confirmed) - set(consumed)
+    # A publish that failed may still have reached RabbitMQ (its confirm was lost): allowed.
+    unexpected = set(consumed) - {f"n{i}" for i in range(1, publisher.attempted + 1)}
+    assert publisher.other_errors == []
+    assert publisher.failed > 0
+    assert len(publisher.confirmed) > 50
+    assert lost == set(), f"lost {len(lost)}: {sorted(lost)[:10]}"
+    assert unexpected == set()
+
+
+def test_rabbitmq_stopped_during_traffic_loses_no_confirmed_message(
+    make_daemon: Any, rabbitmq_back: None
+) -> None:
+    _, client, publisher = publishing_daemon(make_daemon, "jepsen", window=60)
     consumed: Counter[str] = Counter()
 
     def consume_some(seconds: float) -> None:
@@ -125,15 +146,8 @@ def test_rabbitmq_stopped_during_traffic_loses_no_confirmed_message(
     time.sleep(6)  # past the ack deadline: anything handed out but not acked comes back
     consumed.update(drain(client, "jepsen"))
 
-    lost = set(publisher.confirmed) - set(consumed)
-    # A publish that failed may still have reached RabbitMQ (its confirm was lost): allowed.
-    unexpected = set(consumed) - {f"n{i}" for i in range(1, publisher.attempted + 1)}
+    check_nothing_lost(publisher, consumed)
     duplicates = sum(consumed.values()) - len(consumed)
-    assert publisher.other_errors == []  # a failed publish says UNAVAILABLE, nothing else
-    assert publisher.failed > 0  # the outage was seen as UNAVAILABLE...
-    assert len(publisher.confirmed) > 50  # ...and traffic went on around it
-    assert lost == set(), f"lost {len(lost)}: {sorted(lost)[:10]}"
-    assert unexpected == set()
     assert duplicates <= len(consumed) // 10, duplicates
 
 
@@ -207,15 +221,7 @@ def rabbitmq_restarted() -> Iterator[None]:
 def test_rabbitmq_killed_hard_during_traffic_loses_no_confirmed_message(
     make_daemon: Any, rabbitmq_restarted: None
 ) -> None:
-    daemon = make_daemon(
-        delivery={"ack_deadline_seconds": 5},
-        cron={"interval_seconds": 0.2},
-        amqp={"reconnect_window_seconds": 120},
-    )
-    daemon.wait_ready()
-    client = BusClient(daemon.grpc_address)
-    publisher = Publisher(client, "hard-kill")
-    publisher.start()
+    daemon, client, publisher = publishing_daemon(make_daemon, "hard-kill", window=120)
     time.sleep(2)
     run("pkill -9 -x beam.smp")
     time.sleep(1)
@@ -227,10 +233,4 @@ def test_rabbitmq_killed_hard_during_traffic_loses_no_confirmed_message(
     time.sleep(2)  # traffic again after the broker came back
     publisher.stop.set()
     publisher.join(30)
-    consumed = drain(client, "hard-kill", wait=3)
-
-    lost = set(publisher.confirmed) - set(consumed)
-    assert publisher.other_errors == []
-    assert publisher.failed > 0 and len(publisher.confirmed) > 50
-    assert lost == set(), f"lost {len(lost)}: {sorted(lost)[:10]}"
-    assert set(consumed) <= {f"n{i}" for i in range(1, publisher.attempted + 1)}
+    check_nothing_lost(publisher, drain(client, "hard-kill", wait=3))
