@@ -144,7 +144,7 @@ def test_rabbitmq_stopped_during_traffic_loses_no_confirmed_message(
     publisher.stop.set()
     publisher.join(30)
     time.sleep(6)  # past the ack deadline: anything handed out but not acked comes back
-    consumed.update(drain(client, "jepsen"))
+    consumed.update(drain(client, "jepsen", wait=6))  # records written late still come back
 
     check_nothing_lost(publisher, consumed)
     duplicates = sum(consumed.values()) - len(consumed)
@@ -233,4 +233,4 @@ def test_rabbitmq_killed_hard_during_traffic_loses_no_confirmed_message(
     time.sleep(2)  # traffic again after the broker came back
     publisher.stop.set()
     publisher.join(30)
-    check_nothing_lost(publisher, drain(client, "hard-kill", wait=3))
+    check_nothing_lost(publisher, drain(client, "hard-kill", wait=6))
