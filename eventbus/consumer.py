@@ -153,6 +153,9 @@ class QueueConsumer:
             self.stopped = True
 
     async def _session(self) -> None:
+        # An interrupt from here on (a consumer cancelled while the others are still being set
+        # up, say) ends this session; one from before was meant for the previous session.
+        self._interrupted = None
         channels: list[Channel] = []
         try:
             for _ in range(self._channels_wanted):
@@ -168,10 +171,10 @@ class QueueConsumer:
     async def _consume_on_new_channel(self) -> Channel:
         channel = await self.broker.channel(prefetch=self._per_channel)
         with trio.fail_after(SETTLE_TIMEOUT):
+            underlay = await aio.call(channel.amqp.get_underlay_channel)
+            underlay.on_consumer_cancel_callbacks.add(self._on_cancelled_by_broker)
             queue = await aio.call(channel.amqp.declare_queue, self.queue, durable=True)
             await aio.call(queue.consume, self._on_message)
-            underlay = await aio.call(channel.amqp.get_underlay_channel)
-        underlay.on_consumer_cancel_callbacks.add(self._on_cancelled_by_broker)
         return channel
 
     def _on_cancelled_by_broker(self, _frame: object) -> None:
@@ -194,7 +197,6 @@ class QueueConsumer:
 
     async def _watch(self, channels: list[Channel]) -> None:
         """Return when idle or when a channel dies; meanwhile give back what was held too long."""
-        self._interrupted = None
         while not self._idle():
             if any(c.amqp.is_closed or c.generation != self.broker.generation for c in channels):
                 logger.info("consumer %s: channel lost", self.queue)

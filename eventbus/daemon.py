@@ -11,7 +11,7 @@ serve
         ├── crons: republish, delay (Redis lock per tick, row claims in PostgreSQL)
         ├── gRPC server: mq.Mq, mq.MqTopic, health, reflection
         ├── HTTP server: /healthz /readyz /metrics /stats
-        └── gauges, node registration, watchdog keep-alive
+        └── gauges, node registration, watchdog keep-alive, loop-lag watch
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-from . import __version__, aio, bookkeeping, broker, http, lock, nodes, rpc, store
+from . import __version__, aio, bookkeeping, broker, http, lag, lock, nodes, rpc, store
 from .config import Config
 from .consumer import Consumers
 from .cron import Cron
@@ -117,6 +117,7 @@ class Daemon:
         await root.start(self._serve_http, app)
         root.start_soon(nodes.keep_registered, self.store, self.node)
         root.start_soon(self.notifier.keep_alive)
+        root.start_soon(lag.watch, self.metrics)
 
     def _start_background(self, root: trio.Nursery) -> None:
         """Bookkeeping workers, the crons and the gauges, as this node's configuration asks."""

@@ -108,6 +108,11 @@ class Metrics:
             ["queue"],
             registry=self.registry,
         )
+        self.loop_lag = Gauge(
+            "eventbus_event_loop_lag_seconds",
+            "How late the last periodic wake-up of the event loop came (a blocked loop shows here)",
+            registry=self.registry,
+        )
         self.reconnects = Counter(
             "eventbus_reconnects",
             "Connections re-established after a loss, by dependency",
