@@ -67,26 +67,43 @@ def server_publish_rate(
     return result["calls"] / result["seconds"]
 
 
+async def publish_for(
+    channel: aio_pika.abc.AbstractChannel, queue: str, seconds: float, concurrency: int
+) -> tuple[int, float]:
+    """Publish persistent 100-byte messages to queue with confirms, from concurrency tasks, for
+    seconds; returns (messages confirmed, seconds taken)."""
+    body = b"x" * 100
+    counts, started = [0], time.monotonic()
+
+    async def publisher() -> None:
+        while time.monotonic() < started + seconds:
+            message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+            await channel.default_exchange.publish(message, routing_key=queue)
+            counts[0] += 1
+
+    await asyncio.gather(*(publisher() for _ in range(concurrency)))
+    return counts[0], time.monotonic() - started
+
+
+async def aio_pika_publish_rate(url: str, seconds: float, concurrency: int) -> float:
+    """Raw aio-pika publish-with-confirms rate, to a durable queue deleted afterwards."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        queue = await channel.declare_queue("bench-raw-publish", durable=True)
+        published, elapsed = await publish_for(channel, queue.name, seconds, concurrency)
+        await queue.delete(if_unused=False, if_empty=False)
+    return published / elapsed
+
+
 async def aio_pika_rates(url: str, seconds: float, concurrency: int) -> dict[str, float]:
     """Publish with confirms (persistent, durable queue), then consume with acks; then both at
     once, as the bus does them."""
     connection = await aio_pika.connect(url)
     channel = await connection.channel(publisher_confirms=True)
     queue = await channel.declare_queue("bench-raw", durable=True)
-    body = b"x" * 100
 
-    async def publisher(stop_at: float, counts: list[int]) -> None:
-        while time.monotonic() < stop_at:
-            message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
-            await channel.default_exchange.publish(message, routing_key="bench-raw")
-            counts[0] += 1
-
-    async def publish_for(duration: float) -> tuple[int, float]:
-        counts, started = [0], time.monotonic()
-        await asyncio.gather(*(publisher(started + duration, counts) for _ in range(concurrency)))
-        return counts[0], time.monotonic() - started
-
-    published, elapsed = await publish_for(seconds)
+    published, elapsed = await publish_for(channel, "bench-raw", seconds, concurrency)
     rates = {"publish": published / elapsed}
 
     consumer_channel = await connection.channel()
@@ -110,7 +127,7 @@ async def aio_pika_rates(url: str, seconds: float, concurrency: int) -> dict[str
     consumed[0], done = 0, asyncio.Event()
     target[0] = 10**12
     started = time.monotonic()
-    await publish_for(seconds)
+    await publish_for(channel, "bench-raw", seconds, concurrency)
     rates["publish+consume"] = consumed[0] / (time.monotonic() - started)
     await consumer_queue.cancel(tag)
     await queue.delete(if_unused=False, if_empty=False)

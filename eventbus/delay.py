@@ -14,18 +14,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import aio_pika
+import trio
 
 from . import ledger
-from .envelope import DelayedMessage
+from .envelope import DelayedMessage, Outgoing
 from .ledger import columns
 from .metrics import Metrics
 from .publisher import Publisher, Target
+from .retry import describe
 from .store import Store
 
 logger = logging.getLogger(__name__)
 
-BATCH = 2000
+BATCH = 500
 
 INSERT = """
 INSERT INTO delayed_messages (id, kind, target, body, due_at, ttl_seconds)
@@ -61,6 +62,11 @@ RETURNING d.id, d.kind, d.target, d.body, extract(epoch FROM d.due_at) AS due_at
 """
 
 FORGET = "DELETE FROM delayed_messages WHERE id = ANY($2::uuid[]) AND claim_token = $1"
+UNCLAIM = """
+UPDATE delayed_messages SET claim_token = NULL, claimed_until = NULL
+WHERE claim_token = ANY($1::uuid[])
+"""
+UNCLAIM_TIMEOUT = 2.0
 
 
 async def write(store: Store, messages: Sequence[DelayedMessage]) -> list[tuple[str, str, int]]:
@@ -89,6 +95,14 @@ async def claim_due(
     ]
 
 
+@dataclass(frozen=True)
+class Claim:
+    """A batch of due delayed messages this node holds under one token."""
+
+    token: str
+    messages: list[DelayedMessage]
+
+
 class Dispatcher:
     """One node's delay job; several nodes may run it, row claims keep them apart."""
 
@@ -107,34 +121,59 @@ class Dispatcher:
         self._metrics = metrics
 
     async def tick(self) -> None:
-        """Move every due delayed message, batch by batch."""
-        while await self._move_batch() == BATCH:
-            pass
+        """Move every due delayed message, batch by batch. While one batch is published the
+        next one is claimed, so the database round trips cost no publishing time."""
+        claim = await self._claim(ledger.new_token())
+        while claim.messages:
+            # The token exists before the claim: should the claim be cut short after
+            # PostgreSQL took it, its rows can still be given back.
+            following = Claim(ledger.new_token(), [])
 
-    async def _move_batch(self) -> int:
-        token = ledger.new_token()
-        started = time.time()
+            async def claim_following() -> None:
+                nonlocal following
+                following = await self._claim(following.token)
+
+            try:
+                async with trio.open_nursery() as nursery:
+                    if len(claim.messages) == BATCH:
+                        nursery.start_soon(claim_following)
+                    await self._move(claim)
+            except BaseException:
+                await self._unclaim([claim.token, following.token])
+                raise
+            claim = following
+
+    async def _claim(self, token: str) -> Claim:
         due = await claim_due(self._store, token, BATCH, self._claim_seconds, self._fresh_seconds)
-        if not due:
-            return 0
-        now = time.time()
-        messages: list[tuple[Target, aio_pika.Message]] = [
-            ((m.kind, m.target), m.envelope(now).to_amqp(now)) for m in due
+        return Claim(token, due)
+
+    async def _move(self, claim: Claim) -> None:
+        """Publish a claimed batch, then forget it."""
+        started = time.time()
+        messages: list[tuple[Target, Outgoing]] = [
+            ((m.kind, m.target), m.envelope(started).to_amqp(started)) for m in claim.messages
         ]
         await self._publisher.to_targets(messages)
         published = time.time()
-        await self._store.execute(FORGET, token, [m.id for m in due])
+        await self._store.execute(FORGET, claim.token, [m.id for m in claim.messages])
         logger.debug(
-            "delay: moved %d (claim %.3f s, publish %.3f s, forget %.3f s)",
-            len(due),
-            now - started,
-            published - now,
+            "delay: moved %d (publish %.3f s, forget %.3f s)",
+            len(claim.messages),
+            published - started,
             time.time() - published,
         )
-        for message in due:
+        for message in claim.messages:
             self._metrics.delay_dispatched.labels(message.target).inc()
-            self._metrics.delay_lateness.observe(max(0.0, now - message.due_at))
-        return len(due)
+            self._metrics.delay_lateness.observe(max(0.0, started - message.due_at))
+
+    async def _unclaim(self, tokens: list[str]) -> None:
+        """After a failure, give claimed rows back at once rather than when their claim runs
+        out; if even that fails, the claims still run out by themselves."""
+        with trio.move_on_after(UNCLAIM_TIMEOUT, shield=True):
+            try:
+                await self._store.execute(UNCLAIM, tokens)
+            except Exception as error:
+                logger.debug("delay: giving claims back failed: %s", describe(error))
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,23 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-import aio_pika
 import aio_pika.abc
+from pamqp.commands import Basic
 
+PERSISTENT = 2  # AMQP delivery mode: written to disk
 ATTEMPT_HEADER = "x-eventbus-attempt"
 EXPIRES_AT_HEADER = "x-eventbus-expires-at"  # epoch milliseconds
 
 Outcome = Literal["ack", "nack"]
 Kind = Literal["queue", "topic"]
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A message as the publisher sends it: its body and AMQP properties, built once."""
+
+    body: bytes
+    properties: Basic.Properties
 
 
 @dataclass(frozen=True)
@@ -30,21 +39,24 @@ class Envelope:
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
 
-    def to_amqp(self, now: float) -> aio_pika.Message:
-        """A persistent AMQP message; RabbitMQ drops it when the remaining TTL runs out."""
-        headers: dict[str, Any] = {ATTEMPT_HEADER: self.attempt}
+    def to_amqp(self, now: float) -> Outgoing:
+        """A persistent AMQP message; RabbitMQ drops it when the remaining TTL runs out. A first
+        attempt without expiry carries no headers (a consumer reads their absence as that)."""
+        headers: dict[str, Any] = {}
+        if self.attempt != 1:
+            headers[ATTEMPT_HEADER] = self.attempt
         expiration = None
         if self.expires_at is not None:
             headers[EXPIRES_AT_HEADER] = int(self.expires_at * 1000)
-            expiration = max(0.001, self.expires_at - now)
-        return aio_pika.Message(
-            self.body.encode(),
+            expiration = str(max(1, int((self.expires_at - now) * 1000)))  # never 0: "now"
+        properties = Basic.Properties(
             message_id=self.message_id,
-            headers=headers,
+            headers=headers or None,
             expiration=expiration,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            delivery_mode=PERSISTENT,
             content_type="text/plain; charset=utf-8",
         )
+        return Outgoing(self.body.encode(), properties)
 
     @classmethod
     def from_amqp(cls, message: aio_pika.abc.AbstractIncomingMessage) -> Envelope:
@@ -102,10 +114,10 @@ class Settlement:
         return cls(**json.loads(raw))
 
 
-def internal_message(body: bytes) -> aio_pika.Message:
+def internal_message(body: bytes) -> Outgoing:
     """A persistent message for the bus's own queues."""
-    return aio_pika.Message(
-        body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, content_type="application/json"
+    return Outgoing(
+        body, Basic.Properties(delivery_mode=PERSISTENT, content_type="application/json")
     )
 
 

@@ -23,7 +23,7 @@ from pamqp.commands import Basic
 
 from . import aio
 from .broker import BROKER_ERRORS, Broker
-from .envelope import Kind
+from .envelope import Kind, Outgoing
 from .errors import FailedPrecondition, Unavailable
 from .retry import describe
 
@@ -93,16 +93,16 @@ class Publisher:
             pool = self._pools[name] = ChannelPool(self._broker, self._producers)
         return pool
 
-    async def publish(self, queue: str, message: aio_pika.Message) -> None:
+    async def publish(self, queue: str, message: Outgoing) -> None:
         """(asyncio side) Publish to queue, declaring it once, and wait for the confirm."""
         await self.publish_to(("queue", queue), message)
 
-    async def publish_topic(self, topic: str, message: aio_pika.Message) -> None:
+    async def publish_topic(self, topic: str, message: Outgoing) -> None:
         """(asyncio side) Publish to a topic exchange and wait for the confirm. Every queue
         bound to it gets the message; with none bound it goes nowhere, as pub/sub has it."""
         await self.publish_to(("topic", topic), message)
 
-    async def publish_to(self, target: Target, message: aio_pika.Message) -> None:
+    async def publish_to(self, target: Target, message: Outgoing) -> None:
         """(asyncio side) Publish to ("queue", name) or ("topic", name) and wait for the
         confirm. A message RabbitMQ returns as unroutable (its queue was deleted behind our
         back) is declared and published once more."""
@@ -112,7 +112,7 @@ class Publisher:
             self._declared.discard(target)
             await _bounded(f"publishing to {target[1]!r}", self._confirm(target, message))
 
-    async def _confirm(self, target: Target, message: aio_pika.Message) -> None:
+    async def _confirm(self, target: Target, message: Outgoing) -> None:
         """Publish on one of the target's channels and wait for RabbitMQ's confirm."""
         await self._declare_target(target)
         pooled = await self._pool(target[1]).get()
@@ -171,11 +171,11 @@ class Publisher:
         )
         return int(declared.declaration_result.message_count or 0)
 
-    async def to_queue(self, queue: str, message: aio_pika.Message) -> None:
+    async def to_queue(self, queue: str, message: Outgoing) -> None:
         """(trio side) Publish to a queue and wait for the confirm."""
         await aio.call(self.publish, queue, message)
 
-    async def to_targets(self, messages: Sequence[tuple[Target, aio_pika.Message]]) -> None:
+    async def to_targets(self, messages: Sequence[tuple[Target, Outgoing]]) -> None:
         """(trio side) Publish many messages at once, each to its queue or topic; returns once
         all are confirmed, or raises the first failure."""
         await aio.call(self._publish_all, messages)
@@ -184,7 +184,7 @@ class Publisher:
         """(trio side) Declare a durable queue once per connection."""
         await aio.call(self.declare, queue)
 
-    async def _publish_all(self, messages: Sequence[tuple[Target, aio_pika.Message]]) -> None:
+    async def _publish_all(self, messages: Sequence[tuple[Target, Outgoing]]) -> None:
         """(asyncio side) The bulk path: each target declared once, then every message sent at
         once over its target's channels, under one deadline that grows with the batch. What
         RabbitMQ returns as unroutable goes again through the single path (which re-declares)."""
@@ -209,7 +209,7 @@ class Publisher:
                 await self.publish_to(target, message)
 
 
-def _send(channel: aiormq.Channel, target: Target, message: aio_pika.Message) -> Awaitable[Any]:
+def _send(channel: aiormq.Channel, target: Target, message: Outgoing) -> Awaitable[Any]:
     """Publish on an aiormq channel; the awaitable resolves to RabbitMQ's confirm. wait=False:
     aiormq's default holds the channel lock until the frame is written, which serialises every
     publish of a channel."""

@@ -11,11 +11,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import aio_pika
-
 from . import ledger
 from .config import DeliveryConfig
-from .envelope import Envelope
+from .envelope import Envelope, Outgoing
 from .ledger import DueDelivery
 from .metrics import Metrics
 from .publisher import Publisher, Target
@@ -90,7 +88,7 @@ class Republisher:
             return 0
         now = time.time()
         decided = plan(due, now, self._config.max_retries)
-        messages: list[tuple[Target, aio_pika.Message]] = [
+        messages: list[tuple[Target, Outgoing]] = [
             (("queue", queue), envelope.to_amqp(now)) for queue, envelope in decided.retries
         ]
         await self._publisher.to_targets(messages)

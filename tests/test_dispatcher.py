@@ -1,0 +1,88 @@
+"""The delay job's batches against the real PostgreSQL, with a publisher that records or fails."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any, cast
+
+import pytest
+import trio
+
+from eventbus import aio, delay
+from eventbus.config import PostgresConfig
+from eventbus.envelope import DelayedMessage, Outgoing
+from eventbus.errors import Unavailable
+from eventbus.metrics import Metrics
+from eventbus.publisher import Publisher, Target
+from eventbus.store import Store, open_store
+
+
+class RecordingPublisher:
+    """Takes batches like Publisher.to_targets; raises Unavailable from batch fail_at on."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.batches: list[list[str]] = []
+        self._fail_at = fail_at
+
+    async def to_targets(self, messages: Sequence[tuple[Target, Outgoing]]) -> None:
+        await trio.sleep(0.01)  # lets the next claim run meanwhile, as a real publish does
+        if self._fail_at is not None and len(self.batches) + 1 >= self._fail_at:
+            raise Unavailable("RabbitMQ is unavailable (test)")
+        self.batches.append([m.properties.message_id or "" for _, m in messages])
+
+
+def due_messages(count: int, due_at: float) -> list[DelayedMessage]:
+    return [DelayedMessage(str(uuid.uuid4()), "queue", "q", "x", due_at, 0) for _ in range(count)]
+
+
+async def with_store(postgres_dsn: str, work: Any) -> None:
+    async with aio.open_loop(lambda: None):
+        store = await open_store(PostgresConfig(dsn=postgres_dsn), window=10)
+        try:
+            await work(store)
+        finally:
+            await store.close()
+
+
+def dispatcher(store: Store, publisher: RecordingPublisher) -> delay.Dispatcher:
+    return delay.Dispatcher(store, cast(Publisher, publisher), Metrics("test"), 60, 1)
+
+
+async def test_a_tick_moves_every_due_message_once_in_batches(postgres_dsn: str) -> None:
+    count = 2 * delay.BATCH + 37
+    due = due_messages(count, time.time() - 60)
+    later = due_messages(5, time.time() + 3600)
+    publisher = RecordingPublisher()
+
+    async def work(store: Store) -> None:
+        await delay.write(store, due + later)
+        await dispatcher(store, publisher).tick()
+        left = await store.fetch("SELECT id FROM delayed_messages")
+        assert sorted(str(r["id"]) for r in left) == sorted(m.id for m in later)
+
+    await with_store(postgres_dsn, work)
+    moved = [message_id for batch in publisher.batches for message_id in batch]
+    assert sorted(moved) == sorted(m.id for m in due)
+    assert [len(b) for b in publisher.batches] == [delay.BATCH, delay.BATCH, 37]
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])
+async def test_a_failed_publish_gives_its_claims_back_at_once(
+    postgres_dsn: str, fail_at: int
+) -> None:
+    due = due_messages(3 * delay.BATCH, time.time() - 60)
+    publisher = RecordingPublisher(fail_at=fail_at)
+
+    async def work(store: Store) -> None:
+        await delay.write(store, due)
+        with pytest.raises(ExceptionGroup) as failure:  # from the batch's nursery
+            await dispatcher(store, publisher).tick()
+        assert failure.group_contains(Unavailable)
+        rows = await store.fetch("SELECT claim_token FROM delayed_messages")
+        assert len(rows) == len(due) - (fail_at - 1) * delay.BATCH  # moved batches are gone
+        assert all(r["claim_token"] is None for r in rows)  # the rest may be claimed anew
+
+    await with_store(postgres_dsn, work)
+    assert len(publisher.batches) == fail_at - 1
