@@ -21,7 +21,7 @@ import aiormq
 import aiormq.exceptions
 from pamqp.commands import Basic
 
-from . import aio
+from . import aio, bulk
 from .broker import BROKER_ERRORS, Broker
 from .envelope import Kind, Outgoing
 from .errors import FailedPrecondition, Unavailable
@@ -117,7 +117,8 @@ class Publisher:
         await self._declare_target(target)
         pooled = await self._pool(target[1]).get()
         channel = cast(aiormq.Channel, await pooled.get_underlay_channel())
-        if not isinstance(await _send(channel, target, message), Basic.Ack):
+        (confirmation,) = await bulk.send(channel, [_publish_of(target, message)])
+        if not isinstance(await confirmation, Basic.Ack):
             raise Returned(target[1])
 
     async def _declare_target(self, target: Target) -> None:
@@ -185,22 +186,38 @@ class Publisher:
         await aio.call(self.declare, queue)
 
     async def _publish_all(self, messages: Sequence[tuple[Target, Outgoing]]) -> None:
-        """(asyncio side) The bulk path: each target declared once, then every message sent at
-        once over its target's channels, under one deadline that grows with the batch. What
-        RabbitMQ returns as unroutable goes again through the single path (which re-declares)."""
+        """(asyncio side) The bulk path: each target declared once, then every message sent in
+        one write per channel of its target, under one deadline that grows with the batch.
+        What RabbitMQ returns as unroutable goes again through the single path (which
+        re-declares)."""
         channels: dict[Target, list[aiormq.Channel]] = {}
         for target in dict.fromkeys(target for target, _ in messages):
             await self._declare_target(target)
             channels[target] = await self._pool(target[1]).underlays()
-        sending = [
-            _send(channels[target][i % len(channels[target])], target, message)
-            for i, (target, message) in enumerate(messages)
-        ]
+        for batch in _rounds(messages):
+            await self._publish_round(batch, channels)
+
+    async def _publish_round(
+        self,
+        messages: Sequence[tuple[Target, Outgoing]],
+        channels: dict[Target, list[aiormq.Channel]],
+    ) -> None:
+        per_channel: dict[aiormq.Channel, list[int]] = {}
+        for i, (target, _) in enumerate(messages):
+            options = channels[target]
+            per_channel.setdefault(options[i % len(options)], []).append(i)
+
+        async def send_and_confirm() -> list[Any]:
+            confirmations: dict[int, asyncio.Future[Any]] = {}
+            for channel, indexes in per_channel.items():
+                sent = await bulk.send(channel, [_publish_of(*messages[i]) for i in indexes])
+                confirmations.update(zip(indexes, sent, strict=True))
+            in_order = (confirmations[i] for i in range(len(messages)))
+            return await asyncio.gather(*in_order, return_exceptions=True)
+
         seconds = PUBLISH_TIMEOUT * (1 + len(messages) // BULK_PER_DEADLINE)
         results = await _bounded(
-            f"publishing {len(messages)} messages",
-            asyncio.gather(*sending, return_exceptions=True),
-            seconds,
+            f"publishing {len(messages)} messages", send_and_confirm(), seconds
         )
         for (target, message), result in zip(messages, results, strict=True):
             if isinstance(result, BaseException):
@@ -209,18 +226,30 @@ class Publisher:
                 await self.publish_to(target, message)
 
 
-def _send(channel: aiormq.Channel, target: Target, message: Outgoing) -> Awaitable[Any]:
-    """Publish on an aiormq channel; the awaitable resolves to RabbitMQ's confirm. wait=False:
-    aiormq's default holds the channel lock until the frame is written, which serialises every
-    publish of a channel."""
+def _rounds(messages: Sequence[tuple[Target, Outgoing]]) -> list[list[tuple[Target, Outgoing]]]:
+    """Split messages so that no message id occurs twice in a round (a message retried in two
+    queues at once, say): RabbitMQ returns an unroutable message by id, not by delivery tag."""
+    rounds: list[list[tuple[Target, Outgoing]]] = []
+    seen: dict[str, int] = {}
+    for item in messages:
+        message_id = item[1].properties.message_id
+        n = seen.get(message_id, 0) if message_id else 0
+        if message_id:
+            seen[message_id] = n + 1
+        if n == len(rounds):
+            rounds.append([])
+        rounds[n].append(item)
+    return rounds
+
+
+def _publish_of(target: Target, message: Outgoing) -> bulk.Publish:
     kind, name = target
-    return channel.basic_publish(
-        message.body,
+    return bulk.Publish(
         exchange=name if kind == "topic" else "",
         routing_key=name,
-        properties=message.properties,
         mandatory=kind == "queue",
-        wait=False,
+        body=message.body,
+        properties=message.properties,
     )
 
 
