@@ -18,8 +18,11 @@ from .retry import describe
 logger = logging.getLogger(__name__)
 
 RELEASE_TIMEOUT = 2.0
+SHORTEST_WAIT = 0.05  # between two ticks, however soon the job asks to run again
 
-Job = Callable[[], Awaitable[None]]
+# A job may return in how many seconds it wants to run again (the next delayed message falls due
+# before the next tick, say); None means at the next tick.
+Job = Callable[[], Awaitable[float | None]]
 
 
 class Cron:
@@ -41,17 +44,20 @@ class Cron:
         ticks leaves nothing to wait for, and one that dies during a tick blocks the job for at
         most the lock's TTL."""
         while True:
-            tick_started = trio.current_time()
+            next_tick = trio.current_time() + self._interval
+            wanted_in = None
             if await self._may_run():
                 try:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._keep_renewing)
-                        await self._run_job()
+                        wanted_in = await self._run_job()
                         nursery.cancel_scope.cancel()
                 finally:
                     with trio.move_on_after(RELEASE_TIMEOUT, shield=True):
                         await self._release()
-            await trio.sleep_until(tick_started + self._interval)
+            if wanted_in is not None:
+                next_tick = min(next_tick, trio.current_time() + max(SHORTEST_WAIT, wanted_in))
+            await trio.sleep_until(next_tick)
 
     async def _may_run(self) -> bool:
         try:
@@ -70,12 +76,13 @@ class Cron:
             self._redis_down = False
         return self.holding
 
-    async def _run_job(self) -> None:
+    async def _run_job(self) -> float | None:
         """Run the job once; a failure (PostgreSQL down, say) skips this tick only."""
         try:
-            await self._job()
+            return await self._job()
         except Exception as error:
             logger.warning("cron %s: tick skipped: %s", self.name, describe(error))
+            return None
 
     async def _keep_renewing(self) -> None:
         """Renew the lock during a job, which may outlast the lock's TTL."""

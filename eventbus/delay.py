@@ -67,6 +67,10 @@ UPDATE delayed_messages SET claim_token = NULL, claimed_until = NULL
 WHERE claim_token = ANY($1::uuid[])
 """
 UNCLAIM_TIMEOUT = 2.0
+# Seconds until the next row falls due, from the due_at index alone.
+NEXT_DUE = """
+SELECT extract(epoch FROM min(due_at) - now()) FROM delayed_messages WHERE due_at > now()
+"""
 
 
 async def write(store: Store, messages: Sequence[DelayedMessage]) -> list[tuple[str, str, int]]:
@@ -120,9 +124,10 @@ class Dispatcher:
         self._publisher = publisher
         self._metrics = metrics
 
-    async def tick(self) -> None:
+    async def tick(self) -> float | None:
         """Move every due delayed message, batch by batch. While one batch is published the
-        next one is claimed, so the database round trips cost no publishing time."""
+        next one is claimed, so the database round trips cost no publishing time. Returns in
+        how many seconds the next delayed message falls due (None: there is none)."""
         claim = await self._claim(ledger.new_token())
         while claim.messages:
             # The token exists before the claim: should the claim be cut short after
@@ -142,6 +147,8 @@ class Dispatcher:
                 await self._unclaim([claim.token, following.token])
                 raise
             claim = following
+        next_due = await self._store.fetchval(NEXT_DUE)
+        return None if next_due is None else float(next_due)
 
     async def _claim(self, token: str) -> Claim:
         due = await claim_due(self._store, token, BATCH, self._claim_seconds, self._fresh_seconds)

@@ -37,18 +37,23 @@ class RecordingJob:
     """Records when each run starts; optionally lasts a while or fails."""
 
     def __init__(
-        self, duration: float = 0.0, fail: Callable[[int], bool] = lambda n: False
+        self,
+        duration: float = 0.0,
+        fail: Callable[[int], bool] = lambda n: False,
+        again_in: float | None = None,
     ) -> None:
         self.duration = duration
         self.fail = fail
+        self.again_in = again_in
         self.runs: list[float] = []
 
-    async def __call__(self) -> None:
+    async def __call__(self) -> float | None:
         self.runs.append(trio.current_time())
         if self.duration:
             await trio.sleep(self.duration)
         if self.fail(len(self.runs)):
             raise RuntimeError(f"run {len(self.runs)} failed")
+        return self.again_in
 
 
 async def run_cron(
@@ -85,6 +90,30 @@ async def test_cron_interval_is_measured_from_tick_start_not_job_end(
     job, lock = RecordingJob(duration=0.4), FakeLock(grants=True)
     start = await run_cron(job, lock, 3.5)
     assert since(start, job.runs) == pytest.approx([0, 1, 2, 3])
+
+
+async def test_a_job_that_asks_to_run_sooner_than_the_next_tick_runs_then(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    job, lock = RecordingJob(duration=0.1, again_in=0.25), FakeLock(grants=True)
+    start = await run_cron(job, lock, 1.0)
+    assert since(start, job.runs) == pytest.approx([0, 0.35, 0.7])
+
+
+async def test_a_job_that_asks_for_later_than_the_next_tick_still_runs_each_tick(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    job, lock = RecordingJob(again_in=5.0), FakeLock(grants=True)
+    start = await run_cron(job, lock, 2.5)
+    assert since(start, job.runs) == pytest.approx([0, 1, 2])
+
+
+async def test_a_job_that_asks_to_run_at_once_waits_the_shortest_wait(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    job, lock = RecordingJob(again_in=-3.0), FakeLock(grants=True)
+    start = await run_cron(job, lock, 0.175)
+    assert since(start, job.runs) == pytest.approx([0, 0.05, 0.1, 0.15])
 
 
 async def test_cron_runs_nothing_when_the_lock_is_never_granted(

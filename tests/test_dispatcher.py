@@ -58,14 +58,22 @@ async def test_a_tick_moves_every_due_message_once_in_batches(postgres_dsn: str)
 
     async def work(store: Store) -> None:
         await delay.write(store, due + later)
-        await dispatcher(store, publisher).tick()
+        next_due = await dispatcher(store, publisher).tick()
         left = await store.fetch("SELECT id FROM delayed_messages")
         assert sorted(str(r["id"]) for r in left) == sorted(m.id for m in later)
+        assert next_due == pytest.approx(3600, abs=30)  # when the earliest of those falls due
 
     await with_store(postgres_dsn, work)
     moved = [message_id for batch in publisher.batches for message_id in batch]
     assert sorted(moved) == sorted(m.id for m in due)
     assert [len(b) for b in publisher.batches] == [delay.BATCH, delay.BATCH, 37]
+
+
+async def test_a_tick_with_nothing_pending_asks_for_no_early_run(postgres_dsn: str) -> None:
+    async def work(store: Store) -> None:
+        assert await dispatcher(store, RecordingPublisher()).tick() is None
+
+    await with_store(postgres_dsn, work)
 
 
 @pytest.mark.parametrize("fail_at", [1, 2])
