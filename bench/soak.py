@@ -1,5 +1,5 @@
-"""Soak: steady publish+subscribe+ack traffic through one daemon, printing its memory (RSS) as
-it goes, to show it stays flat.
+"""Soak: steady publish+subscribe+ack traffic through one daemon, about a quarter of it published
+with a one-second delay, printing the daemon's memory (RSS) as it goes, to show it stays flat.
 
 Usage: python bench/soak.py [MINUTES] [RATE_PER_SECOND]   (defaults: 60 minutes, 200 msgs/s)
 Prints one line per minute: elapsed, messages so far, RSS in MiB; then first vs last and the
@@ -21,7 +21,8 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_direct import bench_backends, running_daemon  # noqa: E402
 from eventbus._generated import mq_grpc, mq_pb2  # noqa: E402
 
-WORKERS = 8
+WORKERS = 64
+DELAYED_EVERY = 4  # about one message in four goes through delayPublish (1 s) instead
 
 
 def rss_mib(pid: int) -> float:
@@ -31,7 +32,7 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-async def traffic(port: int, minutes: float, rate: float, pid: int) -> list[float]:
+async def traffic(port: int, minutes: float, rate: float, pid: int) -> tuple[list[float], int]:
     channel = Channel("127.0.0.1", port)
     stub = mq_grpc.MqStub(channel)
     done = [0]
@@ -41,7 +42,12 @@ async def traffic(port: int, minutes: float, rate: float, pid: int) -> list[floa
     async def worker(number: int) -> None:
         next_at = time.monotonic()
         while time.monotonic() < stop_at:
-            await stub.publish(mq_pb2.PublishRequest(queue="soak", data=f"{number}:{done[0]}"))
+            data = f"{number}:{done[0]}"
+            if done[0] % DELAYED_EVERY == number % DELAYED_EVERY:
+                delayed = mq_pb2.DelayPublishRequest(queue="soak", data=data, delaySeconds=1)
+                await stub.delayPublish(delayed)
+            else:
+                await stub.publish(mq_pb2.PublishRequest(queue="soak", data=data))
             reply = await stub.subscribe(mq_pb2.SubscribeRequest(queue="soak"), timeout=30)
             await stub.ack(mq_pb2.QueueId(id=reply.id))
             done[0] += 1
@@ -65,16 +71,19 @@ async def traffic(port: int, minutes: float, rate: float, pid: int) -> list[floa
     samples = await report()
     await asyncio.gather(*workers)
     channel.close()
-    return samples
+    return samples, done[0]
 
 
 def main(minutes: float, rate: float) -> None:
-    print(f"soak: {minutes:g} min of publish+subscribe+ack at {rate:g} msgs/s")
+    print(
+        f"soak: {minutes:g} min of publish+subscribe+ack at {rate:g} msgs/s, "
+        f"1 in {DELAYED_EVERY} delayed by 1 s"
+    )
     with bench_backends() as (url, dsn, prefix), running_daemon(url, dsn, prefix) as port:
         pid = daemon_pid(port)
-        samples = asyncio.run(traffic(port, minutes, rate, pid))
+        samples, messages = asyncio.run(traffic(port, minutes, rate, pid))
     print(
-        f"  RSS first {samples[0]:.1f} MiB, last {samples[-1]:.1f} MiB, "
+        f"  {messages} round trips; RSS first {samples[0]:.1f} MiB, last {samples[-1]:.1f} MiB, "
         f"largest {max(samples):.1f} MiB"
     )
 
