@@ -107,8 +107,12 @@ def _unregister(
 ) -> None:
     """Undo _register for frames that never reached the writer (the lock is still held)."""
     channel.delivery_tag -= len(publishes)
-    for tag, confirmation in zip(itertools.count(channel.delivery_tag + 1), confirmations):
+    first = channel.delivery_tag + 1
+    for tag, publish, confirmation in zip(itertools.count(first), publishes, confirmations):
         channel.confirmations.pop(tag, None)
+        message_id = publish.properties.message_id
+        if message_id and channel.message_id_delivery_tag.get(message_id) == tag:
+            del channel.message_id_delivery_tag[message_id]
         confirmation.cancel()
 
 

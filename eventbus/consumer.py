@@ -142,6 +142,9 @@ class QueueConsumer:
         task_status.started()
         try:
             while not self._idle():
+                # An interrupt from here on (a release while waiting, a consumer cancelled
+                # while the others are still being set up) ends the coming session.
+                self._interrupted = None
                 await trio.sleep_until(self._paused_until)
                 await self.broker.wait_connected()
                 try:
@@ -153,9 +156,6 @@ class QueueConsumer:
             self.stopped = True
 
     async def _session(self) -> None:
-        # An interrupt from here on (a consumer cancelled while the others are still being set
-        # up, say) ends this session; one from before was meant for the previous session.
-        self._interrupted = None
         channels: list[Channel] = []
         try:
             for _ in range(self._channels_wanted):
@@ -170,11 +170,18 @@ class QueueConsumer:
 
     async def _consume_on_new_channel(self) -> Channel:
         channel = await self.broker.channel(prefetch=self._per_channel)
-        with trio.fail_after(SETTLE_TIMEOUT):
-            underlay = await aio.call(channel.amqp.get_underlay_channel)
-            underlay.on_consumer_cancel_callbacks.add(self._on_cancelled_by_broker)
-            queue = await aio.call(channel.amqp.declare_queue, self.queue, durable=True)
-            await aio.call(queue.consume, self._on_message)
+        try:
+            with trio.fail_after(SETTLE_TIMEOUT):
+                underlay = await aio.call(channel.amqp.get_underlay_channel)
+                underlay.on_consumer_cancel_callbacks.add(self._on_cancelled_by_broker)
+                queue = await aio.call(channel.amqp.declare_queue, self.queue, durable=True)
+                await aio.call(queue.consume, self._on_message)
+        except BaseException:
+            # The consume may have reached RabbitMQ: a channel left open would keep
+            # prefetching into a buffer nobody sweeps.
+            with trio.move_on_after(SETTLE_TIMEOUT, shield=True):
+                await _close_quietly(channel)
+            raise
         return channel
 
     def _on_cancelled_by_broker(self, _frame: object) -> None:

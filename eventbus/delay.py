@@ -62,11 +62,12 @@ RETURNING d.id, d.kind, d.target, d.body, extract(epoch FROM d.due_at) AS due_at
 """
 
 FORGET = "DELETE FROM delayed_messages WHERE id = ANY($2::uuid[]) AND claim_token = $1"
-UNCLAIM = """
+FREE = """
 UPDATE delayed_messages SET claim_token = NULL, claimed_until = NULL
 WHERE claim_token = ANY($1::uuid[])
 """
-UNCLAIM_TIMEOUT = 2.0
+FORGET_CLAIMED = "DELETE FROM delayed_messages WHERE claim_token = ANY($1::uuid[])"
+GIVE_BACK_TIMEOUT = 2.0
 # Seconds until the next row falls due, from the due_at index alone.
 NEXT_DUE = """
 SELECT extract(epoch FROM min(due_at) - now()) FROM delayed_messages WHERE due_at > now()
@@ -130,57 +131,81 @@ class Dispatcher:
         how many seconds the next delayed message falls due (None: there is none)."""
         claim = await self._claim(ledger.new_token())
         while claim.messages:
-            # The token exists before the claim: should the claim be cut short after
-            # PostgreSQL took it, its rows can still be given back.
-            following = Claim(ledger.new_token(), [])
-
-            async def claim_following() -> None:
-                nonlocal following
-                following = await self._claim(following.token)
-
-            try:
-                async with trio.open_nursery() as nursery:
-                    if len(claim.messages) == BATCH:
-                        nursery.start_soon(claim_following)
-                    await self._move(claim)
-            except BaseException:
-                await self._unclaim([claim.token, following.token])
-                raise
-            claim = following
+            claim = await self._move_claiming_next(claim)
         next_due = await self._store.fetchval(NEXT_DUE)
         return None if next_due is None else float(next_due)
 
     async def _claim(self, token: str) -> Claim:
-        due = await claim_due(self._store, token, BATCH, self._claim_seconds, self._fresh_seconds)
+        """Claim the next batch under token. The token exists before the claim, so when the
+        claim is cut short after PostgreSQL took it, its rows are given back all the same."""
+        try:
+            due = await claim_due(
+                self._store, token, BATCH, self._claim_seconds, self._fresh_seconds
+            )
+        except BaseException:
+            await self._give_back(FREE, [token])
+            raise
         return Claim(token, due)
 
-    async def _move(self, claim: Claim) -> None:
-        """Publish a claimed batch, then forget it."""
+    async def _move_claiming_next(self, claim: Claim) -> Claim:
+        """Publish and forget a claimed batch; meanwhile, when it was a full one, claim the
+        next. Returns that next batch (empty when there is none)."""
+        following = Claim(ledger.new_token(), [])
+        claim_failure: Exception | None = None
+
+        async def claim_following() -> None:
+            nonlocal following, claim_failure
+            try:
+                following = await self._claim(following.token)
+            except Exception as error:  # reported once this batch is through
+                claim_failure = error
+
+        published = False
+        try:
+            async with trio.open_nursery() as nursery:
+                if len(claim.messages) == BATCH:
+                    nursery.start_soon(claim_following)
+                published_at = await self._publish(claim)
+                published = True
+                await self._forget(claim, published_at)
+        except BaseException:
+            # Published rows are forgotten, so they go out once; the others are free again.
+            unpublished = [following.token]
+            if published:
+                await self._give_back(FORGET_CLAIMED, [claim.token])
+            else:
+                unpublished.append(claim.token)
+            await self._give_back(FREE, unpublished)
+            raise
+        if claim_failure is not None:
+            raise claim_failure
+        return following
+
+    async def _publish(self, claim: Claim) -> float:
+        """Publish a claimed batch with confirms; returns when it started (epoch seconds)."""
         started = time.time()
         messages: list[tuple[Target, Outgoing]] = [
             ((m.kind, m.target), m.envelope(started).to_amqp(started)) for m in claim.messages
         ]
         await self._publisher.to_targets(messages)
-        published = time.time()
+        logger.debug("delay: published %d in %.3f s", len(messages), time.time() - started)
+        return started
+
+    async def _forget(self, claim: Claim, published_at: float) -> None:
         await self._store.execute(FORGET, claim.token, [m.id for m in claim.messages])
-        logger.debug(
-            "delay: moved %d (publish %.3f s, forget %.3f s)",
-            len(claim.messages),
-            published - started,
-            time.time() - published,
-        )
         for message in claim.messages:
             self._metrics.delay_dispatched.labels(message.target).inc()
-            self._metrics.delay_lateness.observe(max(0.0, started - message.due_at))
+            self._metrics.delay_lateness.observe(max(0.0, published_at - message.due_at))
 
-    async def _unclaim(self, tokens: list[str]) -> None:
-        """After a failure, give claimed rows back at once rather than when their claim runs
-        out; if even that fails, the claims still run out by themselves."""
-        with trio.move_on_after(UNCLAIM_TIMEOUT, shield=True):
+    async def _give_back(self, statement: str, tokens: list[str]) -> None:
+        """After a failure, settle claimed rows at once (statement: FREE or FORGET_CLAIMED)
+        rather than when their claim runs out; if even that fails, the claims still run out
+        by themselves."""
+        with trio.move_on_after(GIVE_BACK_TIMEOUT, shield=True):
             try:
-                await self._store.execute(UNCLAIM, tokens)
+                await self._store.execute(statement, tokens)
             except Exception as error:
-                logger.debug("delay: giving claims back failed: %s", describe(error))
+                logger.debug("delay: settling claims after a failure: %s", describe(error))
 
 
 @dataclass(frozen=True)

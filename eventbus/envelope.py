@@ -116,9 +116,12 @@ class Settlement:
 
 def internal_message(body: bytes) -> Outgoing:
     """A persistent message for the bus's own queues."""
-    return Outgoing(
-        body, Basic.Properties(delivery_mode=PERSISTENT, content_type="application/json")
+    properties = Basic.Properties(
+        message_id=uuid.uuid4().hex,  # RabbitMQ names a returned message by it
+        delivery_mode=PERSISTENT,
+        content_type="application/json",
     )
+    return Outgoing(body, properties)
 
 
 @dataclass(frozen=True)

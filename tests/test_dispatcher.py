@@ -33,6 +33,31 @@ class RecordingPublisher:
         self.batches.append([m.properties.message_id or "" for _, m in messages])
 
 
+class FailingStore:
+    """The real store, except that the statements named fail once, as PostgreSQL going away
+    at that moment would."""
+
+    def __init__(self, store: Store, *failing: str) -> None:
+        self._store = store
+        self._failing = set(failing)
+
+    def _check(self, sql: str) -> None:
+        if sql in self._failing:
+            self._failing.discard(sql)
+            raise ConnectionResetError("PostgreSQL went away (test)")
+
+    async def fetch(self, sql: str, *args: Any) -> Any:
+        self._check(sql)
+        return await self._store.fetch(sql, *args)
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        return await self._store.fetchval(sql, *args)
+
+    async def execute(self, sql: str, *args: Any) -> Any:
+        self._check(sql)
+        return await self._store.execute(sql, *args)
+
+
 def due_messages(count: int, due_at: float) -> list[DelayedMessage]:
     return [DelayedMessage(str(uuid.uuid4()), "queue", "q", "x", due_at, 0) for _ in range(count)]
 
@@ -46,8 +71,8 @@ async def with_store(postgres_dsn: str, work: Any) -> None:
             await store.close()
 
 
-def dispatcher(store: Store, publisher: RecordingPublisher) -> delay.Dispatcher:
-    return delay.Dispatcher(store, cast(Publisher, publisher), Metrics("test"), 60, 1)
+def dispatcher(store: Store | FailingStore, publisher: RecordingPublisher) -> delay.Dispatcher:
+    return delay.Dispatcher(cast(Store, store), cast(Publisher, publisher), Metrics("test"), 60, 1)
 
 
 async def test_a_tick_moves_every_due_message_once_in_batches(postgres_dsn: str) -> None:
@@ -94,3 +119,45 @@ async def test_a_failed_publish_gives_its_claims_back_at_once(
 
     await with_store(postgres_dsn, work)
     assert len(publisher.batches) == fail_at - 1
+
+
+async def test_a_batch_published_but_not_forgotten_is_not_published_again(
+    postgres_dsn: str,
+) -> None:
+    due = due_messages(delay.BATCH + 10, time.time() - 60)
+    publisher = RecordingPublisher()
+
+    async def work(store: Store) -> None:
+        await delay.write(store, due)
+        with pytest.raises(ExceptionGroup) as failure:
+            await dispatcher(FailingStore(store, delay.FORGET), publisher).tick()
+        assert failure.group_contains(ConnectionResetError)
+        rows = await store.fetch("SELECT claim_token FROM delayed_messages")
+        assert len(rows) == 10  # the published batch is gone all the same
+        assert all(r["claim_token"] is None for r in rows)  # the rest is free at once
+
+    await with_store(postgres_dsn, work)
+    assert [len(b) for b in publisher.batches] == [delay.BATCH]
+
+
+async def test_a_failed_claim_of_the_next_batch_lets_the_current_one_finish(
+    postgres_dsn: str,
+) -> None:
+    due = due_messages(delay.BATCH + 10, time.time() - 60)
+    publisher = RecordingPublisher()
+
+    async def work(store: Store) -> None:
+        await delay.write(store, due)
+        failing = FailingStore(store)
+        job = dispatcher(failing, publisher)
+        first = await job._claim("00000000-0000-0000-0000-000000000001")
+        failing._failing.add(delay.CLAIM)  # the claim made while this batch is published
+        with pytest.raises(ConnectionResetError):
+            await job._move_claiming_next(first)
+        rows = await store.fetch("SELECT claim_token FROM delayed_messages")
+        assert len(rows) == 10
+        assert all(r["claim_token"] is None for r in rows)
+        assert await job.tick() is None  # the next tick moves the rest
+
+    await with_store(postgres_dsn, work)
+    assert [len(b) for b in publisher.batches] == [delay.BATCH, 10]

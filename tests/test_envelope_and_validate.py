@@ -17,6 +17,7 @@ from eventbus.envelope import (
     Envelope,
     Outgoing,
     Settlement,
+    internal_message,
     new_envelope,
 )
 from eventbus.errors import InvalidArgument
@@ -331,3 +332,11 @@ def test_delay_limit_can_be_lowered() -> None:
     assert validate.delay(10, maximum=10) == 10
     with pytest.raises(InvalidArgument, match="at most 10"):
         validate.delay(11, maximum=10)
+
+
+def test_internal_messages_are_persistent_json_each_with_its_own_id() -> None:
+    first, second = internal_message(b"{}"), internal_message(b"{}")
+    assert first.properties.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert first.properties.content_type == "application/json"
+    assert first.properties.message_id and second.properties.message_id
+    assert first.properties.message_id != second.properties.message_id
