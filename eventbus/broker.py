@@ -32,6 +32,7 @@ CALL_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 5.0
 BROKER_ERRORS: tuple[type[BaseException], ...] = (
     aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,  # a RuntimeError: the channel closed meanwhile
     aio_pika.exceptions.AMQPException,
     ConnectionError,
     OSError,

@@ -13,7 +13,8 @@ from pamqp.commands import Basic
 
 from eventbus import aio, bulk
 from eventbus.envelope import Envelope
-from eventbus.publisher import _rounds
+from eventbus.errors import Unavailable
+from eventbus.publisher import _bounded, _rounds
 from tests.servers import unique_name
 
 
@@ -117,3 +118,13 @@ def test_a_message_id_twice_in_a_batch_goes_in_a_later_round() -> None:
     rounds = _rounds(batch)
     assert rounds == [[batch[0], batch[1]], [batch[2]], [batch[3]]]
     assert _rounds(batch[:2]) == [batch[:2]]
+
+
+async def test_a_send_on_a_channel_closed_meanwhile_is_unavailable(amqp_url: str) -> None:
+    async def work(underlay: aiormq.Channel, channel: aio_pika.abc.AbstractChannel) -> Any:
+        await channel.close()
+        with pytest.raises(Unavailable, match="RabbitMQ is unavailable"):
+            await _bounded("publishing", bulk.send(underlay, publishes("q", 3)))
+
+    async with aio.open_loop(lambda: None):
+        await aio.call(on_confirm_channel, amqp_url, work)
