@@ -41,6 +41,9 @@ class FailingStore:
         self._store = store
         self._failing = set(failing)
 
+    def fail_once(self, sql: str) -> None:
+        self._failing.add(sql)
+
     def _check(self, sql: str) -> None:
         if sql in self._failing:
             self._failing.discard(sql)
@@ -58,14 +61,23 @@ class FailingStore:
         return await self._store.execute(sql, *args)
 
 
+async def free_rows_left(store: Store) -> int:
+    """How many delayed rows are left; each must be free to claim at once (no claim held)."""
+    rows = await store.fetch("SELECT claim_token FROM delayed_messages")
+    assert all(r["claim_token"] is None for r in rows)
+    return len(rows)
+
+
 def due_messages(count: int, due_at: float) -> list[DelayedMessage]:
     return [DelayedMessage(str(uuid.uuid4()), "queue", "q", "x", due_at, 0) for _ in range(count)]
 
 
-async def with_store(postgres_dsn: str, work: Any) -> None:
+async def with_store(postgres_dsn: str, pending: list[DelayedMessage], work: Any) -> None:
+    """Run work(store) on a store that holds pending."""
     async with aio.open_loop(lambda: None):
         store = await open_store(PostgresConfig(dsn=postgres_dsn), window=10)
         try:
+            await delay.write(store, pending)
             await work(store)
         finally:
             await store.close()
@@ -82,13 +94,12 @@ async def test_a_tick_moves_every_due_message_once_in_batches(postgres_dsn: str)
     publisher = RecordingPublisher()
 
     async def work(store: Store) -> None:
-        await delay.write(store, due + later)
         next_due = await dispatcher(store, publisher).tick()
         left = await store.fetch("SELECT id FROM delayed_messages")
         assert sorted(str(r["id"]) for r in left) == sorted(m.id for m in later)
         assert next_due == pytest.approx(3600, abs=30)  # when the earliest of those falls due
 
-    await with_store(postgres_dsn, work)
+    await with_store(postgres_dsn, due + later, work)
     moved = [message_id for batch in publisher.batches for message_id in batch]
     assert sorted(moved) == sorted(m.id for m in due)
     assert [len(b) for b in publisher.batches] == [delay.BATCH, delay.BATCH, 37]
@@ -98,7 +109,7 @@ async def test_a_tick_with_nothing_pending_asks_for_no_early_run(postgres_dsn: s
     async def work(store: Store) -> None:
         assert await dispatcher(store, RecordingPublisher()).tick() is None
 
-    await with_store(postgres_dsn, work)
+    await with_store(postgres_dsn, [], work)
 
 
 @pytest.mark.parametrize("fail_at", [1, 2])
@@ -109,15 +120,12 @@ async def test_a_failed_publish_gives_its_claims_back_at_once(
     publisher = RecordingPublisher(fail_at=fail_at)
 
     async def work(store: Store) -> None:
-        await delay.write(store, due)
         with pytest.raises(ExceptionGroup) as failure:  # from the batch's nursery
             await dispatcher(store, publisher).tick()
         assert failure.group_contains(Unavailable)
-        rows = await store.fetch("SELECT claim_token FROM delayed_messages")
-        assert len(rows) == len(due) - (fail_at - 1) * delay.BATCH  # moved batches are gone
-        assert all(r["claim_token"] is None for r in rows)  # the rest may be claimed anew
+        assert await free_rows_left(store) == len(due) - (fail_at - 1) * delay.BATCH
 
-    await with_store(postgres_dsn, work)
+    await with_store(postgres_dsn, due, work)
     assert len(publisher.batches) == fail_at - 1
 
 
@@ -128,15 +136,12 @@ async def test_a_batch_published_but_not_forgotten_is_not_published_again(
     publisher = RecordingPublisher()
 
     async def work(store: Store) -> None:
-        await delay.write(store, due)
         with pytest.raises(ExceptionGroup) as failure:
             await dispatcher(FailingStore(store, delay.FORGET), publisher).tick()
         assert failure.group_contains(ConnectionResetError)
-        rows = await store.fetch("SELECT claim_token FROM delayed_messages")
-        assert len(rows) == 10  # the published batch is gone all the same
-        assert all(r["claim_token"] is None for r in rows)  # the rest is free at once
+        assert await free_rows_left(store) == 10  # the published batch is gone all the same
 
-    await with_store(postgres_dsn, work)
+    await with_store(postgres_dsn, due, work)
     assert [len(b) for b in publisher.batches] == [delay.BATCH]
 
 
@@ -147,17 +152,14 @@ async def test_a_failed_claim_of_the_next_batch_lets_the_current_one_finish(
     publisher = RecordingPublisher()
 
     async def work(store: Store) -> None:
-        await delay.write(store, due)
         failing = FailingStore(store)
         job = dispatcher(failing, publisher)
         first = await job._claim("00000000-0000-0000-0000-000000000001")
-        failing._failing.add(delay.CLAIM)  # the claim made while this batch is published
+        failing.fail_once(delay.CLAIM)  # the claim made while this batch is published
         with pytest.raises(ConnectionResetError):
             await job._move_claiming_next(first)
-        rows = await store.fetch("SELECT claim_token FROM delayed_messages")
-        assert len(rows) == 10
-        assert all(r["claim_token"] is None for r in rows)
+        assert await free_rows_left(store) == 10
         assert await job.tick() is None  # the next tick moves the rest
 
-    await with_store(postgres_dsn, work)
+    await with_store(postgres_dsn, due, work)
     assert [len(b) for b in publisher.batches] == [delay.BATCH, 10]
