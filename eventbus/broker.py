@@ -57,6 +57,17 @@ class Channel:
     amqp: aio_pika.abc.AbstractChannel
     generation: int
 
+    async def close(self) -> None:
+        """Close the channel if it is open, within CLOSE_TIMEOUT, also from a cancelled scope;
+        a failure (its connection is gone already) is only a debug line."""
+        if self.amqp.is_closed:
+            return
+        with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+            try:
+                await aio.call(self.amqp.close)
+            except BROKER_ERRORS as error:
+                logger.debug("closing a channel failed: %s", describe(error))
+
 
 class Broker:
     """The daemon's AMQP connection, and whether it is up."""

@@ -6,8 +6,9 @@ connection carries. send() takes the channel's lock once, registers one confirma
 the way basic_publish does, and hands every frame to the connection's writer as one block.
 
 It relies on aiormq channel attributes that are not part of its documented API (delivery_tag,
-confirmations, message_id_delivery_tag, write_queue, number, _split_body), checked once per
-channel; without them send() publishes message by message through basic_publish.
+confirmations, message_id_delivery_tag, write_queue, number, _split_body), checked on each
+send (a few attribute lookups); without them send() publishes message by message through
+basic_publish.
 """
 
 from __future__ import annotations

@@ -166,7 +166,7 @@ class QueueConsumer:
             self.buffer.clear()  # closing the channels hands their messages back to RabbitMQ
             with trio.move_on_after(SETTLE_TIMEOUT, shield=True):
                 for channel in channels:
-                    await _close_quietly(channel)
+                    await channel.close()
 
     async def _consume_on_new_channel(self) -> Channel:
         channel = await self.broker.channel(prefetch=self._per_channel)
@@ -179,8 +179,7 @@ class QueueConsumer:
         except BaseException:
             # The consume may have reached RabbitMQ: a channel left open would keep
             # prefetching into a buffer nobody sweeps.
-            with trio.move_on_after(SETTLE_TIMEOUT, shield=True):
-                await _close_quietly(channel)
+            await channel.close()
             raise
         return channel
 
@@ -235,15 +234,6 @@ async def settle(message: aio_pika.abc.AbstractIncomingMessage, *, ack: bool) ->
     except SETTLE_ERRORS as error:
         logger.debug("settling a delivery failed: %s", describe(error))
         return False
-
-
-async def _close_quietly(channel: Channel) -> None:
-    if channel.amqp.is_closed:
-        return
-    try:
-        await aio.call(channel.amqp.close)
-    except BROKER_ERRORS as error:
-        logger.debug("closing a channel failed: %s", describe(error))
 
 
 class Consumers:

@@ -138,9 +138,7 @@ class Rebalancer:
                 with trio.move_on_after(1):
                     self.answer(await receive.receive())
         finally:
-            with trio.move_on_after(5, shield=True):
-                if not channel.amqp.is_closed:
-                    await aio.call(channel.amqp.close)
+            await channel.close()
 
     def answer(self, raw: bytes) -> None:
         """Release the announced queue here if this node holds its messages idle."""
@@ -153,9 +151,8 @@ class Rebalancer:
         if node == self.node:
             return
         consumer = self._consumers.get(queue)
-        state = _state_of(consumer) if consumer else None
         now = time.monotonic()
-        if consumer is not None and should_release(state, now, self._released):
+        if consumer is not None and should_release(_state_of(consumer), now, self._released):
             self._released[queue] = now
             consumer.release(
                 f"handing {len(consumer.buffer)} prefetched messages to {node}", PAUSE_SECONDS
