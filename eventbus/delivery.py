@@ -76,6 +76,7 @@ class Delivery:
         """Publish one message; returns once RabbitMQ confirmed it."""
         validate.name("queue", queue, self.namespace)
         validate.data(data)
+        validate.ttl(ttl_seconds)
         now = time.time()
         await self._publisher.publish(queue, new_envelope(data, ttl_seconds, now).to_amqp(now))
         self._metrics.published.labels(queue).inc()
@@ -84,6 +85,7 @@ class Delivery:
         """Publish one message to every queue bound to topic; returns once confirmed."""
         validate.name("topic", topic, self.namespace)
         validate.data(data)
+        validate.ttl(ttl_seconds)
         now = time.time()
         message = new_envelope(data, ttl_seconds, now).to_amqp(now)
         await self._publisher.publish_topic(topic, message)
@@ -97,6 +99,7 @@ class Delivery:
         kind, name = target
         validate.name(kind, name, self.namespace)
         validate.data(data)
+        validate.ttl(ttl_seconds)
         validate.delay(delay_seconds, self.config.delivery.max_delay_seconds)
         if delay_seconds == 0:
             await self._publish_now(target, data, ttl_seconds)

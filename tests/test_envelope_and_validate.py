@@ -221,11 +221,15 @@ def test_name_of_256_bytes_is_rejected() -> None:
         validate.name("topic", "a" * 256, "event_bus")
 
 
-def test_name_limit_counts_bytes_of_multibyte_characters() -> None:
-    fits = "é" * 127 + "a"  # 255 bytes in 128 characters
-    assert validate.name("queue", fits, "event_bus") == fits
-    with pytest.raises(InvalidArgument, match="at most 255 bytes"):
-        validate.name("queue", "é" * 128, "event_bus")  # 256 bytes in 128 characters
+@pytest.mark.parametrize("value", ["é", "queue\n", "a\tb", "a*b", "a$b", "q\x00", "[x]", "ü" * 10])
+def test_name_with_a_character_the_client_library_refuses_is_rejected(value: str) -> None:
+    with pytest.raises(InvalidArgument, match="queue may only contain A-Z a-z 0-9"):
+        validate.name("queue", value, "event_bus")
+
+
+def test_name_with_every_accepted_punctuation_is_allowed() -> None:
+    value = "a-b_c.d:e@f#g,h/i+j k"
+    assert validate.name("queue", value, "event_bus") == value
 
 
 def test_name_in_amq_namespace_is_rejected() -> None:
@@ -324,14 +328,28 @@ def test_delay_up_to_the_maximum_is_allowed() -> None:
 
 
 def test_delay_beyond_the_maximum_is_rejected() -> None:
-    with pytest.raises(InvalidArgument, match=f"delaySeconds must be at most {365 * 24 * 3600}"):
+    with pytest.raises(InvalidArgument, match=f"delaySeconds must be 0-{365 * 24 * 3600}"):
         validate.delay(validate.MAX_DELAY_SECONDS + 1)
 
 
 def test_delay_limit_can_be_lowered() -> None:
     assert validate.delay(10, maximum=10) == 10
-    with pytest.raises(InvalidArgument, match="at most 10"):
+    with pytest.raises(InvalidArgument, match="0-10"):
         validate.delay(11, maximum=10)
+
+
+# validate.ttl
+
+
+def test_ttl_up_to_ten_years_is_allowed() -> None:
+    assert validate.ttl(0) == 0
+    assert validate.ttl(validate.MAX_TTL_SECONDS) == validate.MAX_TTL_SECONDS
+
+
+@pytest.mark.parametrize("seconds", [validate.MAX_TTL_SECONDS + 1, 2**64 - 1, -1])
+def test_ttl_out_of_range_is_rejected_naming_the_field_and_limit(seconds: int) -> None:
+    with pytest.raises(InvalidArgument, match=f"ExpirationSeconds must be 0-{3650 * 24 * 3600}"):
+        validate.ttl(seconds)
 
 
 def test_internal_messages_are_persistent_json_each_with_its_own_id() -> None:
