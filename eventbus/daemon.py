@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import time
+from functools import partial
 from typing import Any
 
 import trio
@@ -39,6 +40,7 @@ from .publisher import Publisher
 from .rebalance import Rebalancer
 from .republish import Republisher
 from .retry import describe
+from .supervise import Supervisor
 from .wire import MqService, MqTopicService, SizeLimitedCodec
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ class Daemon:
         self.stop_requested = trio.Event()
         self.http_stopped = trio.Event()
         self.gate = rpc.Gate(self.metrics)
+        self.supervisor = Supervisor(self.metrics)
 
     async def serve(self) -> None:
         """Run until SIGTERM/SIGINT (graceful stop) or a fatal error (raised)."""
@@ -115,22 +118,28 @@ class Daemon:
         await root.start(rpc.run, self.grpc, cfg.server.grpc_host, cfg.server.grpc_port)
         app = http.make_app(self._readiness_checks(), self.metrics, self.stats)
         await root.start(self._serve_http, app)
-        root.start_soon(nodes.keep_registered, self.store, self.node)
-        root.start_soon(self.notifier.keep_alive)
-        root.start_soon(lag.watch, self.metrics)
+        supervise = self.supervisor.forever
+        root.start_soon(supervise, "nodes", partial(nodes.keep_registered, self.store, self.node))
+        root.start_soon(supervise, "watchdog", self.notifier.keep_alive)
+        root.start_soon(supervise, "lag", partial(lag.watch, self.metrics))
 
     def _start_background(self, root: trio.Nursery) -> None:
         """Bookkeeping workers, the crons and the gauges, as this node's configuration asks."""
         cfg = self.config
         internal = self.delivery.internal
+        supervise = self.supervisor.forever
         if cfg.background.enabled:
             root.start_soon(
-                bookkeeping.run,
-                self.broker,
-                self.store,
-                self.metrics,
-                internal,
-                cfg.background.workers,
+                supervise,
+                "bookkeeping",
+                partial(
+                    bookkeeping.run,
+                    self.broker,
+                    self.store,
+                    self.metrics,
+                    internal,
+                    cfg.background.workers,
+                ),
             )
         jobs = [
             (
@@ -155,9 +164,8 @@ class Daemon:
         for name, enabled, job in jobs:
             if enabled:
                 lock_ = RedisLock(self.redis, name, cfg.cron.lock_ttl_seconds)
-                root.start_soon(
-                    Cron(name, job, lock_, cfg.cron.interval_seconds, cfg.cron.lock_ttl_seconds).run
-                )
+                cron = Cron(name, job, lock_, cfg.cron.interval_seconds, cfg.cron.lock_ttl_seconds)
+                root.start_soon(supervise, f"cron {name}", cron.run)
         rebalancer = Rebalancer(
             self.node,
             self.broker,
@@ -166,11 +174,11 @@ class Daemon:
             f"{cfg.amqp.namespace}.rebalance",
             self.metrics,
         )
-        root.start_soon(rebalancer.run)
+        root.start_soon(supervise, "rebalance", rebalancer.run)
         self.gauges = Gauges(
             self.metrics, self.store, self.publisher, self.consumers, internal.all()
         )
-        root.start_soon(self.gauges.run)
+        root.start_soon(supervise, "gauges", self.gauges.run)
 
     async def _serve_http(
         self, app: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

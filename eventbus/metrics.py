@@ -113,6 +113,13 @@ class Metrics:
             "How late the last periodic wake-up of the event loop came (a blocked loop shows here)",
             registry=self.registry,
         )
+        self.task_failures = Counter(
+            "eventbus_task_failures",
+            "Failures of a background task (consumer, worker, cron, watcher), each followed by a "
+            "restart",
+            ["task"],
+            registry=self.registry,
+        )
         self.reconnects = Counter(
             "eventbus_reconnects",
             "Connections re-established after a loss, by dependency",

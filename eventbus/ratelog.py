@@ -29,9 +29,17 @@ class RateLimitedLog:
         self._clock = clock
         self._last: dict[str, tuple[float, int]] = {}  # kind -> (logged at, suppressed since)
 
-    def log(self, level: int, kind: str, message: str, *args: object) -> bool:
-        """Log message (%-style args) unless a line of this kind went out within the interval;
-        returns whether it was logged. A logged line says how many were suppressed before it."""
+    def log(
+        self,
+        level: int,
+        kind: str,
+        message: str,
+        *args: object,
+        exc_info: BaseException | None = None,
+    ) -> bool:
+        """Log message (%-style args, with exc_info's traceback if given) unless a line of this
+        kind went out within the interval; returns whether it was logged. A logged line says
+        how many were suppressed before it."""
         now = self._clock()
         logged_at, suppressed = self._last.pop(kind, (-self._interval, 0))
         if now - logged_at < self._interval:
@@ -40,7 +48,7 @@ class RateLimitedLog:
         if suppressed:
             message += " (%d more like it in the last %.0f s)"
             args = (*args, suppressed, now - logged_at)
-        self._logger.log(level, message, *args)
+        self._logger.log(level, message, *args, exc_info=exc_info)
         self._remember(kind, now, 0)
         return True
 
