@@ -70,6 +70,14 @@ class ServerConfig:
     )
     max_message_bytes: int = _setting(4 * 1024 * 1024, _int(1024, 64 * 1024 * 1024))
     shutdown_grace_seconds: float = _setting(10.0, _float(0, 300))
+    max_connections: int = _setting(1000, _int(1, 1_000_000))
+    max_streams_per_connection: int = _setting(100, _int(1, 10_000))
+    max_concurrent_calls: int = _setting(10_000, _int(1, 1_000_000))
+    idle_timeout_seconds: float = _setting(300.0, _float(0.1, 86400))
+    request_timeout_seconds: float = _setting(30.0, _float(0.1, 3600))
+    keepalive_min_ping_interval_seconds: float = _setting(10.0, _float(0, 3600))
+    max_client_resets: int = _setting(500, _int(1, 1_000_000))
+    client_reset_window_seconds: float = _setting(10.0, _float(0.1, 3600))
 
     @property
     def node(self) -> str:

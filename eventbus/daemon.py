@@ -33,6 +33,7 @@ from .delay import Dispatcher
 from .delivery import Delivery
 from .errors import Unavailable
 from .gauges import Gauges
+from .h2limits import limits_of
 from .lock import RedisLock
 from .metrics import Metrics, label_values
 from .notify import Notifier
@@ -58,7 +59,7 @@ class Daemon:
         self.ready = False
         self.stop_requested = trio.Event()
         self.http_stopped = trio.Event()
-        self.gate = rpc.Gate(self.metrics)
+        self.gate = rpc.Gate(self.metrics, config.server.max_concurrent_calls)
         self.supervisor = Supervisor(self.metrics)
 
     async def serve(self) -> None:
@@ -114,7 +115,7 @@ class Daemon:
         # grpclib binds to the running asyncio loop when built, so only now.
         services = [MqService(self.gate, self.delivery), MqTopicService(self.gate, self.delivery)]
         codec = SizeLimitedCodec(cfg.server.max_message_bytes)
-        self.grpc = rpc.GrpcServer(services, self.gate, codec)
+        self.grpc = rpc.GrpcServer(services, self.gate, codec, limits_of(cfg.server))
         await root.start(rpc.run, self.grpc, cfg.server.grpc_host, cfg.server.grpc_port)
         app = http.make_app(self._readiness_checks(), self.metrics, self.stats)
         await root.start(self._serve_http, app)

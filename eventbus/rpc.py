@@ -7,6 +7,7 @@ status codes in one place, and makes sure a bug reaches the client as INTERNAL, 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection
@@ -19,10 +20,11 @@ from grpclib.exceptions import GRPCError
 from grpclib.health.check import ServiceStatus
 from grpclib.health.service import Health
 from grpclib.reflection.service import ServerReflection
-from grpclib.server import Server, Stream
+from grpclib.server import Stream
 
 from . import aio
 from .errors import CallError
+from .h2limits import GuardedServer, Limits
 from .metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -36,8 +38,9 @@ CLOSE_TIMEOUT = 5.0
 class Gate:
     """Admits calls while serving, counts them, and maps their errors to status codes."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, max_calls: int = 10_000) -> None:
         self.metrics = metrics
+        self.max_calls = max_calls
         self.draining = False
         self.in_flight = 0
         self._idle = trio.Event()
@@ -52,13 +55,22 @@ class Gate:
         """Handle one unary call: receive, run work (asyncio side), send the reply."""
         if self.draining:
             raise GRPCError(Status.UNAVAILABLE, "server is shutting down")
+        if self.in_flight >= self.max_calls:
+            self.metrics.grpc_requests.labels(method, Status.RESOURCE_EXHAUSTED.name).inc()
+            raise GRPCError(
+                Status.RESOURCE_EXHAUSTED,
+                f"{self.in_flight} calls in flight (server.max_concurrent_calls); retry later",
+            )
         self._enter()
         code = Status.OK
         try:
             request = await stream.recv_message()
-            assert request is not None
+            assert request is not None  # framing.FramedStream refuses a unary call without one
             reply = await work(request)
             await stream.send_message(reply)
+        except asyncio.CancelledError:  # the client went away, or its deadline passed
+            code = _cancelled_code(stream)
+            raise
         except CallError as error:
             code = error.status
             raise GRPCError(error.status, error.message) from None
@@ -93,14 +105,25 @@ class Gate:
         return self.in_flight
 
 
+def _cancelled_code(stream: Stream[Any, Any]) -> Status:
+    """How a call that grpclib cancelled ended: its deadline passed, or its client left."""
+    deadline = stream.deadline
+    if deadline is not None and deadline.time_remaining() <= 0:
+        return Status.DEADLINE_EXCEEDED
+    return Status.CANCELLED
+
+
 class GrpcServer:
     """The listening grpclib server with health and reflection services beside the bus's own."""
 
-    def __init__(self, services: Collection[Any], gate: Gate, codec: CodecBase) -> None:
+    def __init__(
+        self, services: Collection[Any], gate: Gate, codec: CodecBase, limits: Limits
+    ) -> None:
         self.gate = gate
         self.status = ServiceStatus()
         health = Health({service: [self.status] for service in services})
-        self._server = Server(ServerReflection.extend([*services, health]), codec=codec)
+        handlers = ServerReflection.extend([*services, health])
+        self._server = GuardedServer(handlers, codec=codec, limits=limits)
         self._closed = False
 
     async def start(self, host: str, port: int) -> None:

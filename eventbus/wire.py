@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from google.protobuf.empty_pb2 import Empty
+from google.protobuf.message import DecodeError
 from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
@@ -30,13 +31,23 @@ class SizeLimitedCodec(ProtoCodec):
         self.max_bytes = max_bytes
 
     def decode(self, data: bytes, message_type: Any) -> Any:
+        """The message, or INVALID_ARGUMENT / RESOURCE_EXHAUSTED naming what is wrong.
+
+        The size is checked on the length prefix before the body is read (framing.py); this
+        check stays for any path that hands the codec a body directly."""
         if len(data) > self.max_bytes:
             raise GRPCError(
                 Status.RESOURCE_EXHAUSTED,
                 f"request of {len(data)} bytes is over the limit of {self.max_bytes} bytes "
                 "(server.max_message_bytes)",
             )
-        return super().decode(data, message_type)
+        try:
+            return super().decode(data, message_type)
+        except DecodeError as error:
+            name = getattr(message_type, "__name__", "message")
+            raise GRPCError(
+                Status.INVALID_ARGUMENT, f"malformed {name}: {error or 'not valid protobuf'}"
+            ) from None
 
 
 def _reply(record: DeliveryRecord) -> mq_pb2.SubscribeResponse:
