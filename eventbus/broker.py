@@ -21,7 +21,7 @@ import trio
 
 from . import aio
 from .config import AmqpConfig
-from .errors import Unavailable
+from .errors import ResourceExhausted, Unavailable
 from .metrics import Metrics
 from .retry import connect_within, describe, redact
 
@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 5.0
 CALL_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 5.0
+CHANNEL_CEILING = 2000  # below RabbitMQ's default channel_max of 2047
 BROKER_ERRORS: tuple[type[BaseException], ...] = (
     aiormq.exceptions.AMQPError,
     aiormq.exceptions.ChannelInvalidStateError,  # a RuntimeError: the channel closed meanwhile
@@ -38,6 +39,12 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
 )
 CHANNEL_ERRORS: tuple[type[BaseException], ...] = (*BROKER_ERRORS, trio.TooSlowError)
+# RabbitMQ refusing what the bus asked of an entity: another try will not change its mind.
+REFUSALS: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.ChannelPreconditionFailed,
+    aiormq.exceptions.ChannelAccessRefused,
+    aiormq.exceptions.ChannelLockedResource,
+)
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
@@ -135,8 +142,10 @@ class Broker:
         return self.connection
 
     async def channel(self, *, confirms: bool = False, prefetch: int = 0) -> Channel:
-        """A new channel on the live connection (BrokerUnavailable while there is none)."""
+        """A new channel on the live connection (BrokerUnavailable while there is none,
+        ResourceExhausted when the connection is near RabbitMQ's channel_max)."""
         connection, generation = self.connection, self.generation
+        self._check_channel_count(connection)
         try:
             with trio.fail_after(CALL_TIMEOUT):
                 channel = await aio.call(connection.channel, publisher_confirms=confirms)
@@ -144,7 +153,22 @@ class Broker:
                     await aio.call(channel.set_qos, prefetch_count=prefetch)
         except CHANNEL_ERRORS as error:
             raise BrokerUnavailable(f"RabbitMQ at {self.address}: {describe(error)}") from None
+        except RuntimeError as error:  # aiormq: "<Connection> closed", the loss not yet seen
+            if not connection.is_closed:
+                raise
+            raise BrokerUnavailable(f"RabbitMQ at {self.address}: {describe(error)}") from None
         return Channel(channel, generation)
+
+    def _check_channel_count(self, connection: aio_pika.abc.AbstractConnection) -> None:
+        """Refuse a channel past CHANNEL_CEILING: RabbitMQ closes the whole connection when a
+        client opens more than its channel_max."""
+        transport = getattr(connection, "transport", None)
+        channels = getattr(getattr(transport, "connection", None), "channels", None)
+        if channels is not None and len(channels) >= CHANNEL_CEILING:
+            raise ResourceExhausted(
+                f"the connection to RabbitMQ has {len(channels)} channels open, the most this "
+                "node uses; try again when other queues are idle"
+            )
 
     async def wait_lost(self) -> str:
         """Wait until the connection is lost; returns why."""

@@ -78,6 +78,7 @@ class ServerConfig:
     keepalive_min_ping_interval_seconds: float = _setting(10.0, _float(0, 3600))
     max_client_resets: int = _setting(500, _int(1, 1_000_000))
     client_reset_window_seconds: float = _setting(10.0, _float(0.1, 3600))
+    auto_create_queues: bool = _setting(True, BOOL)
 
     @property
     def node(self) -> str:
@@ -101,6 +102,9 @@ class AmqpConfig:
     heartbeat_seconds: int = _setting(10, _int(1, 600))
     buffer_hold_seconds: float = _setting(300.0, _float(0.5, 1500))
     consumer_idle_seconds: float = _setting(60.0, _float(1, 86400))
+    publish_channels: int = _setting(8, _int(1, 256))
+    queue_idle_expiry_seconds: int = _setting(0, _int(0, 365 * 86400))
+    max_consumed_queues: int = _setting(200, _int(1, 1000))
 
 
 @dataclass(frozen=True)
@@ -177,7 +181,23 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
     for var, (section, key, value) in _env_overrides(environ).items():
         sections[section][key] = value
         _check_value(var, section, key, value)
-    return Config(**{name: SECTIONS[name](**table) for name, table in sections.items()})
+    config = Config(**{name: SECTIONS[name](**table) for name, table in sections.items()})
+    _check_channel_budget(source, config.amqp)
+    return config
+
+
+CONSUMER_CHANNEL_BUDGET = 1800  # of RabbitMQ's default channel_max 2047; the rest is the bus's own
+
+
+def _check_channel_budget(source: str, amqp: AmqpConfig) -> None:
+    """Consumers of every queue at once must fit in one connection's channels."""
+    wanted = amqp.max_consumed_queues * amqp.consumers_per_queue
+    if wanted > CONSUMER_CHANNEL_BUDGET:
+        raise ConfigError(
+            f"{source}: amqp.max_consumed_queues: times amqp.consumers_per_queue must be at most "
+            f"{CONSUMER_CHANNEL_BUDGET} channels, got {amqp.max_consumed_queues} x "
+            f"{amqp.consumers_per_queue} = {wanted}"
+        )
 
 
 def _read_toml(path: str) -> dict[str, Any]:

@@ -21,11 +21,12 @@ import aio_pika.abc
 import trio
 
 from . import aio
-from .broker import BROKER_ERRORS, Broker, Channel
+from .broker import BROKER_ERRORS, REFUSALS, Broker, Channel
 from .config import AmqpConfig
-from .errors import Unavailable
+from .errors import CallError, FailedPrecondition, ResourceExhausted, Unavailable
 from .metrics import Metrics
 from .retry import describe
+from .supervise import Supervisor
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ SWEEP_SECONDS = 0.25
 SETTLE_TIMEOUT = 5.0
 SETTLE_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, *BROKER_ERRORS)
 SESSION_ERRORS: tuple[type[BaseException], ...] = (Unavailable, trio.TooSlowError, *BROKER_ERRORS)
+MAX_PAUSE = 30.0
+REFUSAL_MEMORY = 1.0  # seconds a refused queue is answered from memory, not asked again
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,13 @@ class Buffer:
                 self.put_back(waiter.result())  # handed over just as the taker left
             raise
 
+    def fail_waiters(self, error: Exception) -> None:
+        """Wake every taker waiting now with error instead of a message."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)
+
     def take_older_than(self, cutoff: float) -> list[Buffered]:
         old = []
         while self._items and self._items[0].received_at < cutoff:
@@ -113,10 +123,18 @@ class ConsumerStopped(Exception):
 class QueueConsumer:
     """The consumers of one queue and their buffer."""
 
-    def __init__(self, broker: Broker, queue: str, config: AmqpConfig, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        queue: str,
+        config: AmqpConfig,
+        metrics: Metrics,
+        supervisor: Supervisor,
+    ) -> None:
         self.broker = broker
         self.queue = queue
         self.buffer = Buffer()
+        self._supervisor = supervisor
         self._channels_wanted = config.consumers_per_queue
         self._per_channel = max(1, math.ceil(config.prefetch_count / config.consumers_per_queue))
         self._hold_seconds = config.buffer_hold_seconds
@@ -126,10 +144,17 @@ class QueueConsumer:
         self._interrupted: str | None = None
         self._paused_until = 0.0  # trio time
         self.stopped = False
+        self.retiring = False  # asked to stop: another queue needs its channels
+        self.refusal: CallError | None = None
+
+    @property
+    def active(self) -> bool:
+        return not (self.stopped or self.retiring)
 
     async def take(self) -> Buffered:
-        """(asyncio side) The next prefetched message of this queue; waits until one arrives."""
-        if self.stopped:
+        """(asyncio side) The next prefetched message of this queue; waits until one arrives.
+        Raises ConsumerStopped once the consumer stops, or RabbitMQ's refusal of the queue."""
+        if not self.active:
             raise ConsumerStopped(self.queue)
         self._last_demand = time.monotonic()
         try:
@@ -140,6 +165,7 @@ class QueueConsumer:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Consume while anybody pulls from the queue; returns once it has been idle a while."""
         task_status.started()
+        pause = 1.0
         try:
             while not self._idle():
                 # An interrupt from here on (a release while waiting, a consumer cancelled
@@ -149,11 +175,28 @@ class QueueConsumer:
                 await self.broker.wait_connected()
                 try:
                     await self._session()
+                    pause = 1.0
+                except REFUSALS as error:
+                    self._refused(error)
+                    return
                 except SESSION_ERRORS as error:
                     logger.warning("consumer %s: %s; starting again", self.queue, describe(error))
                     await trio.sleep(1)
+                except Exception as error:
+                    self._supervisor.failed("consumer", error, subject=self.queue)
+                    await trio.sleep(pause)
+                    pause = min(pause * 2, MAX_PAUSE)
         finally:
             self.stopped = True
+            self.buffer.fail_waiters(ConsumerStopped(self.queue))
+
+    def _refused(self, error: BaseException) -> None:
+        """RabbitMQ refuses this queue (declared with other arguments, say): the takers waiting
+        now get that answer instead of waiting for their deadline."""
+        reason = describe(error)
+        self.refusal = FailedPrecondition(f"RabbitMQ refused queue {self.queue!r}: {reason}")
+        logger.info("consumer %s: %s", self.queue, self.refusal.message)
+        self.buffer.fail_waiters(self.refusal)
 
     async def _session(self) -> None:
         channels: list[Channel] = []
@@ -216,9 +259,14 @@ class QueueConsumer:
             await trio.sleep(SWEEP_SECONDS)
 
     def _idle(self) -> bool:
-        return (
+        return self.retiring or (
             self.buffer.waiting == 0 and time.monotonic() - self._last_demand > self._idle_seconds
         )
+
+    @property
+    def last_demand(self) -> float:
+        """When (time.monotonic) a subscriber last asked for or got a message of this queue."""
+        return self._last_demand
 
 
 async def settle(message: aio_pika.abc.AbstractIncomingMessage, *, ack: bool) -> bool:
@@ -237,27 +285,37 @@ async def settle(message: aio_pika.abc.AbstractIncomingMessage, *, ack: bool) ->
 
 
 class Consumers:
-    """The running QueueConsumers of this node, started on first demand."""
+    """The running QueueConsumers of this node, started on first demand, at most
+    amqp.max_consumed_queues at once."""
 
     def __init__(
-        self, broker: Broker, config: AmqpConfig, metrics: Metrics, nursery: trio.Nursery
+        self,
+        broker: Broker,
+        config: AmqpConfig,
+        metrics: Metrics,
+        supervisor: Supervisor,
+        nursery: trio.Nursery,
     ) -> None:
         self._broker = broker
         self._config = config
         self._metrics = metrics
+        self._supervisor = supervisor
         self._nursery = nursery
         self._running: dict[str, QueueConsumer] = {}
+        self._refused: dict[str, tuple[float, CallError]] = {}  # queue -> (when, refusal)
 
     async def take(self, queue: str) -> Buffered:
         """(asyncio side) The next message of queue from this node's buffer; waits until one
         arrives, starting the queue's consumer when it is not running."""
         while True:
             consumer = self._running.get(queue)
-            if consumer is None or consumer.stopped:
+            if consumer is None or not consumer.active:
                 consumer = await aio.run_trio(self._start)(queue)
             try:
                 return await consumer.take()
             except ConsumerStopped:
+                if consumer.refusal is not None:
+                    raise consumer.refusal from None
                 continue
 
     def running(self) -> list[QueueConsumer]:
@@ -273,13 +331,37 @@ class Consumers:
 
     async def _start(self, queue: str) -> QueueConsumer:
         consumer = self._running.get(queue)
-        if consumer is not None and not consumer.stopped:
+        if consumer is not None and consumer.active:
             return consumer  # another caller started it meanwhile
+        self._raise_recent_refusal(queue)
+        self._make_room()
         consumer = self._running[queue] = QueueConsumer(
-            self._broker, queue, self._config, self._metrics
+            self._broker, queue, self._config, self._metrics, self._supervisor
         )
         await self._nursery.start(self._run, consumer)
         return consumer
+
+    def _raise_recent_refusal(self, queue: str) -> None:
+        now = time.monotonic()
+        for name, (when, _) in list(self._refused.items()):
+            if now - when > REFUSAL_MEMORY:
+                del self._refused[name]
+        if queue in self._refused:
+            raise self._refused[queue][1]
+
+    def _make_room(self) -> None:
+        """At amqp.max_consumed_queues, retire the consumer nobody waits on that was wanted
+        least recently; when every one has a subscriber waiting, refuse."""
+        active = [c for c in self._running.values() if c.active]
+        if len(active) < self._config.max_consumed_queues:
+            return
+        idle = [c for c in active if c.buffer.waiting == 0]
+        if not idle:
+            raise ResourceExhausted(
+                f"this node already consumes {len(active)} queues with subscribers waiting "
+                "(amqp.max_consumed_queues); try again later or another node"
+            )
+        min(idle, key=lambda c: c.last_demand).retiring = True
 
     async def _run(
         self,
@@ -290,5 +372,7 @@ class Consumers:
         try:
             await consumer.run(task_status=task_status)
         finally:
+            if consumer.refusal is not None:
+                self._refused[consumer.queue] = (time.monotonic(), consumer.refusal)
             if self._running.get(consumer.queue) is consumer:
                 del self._running[consumer.queue]

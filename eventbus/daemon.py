@@ -107,7 +107,7 @@ class Daemon:
         """Everything that serves or works, on top of the connections."""
         cfg = self.config
         self.publisher = Publisher(self.broker, cfg.amqp.producers_per_queue)
-        self.consumers = Consumers(self.broker, cfg.amqp, self.metrics, root)
+        self.consumers = Consumers(self.broker, cfg.amqp, self.metrics, self.supervisor, root)
         self.delivery = Delivery(cfg, self.broker, self.publisher, self.consumers, self.metrics)
         for queue in self.delivery.internal.all():
             await self.publisher.declare_queue(queue)

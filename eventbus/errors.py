@@ -35,3 +35,14 @@ class Unavailable(CallError):
 
 class FailedPrecondition(CallError):
     status = Status.FAILED_PRECONDITION
+
+
+class ResourceExhausted(CallError):
+    status = Status.RESOURCE_EXHAUSTED
+
+
+class NotFound(CallError):
+    """A queue that does not exist, where the bus must not create it (server.auto_create_queues
+    false)."""
+
+    status = Status.NOT_FOUND

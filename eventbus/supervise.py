@@ -30,14 +30,14 @@ class Supervisor:
         self._log = RateLimitedLog(logger)
 
     async def forever(self, what: str, part: Callable[[], Awaitable[object]]) -> None:
-        """Run part again and again: after a failure with back-off (FIRST_PAUSE doubling up to
-        MAX_PAUSE), after a normal return at once. FatalError and cancellation pass through."""
+        """Run part until it returns, starting it again after each failure with back-off
+        (FIRST_PAUSE doubling up to MAX_PAUSE). FatalError and cancellation pass through."""
         pause = FIRST_PAUSE
         while True:
             started = trio.current_time()
             try:
                 await part()
-                continue
+                return
             except FatalError:
                 raise
             except Exception as error:
@@ -47,15 +47,15 @@ class Supervisor:
             await trio.sleep(pause)
             pause = min(pause * 2, MAX_PAUSE)
 
-    def failed(self, what: str, error: BaseException) -> None:
-        """Count a failure of part what and log it with its traceback, at most once a minute
-        for the same part and error type."""
+    def failed(self, what: str, error: BaseException, *, subject: str = "") -> None:
+        """Count a failure of part what (of subject, a queue say) and log it with its
+        traceback, at most once a minute for the same part and error type."""
         self._metrics.task_failures.labels(what).inc()
         self._log.log(
             logging.ERROR,
             f"{what}: {type(error).__name__}",
             "%s failed: %s; starting it again",
-            what,
+            f"{what} {subject}" if subject else what,
             describe(error),
             exc_info=error,
         )

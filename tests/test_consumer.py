@@ -10,8 +10,10 @@ import trio
 
 from eventbus import aio, broker
 from eventbus.config import AmqpConfig
-from eventbus.consumer import QueueConsumer
-from eventbus.metrics import Metrics
+from eventbus.consumer import Consumers, QueueConsumer
+from eventbus.errors import FailedPrecondition, ResourceExhausted
+from eventbus.metrics import Metrics, label_values
+from eventbus.supervise import Supervisor
 from tests.servers import unique_name
 
 
@@ -35,7 +37,8 @@ async def test_a_queue_deleted_while_its_consumers_start_is_consumed_again(
     config = AmqpConfig(url=amqp_url, consumers_per_queue=3, prefetch_count=30)
     async with aio.open_loop(lambda: None), trio.open_nursery() as nursery:
         bus_broker = await nursery.start(broker.run, config, Metrics("test"))
-        consumer = QueueConsumer(bus_broker, queue, config, Metrics("test"))
+        metrics = Metrics("test")
+        consumer = QueueConsumer(bus_broker, queue, config, metrics, Supervisor(metrics))
         set_up = 0
         consume_on_new_channel = consumer._consume_on_new_channel
 
@@ -55,4 +58,92 @@ async def test_a_queue_deleted_while_its_consumers_start_is_consumed_again(
         with trio.fail_after(10):
             item = await aio.call(consumer.take)
         assert item.message.body == b"after"
+        nursery.cancel_scope.cancel()
+
+
+async def declare_with_max_length(amqp_url: str, queue: str) -> None:
+    """(asyncio side) Declare queue with arguments the bus does not use."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(queue, durable=True, arguments={"x-max-length": 10})
+
+
+async def publish(amqp_url: str, queue: str, body: bytes) -> None:
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(queue, durable=True)
+        await channel.default_exchange.publish(aio_pika.Message(body), routing_key=queue)
+
+
+async def test_a_queue_rabbitmq_refuses_is_answered_failed_precondition_at_once(
+    amqp_url: str,
+) -> None:
+    queue = unique_name("other_args")
+    config = AmqpConfig(url=amqp_url, consumers_per_queue=2)
+    metrics = Metrics("test")
+    async with aio.open_loop(lambda: None), trio.open_nursery() as nursery:
+        bus_broker = await nursery.start(broker.run, config, metrics)
+        consumers = Consumers(bus_broker, config, metrics, Supervisor(metrics), nursery)
+        await aio.call(declare_with_max_length, amqp_url, queue)
+        for _ in range(2):  # the second is answered from memory of the first
+            with trio.fail_after(5), pytest.raises(FailedPrecondition, match=queue):
+                await aio.call(consumers.take, queue)
+        assert consumers.running() == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_consumed_queues_are_capped_and_an_idle_one_makes_room(amqp_url: str) -> None:
+    config = AmqpConfig(url=amqp_url, consumers_per_queue=1, max_consumed_queues=2)
+    metrics = Metrics("test")
+    a, b, c = (unique_name(name) for name in "abc")
+    async with aio.open_loop(lambda: None), trio.open_nursery() as nursery:
+        bus_broker = await nursery.start(broker.run, config, metrics)
+        consumers = Consumers(bus_broker, config, metrics, Supervisor(metrics), nursery)
+        waiting_on_a = trio.CancelScope()
+
+        async def wait_on_a() -> None:
+            with waiting_on_a:
+                await aio.call(consumers.take, a)
+
+        nursery.start_soon(wait_on_a)
+        nursery.start_soon(aio.call, consumers.take, b)
+        await trio.sleep(1)
+        with pytest.raises(ResourceExhausted, match=r"amqp\.max_consumed_queues"):
+            await aio.call(consumers.take, c)
+        waiting_on_a.cancel()  # nobody waits on a any more: it makes room for c
+        await trio.sleep(0.5)
+        await aio.call(publish, amqp_url, c, b"to c")
+        with trio.fail_after(10):
+            item = await aio.call(consumers.take, c)
+        assert item.message.body == b"to c"
+        assert sorted(q.queue for q in consumers.running()) == sorted([b, c])
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_consumer_that_fails_unexpectedly_is_counted_and_started_again(
+    amqp_url: str,
+) -> None:
+    queue = unique_name("flaky")
+    config = AmqpConfig(url=amqp_url, consumers_per_queue=1)
+    metrics = Metrics("test")
+    async with aio.open_loop(lambda: None), trio.open_nursery() as nursery:
+        bus_broker = await nursery.start(broker.run, config, metrics)
+        consumer = QueueConsumer(bus_broker, queue, config, metrics, Supervisor(metrics))
+        consume_on_new_channel = consumer._consume_on_new_channel
+        failures = [ValueError("a bug")]
+
+        async def fail_once() -> Any:
+            if failures:
+                raise failures.pop()
+            return await consume_on_new_channel()
+
+        consumer._consume_on_new_channel = fail_once  # type: ignore[method-assign]
+        nursery.start_soon(consumer.run)
+        await aio.call(publish, amqp_url, queue, b"after the failure")
+        with trio.fail_after(10):
+            item = await aio.call(consumer.take)
+        assert item.message.body == b"after the failure"
+        assert label_values(metrics.task_failures) == {"consumer": 1}
         nursery.cancel_scope.cancel()
