@@ -34,6 +34,7 @@ from .delivery import Delivery
 from .errors import Unavailable
 from .gauges import Gauges
 from .h2limits import limits_of
+from .ids import DeliveryIds
 from .lock import RedisLock
 from .metrics import Metrics, label_values
 from .notify import Notifier
@@ -108,7 +109,10 @@ class Daemon:
         cfg = self.config
         self.publisher = Publisher(self.broker, cfg.amqp.producers_per_queue)
         self.consumers = Consumers(self.broker, cfg.amqp, self.metrics, self.supervisor, root)
-        self.delivery = Delivery(cfg, self.broker, self.publisher, self.consumers, self.metrics)
+        delivery_ids = await DeliveryIds.load(self.store)
+        self.delivery = Delivery(
+            cfg, self.broker, self.publisher, self.consumers, self.metrics, delivery_ids
+        )
         for queue in self.delivery.internal.all():
             await self.publisher.declare_queue(queue)
         self._start_background(root)

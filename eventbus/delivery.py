@@ -30,6 +30,7 @@ from .envelope import (
     new_envelope,
 )
 from .errors import Unavailable
+from .ids import DeliveryIds
 from .metrics import Metrics
 from .publisher import Publisher, Target
 from .retry import describe
@@ -63,8 +64,10 @@ class Delivery:
         publisher: Publisher,
         consumers: Consumers,
         metrics: Metrics,
+        ids: DeliveryIds,
     ) -> None:
         self.config = config
+        self._ids = ids
         self.namespace = config.amqp.namespace
         self.internal = InternalQueues.of(self.namespace)
         self._broker = broker
@@ -149,7 +152,7 @@ class Delivery:
     async def _hand_out(self, queue: str, item: Buffered, envelope: Envelope) -> DeliveryRecord:
         now = time.time()
         record = DeliveryRecord(
-            id=str(uuid.uuid4()),
+            id=self._ids.issue(),
             message_id=envelope.message_id,
             queue=queue,
             body=envelope.body,
@@ -186,7 +189,8 @@ class Delivery:
         await self._settle(delivery_id, "nack")
 
     async def _settle(self, delivery_id: str, outcome: Outcome) -> None:
-        settlement = Settlement(validate.delivery_id(delivery_id), outcome, time.time())
+        issued = self._ids.check(validate.delivery_id(delivery_id))
+        settlement = Settlement(issued, outcome, time.time())
         await self._publisher.publish(self.internal.ack, internal_message(settlement.encode()))
         self._metrics.settlements_received.labels(outcome).inc()
 

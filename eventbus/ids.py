@@ -1,0 +1,52 @@
+"""Delivery ids that carry their own proof of origin.
+
+A delivery id is a UUID (version 8, canonical text form) whose first half is random and whose
+second half is an HMAC-SHA256 of the first under a key all nodes share (kept in PostgreSQL). An
+ack or nack of an id the bus never issued is refused at once, so a client cannot fill the
+bookkeeping with settlements of made-up ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import uuid
+
+from .errors import InvalidArgument
+from .store import Store
+
+KEY_NAME = "delivery_ids"
+VERSION_8 = 0x80  # in byte 6, high nibble
+VARIANT_RFC = 0x80  # in byte 8, top two bits 10
+
+
+class DeliveryIds:
+    """Issues delivery ids and tells issued ones from made-up ones."""
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    @classmethod
+    async def load(cls, store: Store) -> DeliveryIds:
+        """With the cluster's key, created by the migrations; waits on PostgreSQL."""
+        key = await store.fetchval("SELECT key FROM cluster_keys WHERE name = $1", KEY_NAME)
+        return cls(bytes(key))
+
+    def issue(self) -> str:
+        nonce = bytearray(os.urandom(8))
+        nonce[6] = VERSION_8 | (nonce[6] & 0x0F)
+        return str(uuid.UUID(bytes=bytes(nonce) + self._tag(bytes(nonce))))
+
+    def check(self, value: str) -> str:
+        """value, a canonical UUID (validate.delivery_id), if this bus issued it; else
+        InvalidArgument."""
+        raw = uuid.UUID(value).bytes
+        if not hmac.compare_digest(raw[8:], self._tag(raw[:8])):
+            raise InvalidArgument(f"id {value!r} was not issued by this bus")
+        return value
+
+    def _tag(self, nonce: bytes) -> bytes:
+        tag = bytearray(hmac.new(self._key, nonce, hashlib.sha256).digest()[:8])
+        tag[0] = VARIANT_RFC | (tag[0] & 0x3F)
+        return bytes(tag)
