@@ -151,7 +151,10 @@ def _configure_logging(config: Config) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=config.log.level.upper(), handlers=[handler], force=True)
-    for noisy in ("aiormq", "aio_pika", "asyncio", "hypercorn.error", "redis"):
+    # grpclib logs each cancelled call, h2 and hpack each frame and header: lines a client
+    # triggers at will. The daemon's own lines about them are rate-limited.
+    noisy_loggers = ("aiormq", "aio_pika", "asyncio", "hypercorn.error", "redis")
+    for noisy in (*noisy_loggers, "grpclib", "h2", "hpack"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     # aiormq logs every failed connect as an ERROR; the broker supervisor already reports each
     # attempt in one warning line, and the final failure once.

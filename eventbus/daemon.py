@@ -25,7 +25,7 @@ from typing import Any
 
 import trio
 
-from . import __version__, aio, bookkeeping, broker, http, lag, lock, nodes, rpc, store
+from . import __version__, aio, bookkeeping, broker, fdlimit, http, lag, lock, nodes, rpc, store
 from .config import Config
 from .consumer import Consumers
 from .cron import Cron
@@ -65,6 +65,8 @@ class Daemon:
 
     async def serve(self) -> None:
         """Run until SIGTERM/SIGINT (graceful stop) or a fatal error (raised)."""
+        open_files = fdlimit.raise_open_file_limit()
+        fdlimit.check_connection_budget(open_files, self.config.server.max_connections)
         async with (
             aio.open_loop(self.metrics.stray_asyncio_errors.inc),
             trio.open_nursery() as root,

@@ -33,6 +33,7 @@ Request = TypeVar("Request")
 Reply = TypeVar("Reply")
 
 CLOSE_TIMEOUT = 5.0
+DEADLINE_SLACK = 0.1  # seconds
 
 
 class Gate:
@@ -106,9 +107,13 @@ class Gate:
 
 
 def _cancelled_code(stream: Stream[Any, Any]) -> Status:
-    """How a call that grpclib cancelled ended: its deadline passed, or its client left."""
+    """How a call that grpclib cancelled ended: its deadline passed, or its client left.
+
+    A client resets its call when its own deadline passes, which comes a transit time before
+    ours (the grpc-timeout header counts from when it was sent): a reset within DEADLINE_SLACK
+    of the deadline is the deadline."""
     deadline = stream.deadline
-    if deadline is not None and deadline.time_remaining() <= 0:
+    if deadline is not None and deadline.time_remaining() <= DEADLINE_SLACK:
         return Status.DEADLINE_EXCEEDED
     return Status.CANCELLED
 
