@@ -22,6 +22,11 @@ ENV_PREFIX = "EVENTBUS_"
 class ConfigError(Exception):
     """A configuration problem, already phrased as the one line the user sees."""
 
+    def __init__(self, message: str) -> None:
+        # A key or variable name may hold a newline or other control character: escape it,
+        # so the message stays one line.
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in message))
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -201,13 +206,21 @@ def _check_channel_budget(source: str, amqp: AmqpConfig) -> None:
 
 
 def _read_toml(path: str) -> dict[str, Any]:
+    """The file's TOML document; any problem reading or parsing it is one ConfigError line."""
     try:
         with open(path, "rb") as file:
             return tomllib.load(file)
     except OSError as error:
-        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+        raise ConfigError(f"{path}: cannot read: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{path}: not UTF-8 text: byte 0x{error.object[error.start]:02x} at offset "
+            f"{error.start}"
+        ) from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: invalid TOML: {error}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid TOML: arrays or tables nested too deeply") from None
 
 
 def _section_of(raw: dict[str, Any], name: str, source: str) -> dict[str, Any]:

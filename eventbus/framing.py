@@ -84,6 +84,10 @@ class FramedStream(Stream):
         if self._at_prefix:
             return await self._recv_prefix(size)
         data = await self._read(size, "a message")
+        if len(data) < size:  # grpclib's Buffer.read gives b"" when the stream ended before
+            raise GRPCError(
+                Status.INVALID_ARGUMENT, "the request stream ended inside a message (truncated)"
+            )
         self._at_prefix, self._deadline = True, None
         self._messages += 1
         return data
