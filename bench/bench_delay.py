@@ -38,7 +38,8 @@ def rows(kind: str, count: int, due: datetime.datetime, step: float = 0.0) -> li
     out = []
     for i in range(count):
         at = due + datetime.timedelta(seconds=i * step)
-        out.append((uuid.uuid4(), "queue", f"bench-{kind}", f"{at.timestamp():.6f}", at, 0))
+        body = f"{at.timestamp():.6f}".encode()
+        out.append((uuid.uuid4(), "queue", f"bench-{kind}", body, at, 0))
     return out
 
 

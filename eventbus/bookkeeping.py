@@ -4,6 +4,8 @@ Each internal queue is consumed on one channel. One task gathers what arrives in
 to BATCH_SIZE messages (or what arrived within BATCH_WAIT seconds of the first); up to
 `background.workers` writers then write batches concurrently, one statement each, and only then
 ack their messages. While PostgreSQL is down the messages wait, unacked and durable, in RabbitMQ.
+A batch PostgreSQL refuses because of some of its rows is split until those are found: they are
+quarantined (the `quarantine` table) and every other row is stored.
 """
 
 from __future__ import annotations
@@ -16,24 +18,46 @@ import aio_pika.abc
 import asyncpg
 import trio
 
-from . import aio, delay, ledger
+from . import aio, delay, ledger, quarantine
 from .broker import BROKER_ERRORS, Broker, Channel
 from .delivery import InternalQueues
 from .envelope import DelayedMessage, DeliveryRecord, Settlement
 from .errors import Unavailable
 from .metrics import Metrics
+from .ratelog import RateLimitedLog
 from .retry import describe, keep_running
 from .store import Store
 
 logger = logging.getLogger(__name__)
+ratelog = RateLimitedLog(logger)
 
 BATCH_SIZE = 500
 BATCH_WAIT = 0.02
 WRITE_RETRY_MAX = 5.0
 SESSION_ERRORS: tuple[type[BaseException], ...] = (Unavailable, trio.TooSlowError, *BROKER_ERRORS)
 
+# PostgreSQL failing whatever the rows are: unreachable, timing out, out of resources, shutting
+# down, read-only, or missing the schema. The batch waits and is retried whole; any other failure
+# is blamed on the rows, and the batch is split to find them.
+NOT_THE_ROWS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    trio.TooSlowError,
+    asyncpg.InterfaceError,  # the client's own state, the pool closing
+    asyncpg.PostgresConnectionError,  # SQLSTATE class 08
+    asyncpg.InsufficientResourcesError,  # 53
+    asyncpg.OperatorInterventionError,  # 57
+    asyncpg.TransactionRollbackError,  # 40: deadlock, serialization failure
+    asyncpg.InvalidTransactionStateError,  # 25
+    asyncpg.SyntaxOrAccessError,  # 42
+    asyncpg.InternalServerError,  # XX
+)
+
 Item = TypeVar("Item")
-Writer = Callable[[Store, Sequence[Item]], Awaitable[list[tuple[str, str, int]]]]
+T = TypeVar("T")
+Counts = list[tuple[str, str, int]]
+Bad = tuple[bytes, str]  # a raw message and why it is set aside
+Writer = Callable[[Store, Sequence[Item]], Awaitable[Counts]]
 
 
 class Worker(Generic[Item]):
@@ -105,44 +129,69 @@ class Worker(Generic[Item]):
             in_flight.release_on_behalf_of(batch[0])
 
     async def _write(self, batch: list[aio_pika.abc.AbstractIncomingMessage]) -> None:
-        """Write the batch, retrying with back-off while PostgreSQL is unreachable."""
-        items = self._decode_all(batch)
+        """Store the batch, retrying it whole with back-off while PostgreSQL is unreachable;
+        what PostgreSQL refuses, or what cannot be read, is quarantined instead."""
+        items, bad = self._decode_all(batch)
+        counts, refused = await self._retrying(len(items), lambda: self._isolate(items))
+        bad += refused
+        if bad:
+            await self._retrying(len(bad), lambda: quarantine.keep(self._store, self.queue, bad))
+            self._report(bad)
+        self._count(counts)
+
+    async def _retrying(self, rows: int, write: Callable[[], Awaitable[T]]) -> T:
         pause = 0.2
-        while items:
+        while True:
             try:
-                counts = await self._writer(self._store, items)
-                break
-            except asyncpg.DataError as error:
-                logger.error(
-                    "bookkeeping %s: dropping a batch PostgreSQL refuses: %s",
-                    self.queue,
-                    describe(error),
-                )
-                return
-            except Exception as error:
+                return await write()
+            except NOT_THE_ROWS as error:
                 logger.warning(
                     "bookkeeping %s: writing %d rows failed (%s); retrying in %.1f s",
                     self.queue,
-                    len(items),
+                    rows,
                     describe(error),
                     pause,
                 )
-                await trio.sleep(pause)
-                pause = min(pause * 2, WRITE_RETRY_MAX)
-        else:
-            return
-        self._count(counts)
+            await trio.sleep(pause)
+            pause = min(pause * 2, WRITE_RETRY_MAX)
 
-    def _decode_all(self, batch: list[aio_pika.abc.AbstractIncomingMessage]) -> list[Item]:
-        items = []
+    async def _isolate(self, items: list[tuple[bytes, Item]]) -> tuple[Counts, list[Bad]]:
+        """Write items; when PostgreSQL refuses them for a reason of theirs, split them in halves
+        until the refused ones are alone. Returns the counts and the refused (raw, reason)."""
+        if not items:
+            return [], []
+        try:
+            return await self._writer(self._store, [item for _, item in items]), []
+        except NOT_THE_ROWS:
+            raise
+        except Exception as error:
+            if len(items) == 1:
+                return [], [(items[0][0], f"PostgreSQL refused it: {describe(error)}")]
+        half = len(items) // 2
+        counts, bad = await self._isolate(items[:half])
+        more_counts, more_bad = await self._isolate(items[half:])
+        return counts + more_counts, bad + more_bad
+
+    def _decode_all(
+        self, batch: list[aio_pika.abc.AbstractIncomingMessage]
+    ) -> tuple[list[tuple[bytes, Item]], list[Bad]]:
+        items, bad = [], []
         for message in batch:
             try:
-                items.append(self._decode(message.body))
+                items.append((message.body, self._decode(message.body)))
             except (ValueError, TypeError) as error:
-                logger.error(
-                    "bookkeeping %s: dropping a malformed message: %s", self.queue, describe(error)
-                )
-        return items
+                bad.append((message.body, f"malformed: {describe(error)}"))
+        return items, bad
+
+    def _report(self, bad: list[Bad]) -> None:
+        self._metrics.quarantined.labels(self.queue).inc(len(bad))
+        ratelog.error(
+            f"quarantine {self.queue}",
+            "bookkeeping %s: %d message(s) set aside in table quarantine: %s",
+            self.queue,
+            len(bad),
+            bad[0][1],
+        )
 
     def _count(self, counts: list[tuple[str, str, int]]) -> None:
         for queue, outcome, count in counts:

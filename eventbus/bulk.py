@@ -5,6 +5,9 @@ write; for the delay and republish jobs, which publish hundreds at once, that ha
 connection carries. send() takes the channel's lock once, registers one confirmation per message
 the way basic_publish does, and hands every frame to the connection's writer as one block.
 
+Each message is marshalled on its own: one the client library refuses (pamqp checks exchange
+names, for example) resolves at once to an Unmarshallable error and the others go.
+
 It relies on aiormq channel attributes that are not part of its documented API (delivery_tag,
 confirmations, message_id_delivery_tag, write_queue, number, _split_body), checked on each
 send (a few attribute lookups); without them send() publishes message by message through
@@ -16,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import struct
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import aiormq
+import pamqp.frame
 from aiormq.abc import ChannelFrame
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
@@ -52,37 +57,66 @@ class Publish:
     properties: Basic.Properties
 
 
+class Unmarshallable(Exception):
+    """The client library refused to marshal a message (a name or property it does not take)."""
+
+
+# What pamqp raises for a value it cannot encode.
+MARSHAL_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    TypeError,
+    OverflowError,
+    struct.error,
+)
+
+
 def supported(channel: aiormq.Channel) -> bool:
     return all(hasattr(channel, name) for name in CHANNEL_ATTRIBUTES)
 
 
 async def send(channel: aiormq.Channel, publishes: Sequence[Publish]) -> list[asyncio.Future[Any]]:
     """(asyncio side) Publish on a confirm channel; returns one future per message, resolving to
-    RabbitMQ's Basic.Ack, or to the message itself when RabbitMQ returned it as unroutable."""
+    RabbitMQ's Basic.Ack, to the message itself when RabbitMQ returned it as unroutable, or to
+    Unmarshallable when the client library refused it (then it was not sent)."""
     if not supported(channel):
         return [asyncio.ensure_future(_one_by_one(channel, p)) for p in publishes]
-    block = ChannelFrame.marshall(channel.number, _frames(channel, publishes))
+    blocks = [_marshalled(channel, p) for p in publishes]
+    sendable = [p for p, block in zip(publishes, blocks, strict=True) if isinstance(block, bytes)]
+    payload = b"".join(block for block in blocks if isinstance(block, bytes))
     async with channel.lock:
-        confirmations = _register(channel, publishes)
+        confirmations = iter(_register(channel, sendable))
         try:
-            await channel.write_queue.put(block)
+            if sendable:
+                await channel.write_queue.put(ChannelFrame(payload=payload, should_close=False))
         except BaseException:
-            _unregister(channel, publishes, confirmations)
+            _unregister(channel, sendable, list(confirmations))
             raise
-    return confirmations
+    return [next(confirmations) if isinstance(b, bytes) else _refused(b) for b in blocks]
 
 
-def _frames(channel: aiormq.Channel, publishes: Sequence[Publish]) -> list[Any]:
-    frames: list[Any] = []
-    for p in publishes:
-        if p.mandatory and not p.properties.message_id:
-            p.properties.message_id = uuid.uuid4().hex  # as basic_publish does, for returns
-        frames.append(
-            Basic.Publish(exchange=p.exchange, routing_key=p.routing_key, mandatory=p.mandatory)
-        )
-        frames.append(ContentHeader(properties=p.properties, body_size=len(p.body)))
-        frames.extend(channel._split_body(p.body))
-    return frames
+def _marshalled(channel: aiormq.Channel, publish: Publish) -> bytes | Unmarshallable:
+    """One message's frames as bytes, or why the client library refuses them."""
+    try:
+        frames = _frames(channel, publish)
+        return b"".join(pamqp.frame.marshal(frame, channel.number) for frame in frames)
+    except MARSHAL_ERRORS as error:
+        return Unmarshallable(f"{type(error).__name__}: {error}")
+
+
+def _refused(error: Unmarshallable) -> asyncio.Future[Any]:
+    refused: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    refused.set_exception(error)
+    return refused
+
+
+def _frames(channel: aiormq.Channel, p: Publish) -> list[Any]:
+    if p.mandatory and not p.properties.message_id:
+        p.properties.message_id = uuid.uuid4().hex  # as basic_publish does, for returns
+    return [
+        Basic.Publish(exchange=p.exchange, routing_key=p.routing_key, mandatory=p.mandatory),
+        ContentHeader(properties=p.properties, body_size=len(p.body)),
+        *channel._split_body(p.body),
+    ]
 
 
 def _register(channel: aiormq.Channel, publishes: Sequence[Publish]) -> list[asyncio.Future[Any]]:
@@ -126,11 +160,14 @@ def _forgetter(channel: aiormq.Channel, message_id: str, tag: int) -> Any:
 
 
 async def _one_by_one(channel: aiormq.Channel, publish: Publish) -> Any:
-    return await channel.basic_publish(
-        publish.body,
-        exchange=publish.exchange,
-        routing_key=publish.routing_key,
-        properties=publish.properties,
-        mandatory=publish.mandatory,
-        wait=False,
-    )
+    try:
+        return await channel.basic_publish(
+            publish.body,
+            exchange=publish.exchange,
+            routing_key=publish.routing_key,
+            properties=publish.properties,
+            mandatory=publish.mandatory,
+            wait=False,
+        )
+    except MARSHAL_ERRORS as error:
+        raise Unmarshallable(f"{type(error).__name__}: {error}") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import sys
@@ -20,6 +21,10 @@ logger = logging.getLogger("eventbus")
 
 EXIT_FATAL = 1
 EXIT_CONFIG = 2
+
+
+class RequeueIncomplete(FatalError):
+    """`dead-letters requeue` left some dead letters behind (RabbitMQ did not take them)."""
 
 
 class NothingToCancel(FatalError):
@@ -113,6 +118,9 @@ def _delayed_commands(commands: Any) -> None:
     target = listing.add_mutually_exclusive_group()
     target.add_argument("--queue", help="only those for this queue")
     target.add_argument("--topic", help="only those for this topic")
+    listing.add_argument(
+        "--quarantined", action="store_true", help="only those set aside, with the reason"
+    )
     listing.add_argument("--limit", type=int, default=100, help="at most this many (100)")
     listing.add_argument("--json", action="store_true", help="one JSON object a line")
     cancel = _command(actions, "cancel", _cancel_delayed, "cancel a pending delayed message")
@@ -183,8 +191,21 @@ def _format_letter(letter: deadletters.DeadLetter, *, as_json: bool) -> str:
         "attempts": letter.attempts,
         "last_failure_at": letter.last_failure_at.isoformat(),
         "dead_at": letter.dead_at.isoformat(),
-        "data": letter.body,
+        "reason": letter.reason or "",
+        **_data(letter.body),
     }
+    return _line(fields, as_json=as_json)
+
+
+def _data(body: bytes) -> dict[str, str]:
+    """A stored body for printing: as text, or in base64 when it is not UTF-8."""
+    try:
+        return {"data": body.decode()}
+    except UnicodeDecodeError:
+        return {"data_base64": base64.b64encode(body).decode()}
+
+
+def _line(fields: dict[str, Any], *, as_json: bool) -> str:
     if as_json:
         return json.dumps(fields, ensure_ascii=False)
     return "\t".join(str(value) for value in fields.values())
@@ -192,8 +213,10 @@ def _format_letter(letter: deadletters.DeadLetter, *, as_json: bool) -> str:
 
 async def _requeue_dead_letters(config: Config, args: argparse.Namespace) -> None:
     async with aio.open_loop(lambda: None), deadletters.connected(config) as (db, publisher):
-        moved = await deadletters.requeue(db, publisher, _selection(args))
+        moved, kept = await deadletters.requeue(db, publisher, _selection(args))
     logger.info("requeued %d dead letters", moved)
+    if kept:
+        raise RequeueIncomplete(f"{kept} dead letters could not be requeued and stay")
 
 
 async def _list_delayed(config: Config, args: argparse.Namespace) -> None:
@@ -201,7 +224,9 @@ async def _list_delayed(config: Config, args: argparse.Namespace) -> None:
     async with aio.open_loop(lambda: None):
         db = await store.open_store(config.postgres, config.amqp.reconnect_window_seconds)
         try:
-            rows = await delay.pending(db, kind if target else None, target, args.limit)
+            rows = await delay.pending(
+                db, kind if target else None, target, args.limit, quarantined=args.quarantined
+            )
         finally:
             await db.close()
     for row in rows:
@@ -210,13 +235,11 @@ async def _list_delayed(config: Config, args: argparse.Namespace) -> None:
             "kind": row.kind,
             "target": row.target,
             "due_at": row.due_at.isoformat(),
-            "data": row.body,
+            "quarantined_at": row.quarantined_at.isoformat() if row.quarantined_at else "",
+            "quarantine_reason": row.quarantine_reason or "",
+            **_data(row.body),
         }
-        print(
-            json.dumps(fields, ensure_ascii=False)
-            if args.json
-            else "\t".join(str(value) for value in fields.values())
-        )
+        print(_line(fields, as_json=args.json))
 
 
 async def _cancel_delayed(config: Config, args: argparse.Namespace) -> None:

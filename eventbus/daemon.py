@@ -109,7 +109,8 @@ class Daemon:
     async def _start(self, root: trio.Nursery) -> None:
         """Everything that serves or works, on top of the connections."""
         cfg = self.config
-        self.publisher = Publisher(self.broker, cfg.amqp.producers_per_queue)
+        auto_create = cfg.server.auto_create_queues
+        self.publisher = Publisher(self.broker, cfg.amqp, auto_create_queues=auto_create)
         self.consumers = Consumers(self.broker, cfg.amqp, self.metrics, self.supervisor, root)
         delivery_ids = await DeliveryIds.load(self.store)
         self.delivery = Delivery(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,8 +12,11 @@ from datetime import datetime
 from .broker import Broker
 from .config import Config
 from .envelope import Envelope
+from .ledger import text
 from .publisher import Publisher
 from .store import Store, open_store
+
+logger = logging.getLogger(__name__)
 
 REQUEUE_BATCH = 500
 
@@ -21,10 +25,11 @@ REQUEUE_BATCH = 500
 class DeadLetter:
     queue: str
     message_id: str
-    body: str
+    body: bytes
     attempts: int
     last_failure_at: datetime
     dead_at: datetime
+    reason: str | None  # None: it failed max_retries + 1 deliveries
 
 
 @dataclass(frozen=True)
@@ -43,14 +48,18 @@ class Selection:
         return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
 
 
-async def list_letters(store: Store, selection: Selection, limit: int) -> list[DeadLetter]:
-    """Dead letters in the order they died, oldest first."""
+async def list_letters(
+    store: Store, selection: Selection, limit: int, offset: int = 0
+) -> list[DeadLetter]:
+    """Dead letters in the order they died, oldest first, from the offset-th on."""
     where, args = selection.where()
     rows = await store.fetch(
-        "SELECT queue, message_id, body, attempts, last_failure_at, dead_at FROM dead_letters"
-        f"{where} ORDER BY dead_at, queue, message_id LIMIT ${len(args) + 1}",
+        "SELECT queue, message_id, body, attempts, last_failure_at, dead_at, reason "
+        f"FROM dead_letters{where} ORDER BY dead_at, queue, message_id "
+        f"LIMIT ${len(args) + 1} OFFSET ${len(args) + 2}",
         *args,
         limit,
+        offset,
     )
     return [
         DeadLetter(
@@ -60,28 +69,34 @@ async def list_letters(store: Store, selection: Selection, limit: int) -> list[D
             r["attempts"],
             r["last_failure_at"],
             r["dead_at"],
+            r["reason"],
         )
         for r in rows
     ]
 
 
-async def requeue(store: Store, publisher: Publisher, selection: Selection) -> int:
+async def requeue(store: Store, publisher: Publisher, selection: Selection) -> tuple[int, int]:
     """Publish the selected dead letters again as fresh messages (attempt 1, same message id,
-    no TTL), then forget them; returns how many went back."""
-    moved = 0
-    while batch := await list_letters(store, selection, REQUEUE_BATCH):
+    no TTL), then forget them; returns how many went back and how many RabbitMQ did not take
+    (those stay, each failure logged)."""
+    moved = kept = 0
+    while batch := await list_letters(store, selection, REQUEUE_BATCH, offset=kept):
         now = time.time()
-        await publisher.to_targets(
-            [(("queue", d.queue), Envelope(d.message_id, d.body).to_amqp(now)) for d in batch]
+        outcomes = await publisher.to_targets(
+            [(("queue", d.queue), Envelope(d.message_id, text(d.body)).to_amqp(now)) for d in batch]
         )
+        gone = [d for d, o in zip(batch, outcomes, strict=True) if o.status == "confirmed"]
+        for letter, outcome in zip(batch, outcomes, strict=True):
+            if outcome.status != "confirmed":
+                logger.warning("dead letter %s stays: %s", letter.message_id, outcome.reason)
         await store.execute(
             "DELETE FROM dead_letters d USING unnest($1::text[], $2::uuid[]) AS g(queue, id) "
             "WHERE d.queue = g.queue AND d.message_id = g.id",
-            [d.queue for d in batch],
-            [d.message_id for d in batch],
+            [d.queue for d in gone],
+            [d.message_id for d in gone],
         )
-        moved += len(batch)
-    return moved
+        moved, kept = moved + len(gone), kept + len(batch) - len(gone)
+    return moved, kept
 
 
 @asynccontextmanager
@@ -92,7 +107,8 @@ async def connected(config: Config) -> AsyncIterator[tuple[Store, Publisher]]:
     broker = Broker(config.amqp)
     try:
         await broker.connect(window)
-        yield store, Publisher(broker, 1)
+        auto_create = config.server.auto_create_queues
+        yield store, Publisher(broker, config.amqp, auto_create_queues=auto_create)
     finally:
         await broker.close()
         await store.close()

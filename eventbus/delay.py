@@ -3,6 +3,11 @@
 Due rows are claimed in batches (FOR UPDATE SKIP LOCKED plus a claim token), published with
 confirms, then deleted under the same claim: two nodes never move the same row, and a node that
 dies midway leaves rows whose claim expires and that another node moves (at least once).
+
+Each row of a batch settles on its own: confirmed ones are deleted even when others failed (so
+none is published twice), those RabbitMQ could not take now are freed for the next tick, and
+those refused (by RabbitMQ or its client library) are quarantined in place: kept with the reason,
+never claimed again, listed by `eventbus delayed list` and cancellable.
 """
 
 from __future__ import annotations
@@ -17,21 +22,25 @@ from typing import Any
 import trio
 
 from . import ledger
-from .envelope import DelayedMessage, Outgoing
-from .ledger import columns
+from .envelope import DelayedMessage, Envelope, Outgoing
+from .errors import Unavailable
+from .ledger import columns, text
 from .metrics import Metrics
-from .publisher import Publisher, Target
+from .publisher import Outcome, Publisher, Target
+from .quarantine import printable
+from .ratelog import RateLimitedLog
 from .retry import describe
 from .store import Store
 
 logger = logging.getLogger(__name__)
+ratelog = RateLimitedLog(logger)
 
 BATCH = 500
 
 INSERT = """
 INSERT INTO delayed_messages (id, kind, target, body, due_at, ttl_seconds)
 SELECT m.id, m.kind, m.target, m.body, to_timestamp(m.due_at), m.ttl
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::bigint[])
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::float8[], $6::bigint[])
      AS m(id, kind, target, body, due_at, ttl)
 ON CONFLICT (id) DO NOTHING
 """
@@ -42,14 +51,14 @@ CLAIM = """
 WITH fresh AS (
     SELECT id FROM delayed_messages
     WHERE due_at <= now() AND due_at > now() - make_interval(secs => $4)
-      AND (claimed_until IS NULL OR claimed_until < now())
+      AND (claimed_until IS NULL OR claimed_until < now()) AND quarantined_at IS NULL
     ORDER BY due_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED
 ), backlog AS (
     SELECT id FROM delayed_messages
     WHERE due_at <= now() - make_interval(secs => $4)
-      AND (claimed_until IS NULL OR claimed_until < now())
+      AND (claimed_until IS NULL OR claimed_until < now()) AND quarantined_at IS NULL
     ORDER BY due_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED
@@ -66,7 +75,16 @@ FREE = """
 UPDATE delayed_messages SET claim_token = NULL, claimed_until = NULL
 WHERE claim_token = ANY($1::uuid[])
 """
-FORGET_CLAIMED = "DELETE FROM delayed_messages WHERE claim_token = ANY($1::uuid[])"
+FREE_SOME = """
+UPDATE delayed_messages SET claim_token = NULL, claimed_until = NULL
+WHERE id = ANY($2::uuid[]) AND claim_token = $1
+"""
+QUARANTINE = """
+UPDATE delayed_messages d
+SET claim_token = NULL, claimed_until = NULL, quarantined_at = now(), quarantine_reason = q.reason
+FROM unnest($2::uuid[], $3::text[]) AS q(id, reason)
+WHERE d.id = q.id AND d.claim_token = $1
+"""
 GIVE_BACK_TIMEOUT = 2.0
 # Seconds until the next row falls due, from the due_at index alone.
 NEXT_DUE = """
@@ -76,19 +94,38 @@ SELECT extract(epoch FROM min(due_at) - now()) FROM delayed_messages WHERE due_a
 
 async def write(store: Store, messages: Sequence[DelayedMessage]) -> list[tuple[str, str, int]]:
     """Store delayed messages (repeats are ignored); the bookkeeping writer's signature."""
-    rows = [(m.id, m.kind, m.target, m.body, m.due_at, m.ttl_seconds) for m in messages]
+    rows = [(m.id, m.kind, m.target, m.body.encode(), m.due_at, m.ttl_seconds) for m in messages]
     await store.execute(INSERT, *columns(rows, 6))
     return []
 
 
+@dataclass(frozen=True, slots=True)
+class DueMessage:
+    """A claimed delayed message, its body as PostgreSQL keeps it."""
+
+    id: str
+    kind: str
+    target: str
+    body: bytes
+    due_at: float  # epoch seconds
+    ttl_seconds: int
+
+    def to_amqp(self, now: float) -> tuple[Target, Outgoing]:
+        """Where it goes, and the message as it is published when due."""
+        expires_at = now + self.ttl_seconds if self.ttl_seconds > 0 else None
+        envelope = Envelope(self.id, text(self.body), 1, expires_at)
+        target: Target = ("topic", self.target) if self.kind == "topic" else ("queue", self.target)
+        return target, envelope.to_amqp(now)
+
+
 async def claim_due(
     store: Store, token: str, limit: int, claim_seconds: float, fresh_seconds: float
-) -> list[DelayedMessage]:
+) -> list[DueMessage]:
     """Claim up to limit due delayed messages for claim_seconds: those due within the last
-    fresh_seconds first, then the oldest."""
+    fresh_seconds first, then the oldest. Quarantined ones are never claimed."""
     rows = await store.fetch(CLAIM, token, limit, claim_seconds, fresh_seconds)
     return [
-        DelayedMessage(
+        DueMessage(
             str(r["id"]),
             r["kind"],
             r["target"],
@@ -105,7 +142,7 @@ class Claim:
     """A batch of due delayed messages this node holds under one token."""
 
     token: str
-    messages: list[DelayedMessage]
+    messages: list[DueMessage]
 
 
 class Dispatcher:
@@ -148,8 +185,9 @@ class Dispatcher:
         return Claim(token, due)
 
     async def _move_claiming_next(self, claim: Claim) -> Claim:
-        """Publish and forget a claimed batch; meanwhile, when it was a full one, claim the
-        next. Returns that next batch (empty when there is none)."""
+        """Publish and settle a claimed batch; meanwhile, when it was a full one, claim the
+        next. Returns that next batch (empty when there is none). Raises Unavailable, once the
+        batch is settled, when RabbitMQ could not take some of it."""
         following = Claim(ledger.new_token(), [])
         claim_failure: Exception | None = None
 
@@ -160,52 +198,82 @@ class Dispatcher:
             except Exception as error:  # reported once this batch is through
                 claim_failure = error
 
-        published = False
+        confirmed: list[str] = []
         try:
             async with trio.open_nursery() as nursery:
                 if len(claim.messages) == BATCH:
                     nursery.start_soon(claim_following)
-                published_at = await self._publish(claim)
-                published = True
-                await self._forget(claim, published_at)
+                published_at = time.time()
+                outcomes = await self._publisher.to_targets(self._messages(claim, published_at))
+                confirmed = _ids(claim, outcomes, "confirmed")
+                await self._settle(claim, outcomes, published_at)
+            _raise_unavailable(outcomes)
         except BaseException:
-            # Published rows are forgotten, so they go out once; the others are free again.
-            unpublished = [following.token]
-            if published:
-                await self._give_back(FORGET_CLAIMED, [claim.token])
-            else:
-                unpublished.append(claim.token)
-            await self._give_back(FREE, unpublished)
+            # Confirmed rows are forgotten, so they go out once; the others are free again.
+            await self._give_back(FORGET, claim.token, confirmed)
+            await self._give_back(FREE, [claim.token, following.token])
             raise
         if claim_failure is not None:
             raise claim_failure
         return following
 
-    async def _publish(self, claim: Claim) -> float:
-        """Publish a claimed batch with confirms; returns when it started (epoch seconds)."""
-        started = time.time()
-        messages: list[tuple[Target, Outgoing]] = [
-            ((m.kind, m.target), m.envelope(started).to_amqp(started)) for m in claim.messages
+    def _messages(self, claim: Claim, now: float) -> list[tuple[Target, Outgoing]]:
+        return [message.to_amqp(now) for message in claim.messages]
+
+    async def _settle(self, claim: Claim, outcomes: list[Outcome], published_at: float) -> None:
+        """Forget the confirmed rows, quarantine the refused ones, free the rest."""
+        await self._store.execute(FORGET, claim.token, _ids(claim, outcomes, "confirmed"))
+        refused = [
+            (m, o) for m, o in zip(claim.messages, outcomes, strict=True) if o.status == "refused"
         ]
-        await self._publisher.to_targets(messages)
-        logger.debug("delay: published %d in %.3f s", len(messages), time.time() - started)
-        return started
+        if refused:
+            reasons = [printable(o.reason) for _, o in refused]
+            await self._store.execute(QUARANTINE, claim.token, [m.id for m, _ in refused], reasons)
+            self._report(refused)
+        unavailable = _ids(claim, outcomes, "unavailable")
+        if unavailable:
+            await self._store.execute(FREE_SOME, claim.token, unavailable)
+        for message, outcome in zip(claim.messages, outcomes, strict=True):
+            if outcome.status == "confirmed":
+                self._metrics.delay_dispatched.labels(message.target).inc()
+                self._metrics.delay_lateness.observe(max(0.0, published_at - message.due_at))
+        logger.debug("delay: published %d in %.3f s", len(outcomes), time.time() - published_at)
 
-    async def _forget(self, claim: Claim, published_at: float) -> None:
-        await self._store.execute(FORGET, claim.token, [m.id for m in claim.messages])
-        for message in claim.messages:
-            self._metrics.delay_dispatched.labels(message.target).inc()
-            self._metrics.delay_lateness.observe(max(0.0, published_at - message.due_at))
+    def _report(self, refused: list[tuple[DueMessage, Outcome]]) -> None:
+        for message, _ in refused:
+            self._metrics.quarantined.labels(message.target).inc()
+        message, outcome = refused[0]
+        ratelog.error(
+            "delay quarantine",
+            "delay: %d delayed message(s) quarantined (see `eventbus delayed list "
+            "--quarantined`), e.g. %s for %s %r: %s",
+            len(refused),
+            message.id,
+            message.kind,
+            message.target,
+            outcome.reason,
+        )
 
-    async def _give_back(self, statement: str, tokens: list[str]) -> None:
-        """After a failure, settle claimed rows at once (statement: FREE or FORGET_CLAIMED)
-        rather than when their claim runs out; if even that fails, the claims still run out
-        by themselves."""
+    async def _give_back(self, statement: str, *args: Any) -> None:
+        """After a failure, settle claimed rows at once (statement: FREE or FORGET) rather than
+        when their claim runs out; if even that fails, the claims still run out by
+        themselves."""
         with trio.move_on_after(GIVE_BACK_TIMEOUT, shield=True):
             try:
-                await self._store.execute(statement, tokens)
+                await self._store.execute(statement, *args)
             except Exception as error:
                 logger.debug("delay: settling claims after a failure: %s", describe(error))
+
+
+def _ids(claim: Claim, outcomes: list[Outcome], status: str) -> list[str]:
+    return [m.id for m, o in zip(claim.messages, outcomes, strict=True) if o.status == status]
+
+
+def _raise_unavailable(outcomes: list[Outcome]) -> None:
+    """End the tick when RabbitMQ could not take part of a batch: it would not take the next."""
+    unavailable = [o for o in outcomes if o.status == "unavailable"]
+    if unavailable:
+        raise Unavailable(f"{len(unavailable)} delayed message(s) wait: {unavailable[0].reason}")
 
 
 @dataclass(frozen=True)
@@ -213,29 +281,46 @@ class Pending:
     id: str
     kind: str
     target: str
-    body: str
+    body: bytes
     due_at: datetime
+    quarantined_at: datetime | None
+    quarantine_reason: str | None
 
 
-async def pending(store: Store, kind: str | None, target: str | None, limit: int) -> list[Pending]:
-    """Delayed messages not yet moved, soonest first; optionally of one queue or topic."""
-    clauses, args = [], []
+async def pending(
+    store: Store, kind: str | None, target: str | None, limit: int, *, quarantined: bool = False
+) -> list[Pending]:
+    """Delayed messages not yet moved, soonest first; optionally of one queue or topic, or only
+    the quarantined ones."""
+    clauses, args = ["quarantined_at IS NOT NULL"] if quarantined else [], []
     for column, value in (("kind", kind), ("target", target)):
         if value is not None:
             args.append(value)
             clauses.append(f"{column} = ${len(args)}")
     where = " WHERE " + " AND ".join(clauses) if clauses else ""
     rows = await store.fetch(
-        f"SELECT id, kind, target, body, due_at FROM delayed_messages{where} "
-        f"ORDER BY due_at LIMIT ${len(args) + 1}",
+        "SELECT id, kind, target, body, due_at, quarantined_at, quarantine_reason "
+        f"FROM delayed_messages{where} ORDER BY due_at LIMIT ${len(args) + 1}",
         *args,
         limit,
     )
-    return [Pending(str(r["id"]), r["kind"], r["target"], r["body"], r["due_at"]) for r in rows]
+    return [
+        Pending(
+            str(r["id"]),
+            r["kind"],
+            r["target"],
+            r["body"],
+            r["due_at"],
+            r["quarantined_at"],
+            r["quarantine_reason"],
+        )
+        for r in rows
+    ]
 
 
 async def cancel(store: Store, message_id: str) -> bool:
-    """Forget a delayed message that has not been moved yet; False when there is none."""
+    """Forget a delayed message that has not been moved yet (quarantined or not); False when
+    there is none."""
     status: Any = await store.execute(
         "DELETE FROM delayed_messages WHERE id = $1::uuid", message_id
     )

@@ -20,7 +20,7 @@ WITH added AS (
                             expires_at)
     SELECT r.id, r.message_id, r.queue, r.body, r.attempt, to_timestamp(r.delivered_at),
            to_timestamp(r.deadline), to_timestamp(r.expires_at)
-    FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int[], $6::float8[],
+    FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bytea[], $5::int[], $6::float8[],
                 $7::float8[], $8::float8[])
          AS r(id, message_id, queue, body, attempt, delivered_at, deadline, expires_at)
     ON CONFLICT (id) DO NOTHING
@@ -53,6 +53,11 @@ def columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
     return [[row[i] for row in rows] for i in range(width)]
 
 
+def text(body: bytes) -> str:
+    """A stored body as the text a v1 message carries (bytes that are not UTF-8 are replaced)."""
+    return body.decode("utf-8", errors="replace")
+
+
 def settled_counts(rows: Sequence[Any]) -> list[tuple[str, str, int]]:
     return [(row["queue"], row["outcome"], row["settled"]) for row in rows]
 
@@ -69,7 +74,7 @@ async def write_records(
                     r.id,
                     r.message_id,
                     r.queue,
-                    r.body,
+                    r.body.encode(),
                     r.attempt,
                     r.delivered_at,
                     r.deadline,
@@ -109,7 +114,7 @@ class DueDelivery:
     id: str
     message_id: str
     queue: str
-    body: str
+    body: bytes
     attempt: int
     expires_at: float | None
     failed_at: datetime
@@ -167,30 +172,46 @@ WHERE deliveries.id = r.id AND deliveries.claim_token = $1
 """
 
 BURY = """
-INSERT INTO dead_letters (queue, message_id, body, attempts, last_delivery_id, last_failure_at)
-SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::int[], $5::uuid[], $6::timestamptz[])
+INSERT INTO dead_letters (queue, message_id, body, attempts, last_delivery_id, last_failure_at,
+                          reason)
+SELECT * FROM unnest($1::text[], $2::uuid[], $3::bytea[], $4::int[], $5::uuid[],
+                     $6::timestamptz[], $7::text[])
 ON CONFLICT (queue, message_id) DO UPDATE
     SET body = EXCLUDED.body, attempts = EXCLUDED.attempts,
         last_delivery_id = EXCLUDED.last_delivery_id,
-        last_failure_at = EXCLUDED.last_failure_at, dead_at = now()
+        last_failure_at = EXCLUDED.last_failure_at, dead_at = now(), reason = EXCLUDED.reason
+"""
+
+# Claimed deliveries whose retry RabbitMQ could not take now: free for the next tick.
+RELEASE = """
+UPDATE deliveries SET claim_token = NULL, claimed_until = NULL
+WHERE id = ANY($2::uuid[]) AND claim_token = $1
 """
 
 
 async def finish(
-    store: Store, token: str, outcomes: dict[str, str], dead: Sequence[DueDelivery]
+    store: Store,
+    token: str,
+    outcomes: dict[str, str],
+    dead: Sequence[tuple[DueDelivery, str | None]],
+    released: Sequence[str] = (),
 ) -> None:
-    """Mark claimed deliveries done with their outcome, and keep the dead ones as dead letters.
+    """Mark claimed deliveries done with their outcome, keep the dead ones as dead letters (each
+    with its reason, None for the usual one), and give the released ones back unchanged.
 
     Only rows still claimed by token change: a claim that expired meanwhile was taken over.
     """
     dead_columns = columns(
-        [(d.queue, d.message_id, d.body, d.attempt, d.id, d.failed_at) for d in dead], 6
+        [(d.queue, d.message_id, d.body, d.attempt, d.id, d.failed_at, why) for d, why in dead],
+        7,
     )
 
     async def work(connection: Any) -> None:
         await connection.execute(FINISH, token, list(outcomes), list(outcomes.values()))
         if dead:
             await connection.execute(BURY, *dead_columns)
+        if released:
+            await connection.execute(RELEASE, token, list(released))
 
     await store.transaction(work)
 

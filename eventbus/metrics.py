@@ -33,6 +33,7 @@ class Metrics:
     delayed: Counter
     delay_dispatched: Counter
     released: Counter
+    quarantined: Counter
 
     def __init__(self, node: str) -> None:
         self.registry = CollectorRegistry()
@@ -73,6 +74,7 @@ class Metrics:
             "delayed": "Delayed messages accepted, by queue or topic",
             "delay_dispatched": "Delayed messages moved to their queue or topic when due",
             "released": "Times this node handed a queue's prefetched messages to a starving node",
+            "quarantined": "Messages set aside because PostgreSQL or RabbitMQ refused them",
         }
         for name, text in per_queue.items():
             setattr(

@@ -1,30 +1,43 @@
-"""Publishing with publisher confirms: channel pools per queue, queues declared once.
+"""Publishing with publisher confirms over one shared pool of channels; declarations cached.
+
+Every queue and topic publishes over the same `amqp.publish_channels` confirm channels, each
+target spread over `amqp.producers_per_queue` of them, so the daemon's channel count stays the
+same however many queues clients use. Declarations go over a few channels of their own, one at a
+time each: a declaration RabbitMQ refuses closes its channel, and that must fail nothing else.
 
 The request path (gRPC handlers) publishes from the asyncio side of the seam with `publish`, so
 a call costs no task of its own; trio code uses `to_queue` / `to_targets`, which cross the seam
 once. Every publish waits for RabbitMQ's confirm (or a return, for an unroutable message) under
 PUBLISH_TIMEOUT, so a broken connection turns into Unavailable within seconds, never a hang.
+
+The bulk path (`to_targets`) reports an Outcome per message instead of raising: one message that
+cannot go (refused by the client library while marshalling, or by RabbitMQ, which then closes
+the channel) is reported refused, and the others of its batch are confirmed all the same.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
-from collections.abc import Awaitable, Iterator, Sequence
-from typing import Any, TypeVar, cast
+import zlib
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar, cast
 
 import aio_pika
 import aio_pika.abc
-import aio_pika.exceptions
 import aiormq
 import aiormq.exceptions
 from pamqp.commands import Basic
 
 from . import aio, bulk
 from .broker import BROKER_ERRORS, Broker
+from .config import AmqpConfig
 from .envelope import Kind, Outgoing
-from .errors import FailedPrecondition, Unavailable
+from .errors import CallError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from .retry import describe
 
 logger = logging.getLogger(__name__)
@@ -33,65 +46,157 @@ T = TypeVar("T")
 
 PUBLISH_TIMEOUT = 5.0
 BULK_PER_DEADLINE = 5000  # a bulk publish gets PUBLISH_TIMEOUT more for each this many messages
-
-
-class ChannelPool:
-    """A few confirm channels of one connection generation, used round robin (asyncio side)."""
-
-    def __init__(self, broker: Broker, size: int) -> None:
-        self._broker = broker
-        self._size = size
-        self._channels: list[aio_pika.abc.AbstractChannel] = []
-        self._generation = -1
-        self._turn: Iterator[int] = itertools.count()
-        self._lock = asyncio.Lock()
-
-    async def get(self) -> aio_pika.abc.AbstractChannel:
-        if self._generation != self._broker.generation or len(self._live()) < self._size:
-            async with self._lock:
-                await self._refill()
-        live = self._channels
-        return live[next(self._turn) % len(live)]
-
-    async def underlays(self) -> list[aiormq.Channel]:
-        """Every channel of the pool, as aiormq channels (for the bulk path)."""
-        await self.get()
-        return [cast(aiormq.Channel, await c.get_underlay_channel()) for c in self._channels]
-
-    def _live(self) -> list[aio_pika.abc.AbstractChannel]:
-        return [c for c in self._channels if not c.is_closed]
-
-    async def _refill(self) -> None:
-        connection = self._broker.connection  # BrokerUnavailable while there is none
-        if self._generation != self._broker.generation:
-            self._channels, self._generation = [], self._broker.generation
-        live = self._live()
-        while len(live) < self._size:
-            live.append(
-                await _bounded("opening a channel", connection.channel(publisher_confirms=True))
-            )
-        self._channels = live
-
+DECLARED_MAX = 10_000  # declarations remembered at once; the least recently used is forgotten
+DECLARING_CHANNELS = 4
+# RabbitMQ closes a channel with these when a command on it was refused (a message it does not
+# take, say); the other messages in flight on that channel are lost with it, through no fault of
+# their own.
+REFUSALS: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.ChannelAccessRefused,
+    aiormq.exceptions.ChannelNotFoundEntity,
+    aiormq.exceptions.ChannelLockedResource,
+    aiormq.exceptions.ChannelPreconditionFailed,
+)
 
 Target = tuple[Kind, str]  # ("queue", name) or ("topic", name)
 
 
-class Publisher:
-    """Confirmed publishing to queues and topic exchanges, with declarations cached per
-    connection."""
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one message of a bulk publish: confirmed; unavailable (RabbitMQ could not
+    take it now: try again later); or refused (it will never go as it is: error says why)."""
 
-    def __init__(self, broker: Broker, producers_per_queue: int) -> None:
+    status: Literal["confirmed", "unavailable", "refused"]
+    error: CallError | None = None
+
+    @property
+    def reason(self) -> str:
+        return self.error.message if self.error is not None else ""
+
+
+CONFIRMED = Outcome("confirmed")
+
+
+def outcome_of(error: CallError) -> Outcome:
+    return Outcome("unavailable" if isinstance(error, Unavailable) else "refused", error)
+
+
+class ChannelPool:
+    """The shared confirm channels of one connection generation, as aiormq channels (asyncio
+    side). A channel that closed is replaced in its place, so a target keeps its channels."""
+
+    def __init__(self, broker: Broker, size: int) -> None:
         self._broker = broker
-        self._producers = producers_per_queue
-        self._pools: dict[str, ChannelPool] = {}
-        self._declared: set[tuple[str, ...]] = set()
-        self._declared_generation = 0
+        self.size = size
+        self._channels: list[aio_pika.abc.AbstractChannel | None] = [None] * size
+        self._underlays: list[aiormq.Channel | None] = [None] * size
+        self._generation = -1
+        self._lock = asyncio.Lock()
 
-    def _pool(self, name: str) -> ChannelPool:
-        pool = self._pools.get(name)
-        if pool is None:
-            pool = self._pools[name] = ChannelPool(self._broker, self._producers)
-        return pool
+    async def channels(self) -> list[aiormq.Channel]:
+        """Every channel of the pool, open (BrokerUnavailable while there is no connection)."""
+        if self._generation != self._broker.generation or not self._all_open():
+            async with self._lock:
+                await self._refill()
+        return cast(list[aiormq.Channel], list(self._underlays))
+
+    def _all_open(self) -> bool:
+        return all(c is not None and not c.is_closed for c in self._channels)
+
+    async def _refill(self) -> None:
+        connection = self._broker.connection  # BrokerUnavailable while there is none
+        if self._generation != self._broker.generation:
+            self._channels = [None] * self.size
+            self._generation = self._broker.generation
+        for i, channel in enumerate(self._channels):
+            if channel is None or channel.is_closed:
+                opening = connection.channel(publisher_confirms=True)
+                channel = await _bounded("opening a channel", opening)
+                underlay = await channel.get_underlay_channel()
+                self._channels[i], self._underlays[i] = channel, cast(aiormq.Channel, underlay)
+
+
+class Declarer:
+    """Channels for declarations and probes, each used by one at a time (asyncio side)."""
+
+    def __init__(self, broker: Broker, size: int) -> None:
+        self._broker = broker
+        self._idle: list[tuple[int, aio_pika.abc.AbstractChannel]] = []
+        self._slots = asyncio.Semaphore(size)
+
+    @contextlib.asynccontextmanager
+    async def channel(self) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
+        async with self._slots:
+            generation = self._broker.generation
+            channel = self._take(generation)
+            if channel is None:
+                opening = self._broker.connection.channel(publisher_confirms=True)
+                channel = await _bounded("opening a channel", opening)
+            try:
+                yield channel
+            finally:
+                if not channel.is_closed and generation == self._broker.generation:
+                    self._idle.append((generation, channel))
+
+    def _take(self, generation: int) -> aio_pika.abc.AbstractChannel | None:
+        while self._idle:
+            born, channel = self._idle.pop()
+            if born == generation and not channel.is_closed:
+                return channel
+        return None
+
+
+class Declared:
+    """Declarations known to hold on the current connection: at most DECLARED_MAX, the least
+    recently used forgotten first; all forgotten on a reconnect."""
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+        self._known: OrderedDict[tuple[str, ...], None] = OrderedDict()
+        self._generation = broker.generation
+
+    def __contains__(self, declaration: tuple[str, ...]) -> bool:
+        if self._generation != self._broker.generation:
+            self._known.clear()  # a reconnect: the broker may have lost what it had
+            self._generation = self._broker.generation
+        if declaration not in self._known:
+            return False
+        self._known.move_to_end(declaration)
+        return True
+
+    def add(self, declaration: tuple[str, ...]) -> None:
+        self._known[declaration] = None
+        self._known.move_to_end(declaration)
+        while len(self._known) > DECLARED_MAX:
+            self._known.popitem(last=False)
+
+    def discard(self, declaration: tuple[str, ...]) -> None:
+        self._known.pop(declaration, None)
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+
+class Publisher:
+    """Confirmed publishing to queues and topic exchanges, over one shared pool of channels."""
+
+    def __init__(
+        self, broker: Broker, config: AmqpConfig, *, auto_create_queues: bool = True
+    ) -> None:
+        self._broker = broker
+        self._pool = ChannelPool(broker, config.publish_channels)
+        self._spread = min(config.producers_per_queue, config.publish_channels)
+        self._declarer = Declarer(broker, DECLARING_CHANNELS)
+        self._declared = Declared(broker)
+        self._namespace = config.namespace
+        self._auto_create = auto_create_queues
+        self._expiry_ms = config.queue_idle_expiry_seconds * 1000
+        self._turn: Iterator[int] = itertools.count()
+
+    def _channels_of(self, name: str, channels: list[aiormq.Channel]) -> list[aiormq.Channel]:
+        """The producers_per_queue channels of the pool a target publishes over."""
+        first = zlib.crc32(name.encode())
+        return [channels[(first + k) % len(channels)] for k in range(self._spread)]
 
     async def publish(self, queue: str, message: Outgoing) -> None:
         """(asyncio side) Publish to queue, declaring it once, and wait for the confirm."""
@@ -105,21 +210,38 @@ class Publisher:
     async def publish_to(self, target: Target, message: Outgoing) -> None:
         """(asyncio side) Publish to ("queue", name) or ("topic", name) and wait for the
         confirm. A message RabbitMQ returns as unroutable (its queue was deleted behind our
-        back) is declared and published once more."""
-        try:
-            await _bounded(f"publishing to {target[1]!r}", self._confirm(target, message))
-        except Returned:
-            self._declared.discard(target)
-            await _bounded(f"publishing to {target[1]!r}", self._confirm(target, message))
+        back) is declared and published once more; so is one whose channel RabbitMQ closed
+        (another message on it may have been the one refused). Twice refused: FailedPrecondition.
+        """
+        what = f"publishing to {target[1]!r}"
+        for last in (False, True):
+            try:
+                await _bounded(what, self._confirm(target, message))
+                return
+            except Returned:
+                self._declared.discard(target)
+                if last:
+                    raise Unavailable(f"RabbitMQ returned the message {what} twice") from None
+            except ChannelRefused as error:
+                self._declared.discard(target)
+                if last:
+                    raise FailedPrecondition(f"RabbitMQ refused {what}: {error}") from None
 
     async def _confirm(self, target: Target, message: Outgoing) -> None:
         """Publish on one of the target's channels and wait for RabbitMQ's confirm."""
         await self._declare_target(target)
-        pooled = await self._pool(target[1]).get()
-        channel = cast(aiormq.Channel, await pooled.get_underlay_channel())
-        (confirmation,) = await bulk.send(channel, [_publish_of(target, message)])
-        if not isinstance(await confirmation, Basic.Ack):
-            raise Returned(target[1])
+        options = self._channels_of(target[1], await self._pool.channels())
+        channel = options[next(self._turn) % len(options)]
+        try:
+            (confirmation,) = await bulk.send(channel, [_publish_of(target, message)])
+            result = await confirmation
+        except REFUSALS as error:
+            raise ChannelRefused(describe(error)) from None
+        except bulk.Unmarshallable as error:
+            raise InvalidArgument(f"the message to {target[1]!r} cannot be sent: {error}") from None
+        if isinstance(result, Basic.Ack):
+            return
+        raise Returned(target[1])
 
     async def _declare_target(self, target: Target) -> None:
         kind, name = target
@@ -128,117 +250,257 @@ class Publisher:
         else:
             await self.declare(name)
 
+    def _internal(self, queue: str) -> bool:
+        return queue == self._namespace or queue.startswith(self._namespace + ".")
+
     async def declare(self, queue: str) -> None:
-        """(asyncio side) Declare a durable queue once per connection."""
-        if self._known(("queue", queue)):
+        """(asyncio side) Make sure a queue exists, once per connection: declared durable (for a
+        client's queue with x-expires when amqp.queue_idle_expiry_seconds > 0), or, with
+        server.auto_create_queues false, only looked up: NotFound when it does not exist. The
+        bus's own queues are always declared, never with x-expires."""
+        if ("queue", queue) in self._declared:
             return
-        channel = await self._pool(queue).get()
-        await _bounded(f"declaring queue {queue!r}", channel.declare_queue(queue, durable=True))
+        if self._internal(queue):
+            await self._declare_queue(queue, {})
+        elif self._auto_create:
+            expiry = {"x-expires": self._expiry_ms} if self._expiry_ms else {}
+            await self._declare_queue(queue, expiry)
+        else:
+            await self._look_up(queue)
         self._declared.add(("queue", queue))
+
+    async def _declare_queue(self, queue: str, arguments: dict[str, Any]) -> None:
+        async with self._declarer.channel() as channel:
+            declaring = channel.declare_queue(queue, durable=True, arguments=arguments or None)
+            try:
+                await _bounded(f"declaring queue {queue!r}", declaring)
+            except FailedPrecondition as error:
+                raise FailedPrecondition(_other_settings(queue, arguments, error)) from None
+
+    async def _look_up(self, queue: str) -> None:
+        async with self._declarer.channel() as channel:
+            try:
+                await _bounded(
+                    f"looking up queue {queue!r}", channel.declare_queue(queue, passive=True)
+                )
+            except NotFound:
+                raise NotFound(
+                    f"queue {queue!r} does not exist, and server.auto_create_queues is false"
+                ) from None
 
     async def declare_topic(self, topic: str) -> None:
         """(asyncio side) Declare a durable topic exchange once per connection."""
-        if self._known(("topic", topic)):
+        if ("topic", topic) in self._declared:
             return
-        channel = await self._pool(topic).get()
-        declaring = channel.declare_exchange(topic, aio_pika.ExchangeType.TOPIC, durable=True)
-        await _bounded(f"declaring topic {topic!r}", declaring)
+        async with self._declarer.channel() as channel:
+            declaring = channel.declare_exchange(topic, aio_pika.ExchangeType.TOPIC, durable=True)
+            await _bounded(f"declaring topic {topic!r}", declaring)
         self._declared.add(("topic", topic))
 
     async def bind(self, queue: str, topic: str) -> None:
         """(asyncio side) Declare queue and topic and bind them, once per connection: from then
         on the queue gets every message published to the topic."""
-        if self._known(("binding", queue, topic)):
+        if ("binding", queue, topic) in self._declared:
             return
         await self.declare_topic(topic)
-        channel = await self._pool(queue).get()
-        declared = await _bounded(
-            f"declaring queue {queue!r}", channel.declare_queue(queue, durable=True)
-        )
-        await _bounded(f"binding {queue!r} to {topic!r}", declared.bind(topic, routing_key="#"))
-        self._declared.update({("queue", queue), ("binding", queue, topic)})
-
-    def _known(self, declaration: tuple[str, ...]) -> bool:
-        if self._declared_generation != self._broker.generation:
-            self._declared.clear()  # a reconnect: the broker may have lost what it had
-            self._declared_generation = self._broker.generation
-        return declaration in self._declared
+        await self.declare(queue)
+        async with self._declarer.channel() as channel:
+            underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+            binding = underlay.queue_bind(queue, topic, routing_key="#")
+            await _bounded(f"binding {queue!r} to {topic!r}", binding)
+        self._declared.add(("binding", queue, topic))
 
     async def message_count(self, queue: str) -> int:
         """(asyncio side) How many messages wait in an existing queue."""
-        channel = await self._pool(queue).get()
-        declared = await _bounded(
-            f"inspecting queue {queue!r}", channel.declare_queue(queue, passive=True)
-        )
+        async with self._declarer.channel() as channel:
+            declared = await _bounded(
+                f"inspecting queue {queue!r}", channel.declare_queue(queue, passive=True)
+            )
         return int(declared.declaration_result.message_count or 0)
 
     async def to_queue(self, queue: str, message: Outgoing) -> None:
         """(trio side) Publish to a queue and wait for the confirm."""
         await aio.call(self.publish, queue, message)
 
-    async def to_targets(self, messages: Sequence[tuple[Target, Outgoing]]) -> None:
+    async def to_targets(self, messages: Sequence[tuple[Target, Outgoing]]) -> list[Outcome]:
         """(trio side) Publish many messages at once, each to its queue or topic; returns once
-        all are confirmed, or raises the first failure."""
-        await aio.call(self._publish_all, messages)
+        each is confirmed, refused or given up on, with one Outcome per message, in order."""
+        return await aio.call(self._publish_all, messages)
 
     async def declare_queue(self, queue: str) -> None:
-        """(trio side) Declare a durable queue once per connection."""
+        """(trio side) `declare` a queue."""
         await aio.call(self.declare, queue)
 
-    async def _publish_all(self, messages: Sequence[tuple[Target, Outgoing]]) -> None:
+    async def _publish_all(self, messages: Sequence[tuple[Target, Outgoing]]) -> list[Outcome]:
         """(asyncio side) The bulk path: each target declared once, then every message sent in
-        one write per channel of its target, under one deadline that grows with the batch.
-        What RabbitMQ returns as unroutable goes again through the single path (which
-        re-declares)."""
-        channels: dict[Target, list[aiormq.Channel]] = {}
-        for target in dict.fromkeys(target for target, _ in messages):
-            await self._declare_target(target)
-            channels[target] = await self._pool(target[1]).underlays()
-        for batch in _rounds(messages):
-            await self._publish_round(batch, channels)
+        one write per channel, under one deadline that grows with the batch. What RabbitMQ
+        returns as unroutable, or lost when RabbitMQ closed its channel over another message,
+        goes again, one by one, through the single path."""
+        outcomes: list[Outcome | None] = [None] * len(messages)
+        refused = await self._declare_targets(dict.fromkeys(t for t, _ in messages))
+        for i, (target, _) in enumerate(messages):
+            outcomes[i] = refused.get(target)
+        for batch in _rounds([i for i, o in enumerate(outcomes) if o is None], messages):
+            await self._publish_round(batch, messages, outcomes)
+        return [o if o is not None else CONFIRMED for o in outcomes]
+
+    async def _declare_targets(self, targets: dict[Target, None]) -> dict[Target, Outcome]:
+        """Declare targets, a few at a time; returns the outcome of those that failed."""
+        failed: dict[Target, Outcome] = {}
+
+        async def declare(target: Target) -> None:
+            try:
+                await self._declare_target(target)
+            except CallError as error:
+                failed[target] = outcome_of(error)
+
+        await asyncio.gather(*(declare(target) for target in targets))
+        return failed
 
     async def _publish_round(
         self,
+        indexes: list[int],
         messages: Sequence[tuple[Target, Outgoing]],
-        channels: dict[Target, list[aiormq.Channel]],
+        outcomes: list[Outcome | None],
     ) -> None:
+        try:
+            channels = await self._pool.channels()
+        except CallError as error:
+            for i in indexes:
+                outcomes[i] = outcome_of(error)
+            return
         per_channel: dict[aiormq.Channel, list[int]] = {}
-        for i, (target, _) in enumerate(messages):
-            options = channels[target]
-            per_channel.setdefault(options[i % len(options)], []).append(i)
+        for n, i in enumerate(indexes):
+            options = self._channels_of(messages[i][0][1], channels)
+            per_channel.setdefault(options[n % len(options)], []).append(i)
+        results = await _send_and_confirm(per_channel, messages)
+        for indexes in per_channel.values():
+            lost = []
+            for i in indexes:
+                outcomes[i] = _outcome_of_result(results[i])
+                if outcomes[i] is None and isinstance(results[i], REFUSALS):
+                    lost.append(i)
+                elif outcomes[i] is None:  # returned as unroutable: the queue went away
+                    self._declared.discard(messages[i][0])
+                    outcomes[i] = await self._publish_alone(*messages[i])
+            if lost:
+                await self._find_refused(lost, messages, outcomes)
 
-        async def send_and_confirm() -> list[Any]:
-            confirmations: dict[int, asyncio.Future[Any]] = {}
-            for channel, indexes in per_channel.items():
-                sent = await bulk.send(channel, [_publish_of(*messages[i]) for i in indexes])
-                confirmations.update(zip(indexes, sent, strict=True))
-            in_order = (confirmations[i] for i in range(len(messages)))
-            return await asyncio.gather(*in_order, return_exceptions=True)
+    async def _find_refused(
+        self,
+        lost: list[int],
+        messages: Sequence[tuple[Target, Outgoing]],
+        outcomes: list[Outcome | None],
+    ) -> None:
+        """RabbitMQ closed a channel over one of the lost messages (in the order sent), which
+        it took in that order: those before the refused one went through, those after it were
+        dropped. Each is tried in turn as a probe (a copy that reaches no queue); the first
+        probe refused is the culprit, and the messages after it are published again."""
+        for k, i in enumerate(lost):
+            probed = await self._probe(messages[i][1])
+            if probed is CONFIRMED:
+                continue
+            outcomes[i] = probed
+            if probed.status == "unavailable":
+                for j in lost:
+                    outcomes[j] = probed
+                return
+            for j in lost[:k]:
+                outcomes[j] = CONFIRMED
+            rest = lost[k + 1 :]
+            again = await self._publish_all([messages[j] for j in rest])
+            for j, outcome in zip(rest, again, strict=True):
+                outcomes[j] = outcome
+            return
+        # None of them is refused: the channel closed over another sender's message, or over
+        # the target (an exchange deleted behind the bus's back). They go again, declared anew.
+        for i in lost:
+            self._declared.discard(messages[i][0])
+            outcomes[i] = await self._publish_alone(*messages[i])
 
-        seconds = PUBLISH_TIMEOUT * (1 + len(messages) // BULK_PER_DEADLINE)
-        results = await _bounded(
-            f"publishing {len(messages)} messages", send_and_confirm(), seconds
-        )
-        for (target, message), result in zip(messages, results, strict=True):
-            if isinstance(result, BaseException):
-                await _bounded("publishing", _fail(result))
-            if not isinstance(result, Basic.Ack):
-                await self.publish_to(target, message)
+    async def _probe(self, message: Outgoing) -> Outcome:
+        """Publish a copy of message that no queue receives (mandatory, to no queue), on a
+        channel of its own: refused when RabbitMQ refuses the message itself."""
+        probe = bulk.Publish("", "", True, message.body, message.properties)
+        async with self._declarer.channel() as channel:
+            underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+            try:
+                (confirmation,) = await bulk.send(underlay, [probe])
+                await _bounded("probing a message", confirmation)
+            except FailedPrecondition as error:
+                return Outcome("refused", error)
+            except CallError as error:
+                return outcome_of(error)
+        return CONFIRMED
+
+    async def _publish_alone(self, target: Target, message: Outgoing) -> Outcome:
+        try:
+            await self.publish_to(target, message)
+        except CallError as error:
+            return outcome_of(error)
+        return CONFIRMED
 
 
-def _rounds(messages: Sequence[tuple[Target, Outgoing]]) -> list[list[tuple[Target, Outgoing]]]:
-    """Split messages so that no message id occurs twice in a round (a message retried in two
-    queues at once, say): RabbitMQ returns an unroutable message by id, not by delivery tag."""
-    rounds: list[list[tuple[Target, Outgoing]]] = []
+async def _send_and_confirm(
+    per_channel: dict[aiormq.Channel, list[int]], messages: Sequence[tuple[Target, Outgoing]]
+) -> dict[int, Any]:
+    """Send each channel's messages in one write; wait for their confirms under one deadline.
+    Returns, per message index, what its confirmation resolved to, or the error."""
+    futures: dict[int, asyncio.Future[Any]] = {}
+    for channel, indexes in per_channel.items():
+        try:
+            sent = await bulk.send(channel, [_publish_of(*messages[i]) for i in indexes])
+        except BROKER_ERRORS as error:
+            sent = [_failed(error) for _ in indexes]
+        futures.update(zip(indexes, sent, strict=True))
+    seconds = PUBLISH_TIMEOUT * (1 + len(futures) // BULK_PER_DEADLINE)
+    if futures:
+        await asyncio.wait(futures.values(), timeout=seconds)
+    return {i: _result_of(future, seconds) for i, future in futures.items()}
+
+
+def _failed(error: BaseException) -> asyncio.Future[Any]:
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    future.set_exception(error)
+    return future
+
+
+def _result_of(future: asyncio.Future[Any], seconds: float) -> Any:
+    if not future.done():
+        future.cancel()
+        return TimeoutError(f"RabbitMQ did not confirm within {seconds:g} s")
+    if future.cancelled():
+        return asyncio.CancelledError()
+    return future.exception() or future.result()
+
+
+def _outcome_of_result(result: Any) -> Outcome | None:
+    """A confirmation's result as an Outcome; None: to be published again on its own (returned
+    as unroutable, or lost when RabbitMQ closed its channel)."""
+    if isinstance(result, Basic.Ack):
+        return CONFIRMED
+    if isinstance(result, bulk.Unmarshallable):
+        return Outcome("refused", InvalidArgument(f"the message cannot be sent: {result}"))
+    if isinstance(result, REFUSALS) or not isinstance(result, BaseException):
+        return None
+    if isinstance(result, TimeoutError):
+        return Outcome("unavailable", Unavailable(str(result)))
+    return Outcome("unavailable", Unavailable(f"RabbitMQ is unavailable: {describe(result)}"))
+
+
+def _rounds(indexes: list[int], messages: Sequence[tuple[Target, Outgoing]]) -> list[list[int]]:
+    """Split message indexes so that no message id occurs twice in a round (a message retried in
+    two queues at once, say): RabbitMQ returns an unroutable message by id, not by delivery tag."""
+    rounds: list[list[int]] = []
     seen: dict[str, int] = {}
-    for item in messages:
-        message_id = item[1].properties.message_id
+    for i in indexes:
+        message_id = messages[i][1].properties.message_id
         n = seen.get(message_id, 0) if message_id else 0
         if message_id:
             seen[message_id] = n + 1
         if n == len(rounds):
             rounds.append([])
-        rounds[n].append(item)
+        rounds[n].append(i)
     return rounds
 
 
@@ -253,25 +515,39 @@ def _publish_of(target: Target, message: Outgoing) -> bulk.Publish:
     )
 
 
-async def _fail(error: BaseException) -> None:
-    raise error
+def _other_settings(queue: str, arguments: dict[str, Any], error: CallError) -> str:
+    wanted = ", ".join(["durable", *(f"{k}={v}" for k, v in arguments.items())])
+    return (
+        f"queue {queue!r} exists with other settings than the bus declares ({wanted}): "
+        f"{error.message}; delete the queue (it is declared again on next use), or set "
+        "amqp.queue_idle_expiry_seconds to match its x-expires"
+    )
 
 
 class Returned(Exception):
     """RabbitMQ returned a mandatory message: no queue of that name (any more)."""
 
 
+class ChannelRefused(Exception):
+    """RabbitMQ closed the channel a message was on, refusing a command on it."""
+
+
 async def _bounded(what: str, call: Awaitable[T], seconds: float = PUBLISH_TIMEOUT) -> T:
     """(asyncio side) Await a broker call for at most seconds; broker failures become
-    Unavailable, a refusal by RabbitMQ itself FailedPrecondition."""
+    Unavailable, a refusal by RabbitMQ itself FailedPrecondition (NotFound for a missing
+    entity), one by the client library (a name it does not take) InvalidArgument."""
     try:
         async with asyncio.timeout(seconds):
             return await call
-    except Returned:
+    except (Returned, ChannelRefused):
         raise
-    except aiormq.exceptions.ChannelPreconditionFailed as error:
+    except aiormq.exceptions.ChannelNotFoundEntity as error:
+        raise NotFound(f"RabbitMQ refused {what}: {describe(error)}") from None
+    except REFUSALS as error:
         raise FailedPrecondition(f"RabbitMQ refused {what}: {describe(error)}") from None
     except TimeoutError:
         raise Unavailable(f"RabbitMQ did not confirm {what} within {seconds:g} s") from None
     except BROKER_ERRORS as error:
         raise Unavailable(f"RabbitMQ is unavailable ({what}): {describe(error)}") from None
+    except ValueError as error:  # what pamqp raises for a name or value it does not take
+        raise InvalidArgument(f"RabbitMQ's client cannot send {what}: {error}") from None

@@ -1,7 +1,9 @@
 """The republish job: deliveries that were nacked, or not acked by their deadline, come back.
 
 Each due delivery is published again to its own queue as a new attempt, or, past
-delivery.max_retries, kept as a dead letter; a message past its TTL is dropped.
+delivery.max_retries, kept as a dead letter; a message past its TTL is dropped. A retry that
+RabbitMQ (or its client library) refuses becomes a dead letter with the reason; one RabbitMQ
+cannot take now is given back for the next tick; the others of the batch go on.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ from dataclasses import dataclass, field
 from . import ledger
 from .config import DeliveryConfig
 from .envelope import Envelope, Outgoing
-from .ledger import DueDelivery
+from .errors import Unavailable
+from .ledger import DueDelivery, text
 from .metrics import Metrics
-from .publisher import Publisher, Target
+from .publisher import Outcome, Publisher, Target
+from .ratelog import RateLimitedLog
 from .store import Store
 
 logger = logging.getLogger(__name__)
+ratelog = RateLimitedLog(logger)
 
 BATCH = 1000
 CLEAN_EVERY_SECONDS = 30.0
@@ -33,6 +38,7 @@ class Plan:
 
     outcomes: dict[str, str] = field(default_factory=dict)  # delivery id -> outcome
     retries: list[tuple[str, Envelope]] = field(default_factory=list)  # (queue, next attempt)
+    retried: list[DueDelivery] = field(default_factory=list)  # what each retry is of
     dead: list[DueDelivery] = field(default_factory=list)
 
 
@@ -41,7 +47,7 @@ def plan(due: Sequence[DueDelivery], now: float, max_retries: int) -> Plan:
     result = Plan()
     for delivery in due:
         envelope = Envelope(
-            delivery.message_id, delivery.body, delivery.attempt + 1, delivery.expires_at
+            delivery.message_id, text(delivery.body), delivery.attempt + 1, delivery.expires_at
         )
         if envelope.expired(now):
             result.outcomes[delivery.id] = "expired"
@@ -51,6 +57,34 @@ def plan(due: Sequence[DueDelivery], now: float, max_retries: int) -> Plan:
         else:
             result.outcomes[delivery.id] = "retried"
             result.retries.append((delivery.queue, envelope))
+            result.retried.append(delivery)
+    return result
+
+
+@dataclass
+class Settled:
+    """A planned batch once its retries were published: what the ledger records."""
+
+    outcomes: dict[str, str]  # delivery id -> outcome, for the deliveries that are done
+    dead: list[tuple[DueDelivery, str | None]]  # with the reason when not the usual one
+    released: list[str]  # delivery ids RabbitMQ could not take now: due again next tick
+    republished: list[str]  # queue of each confirmed retry
+    waiting: str = ""  # why some were released
+
+
+def settle(decided: Plan, published: list[Outcome]) -> Settled:
+    """Apply the publishing outcomes of the retries to a plan."""
+    result = Settled(dict(decided.outcomes), [(d, None) for d in decided.dead], [], [])
+    for delivery, outcome in zip(decided.retried, published, strict=True):
+        if outcome.status == "confirmed":
+            result.republished.append(delivery.queue)
+        elif outcome.status == "refused":
+            result.outcomes[delivery.id] = "dead"
+            result.dead.append((delivery, f"RabbitMQ refused its retry: {outcome.reason}"))
+        else:
+            del result.outcomes[delivery.id]
+            result.released.append(delivery.id)
+            result.waiting = outcome.reason
     return result
 
 
@@ -91,19 +125,23 @@ class Republisher:
         messages: list[tuple[Target, Outgoing]] = [
             (("queue", queue), envelope.to_amqp(now)) for queue, envelope in decided.retries
         ]
-        await self._publisher.to_targets(messages)
-        await ledger.finish(self._store, token, decided.outcomes, decided.dead)
-        self._count(decided)
+        settled = settle(decided, await self._publisher.to_targets(messages))
+        await ledger.finish(self._store, token, settled.outcomes, settled.dead, settled.released)
+        self._count(settled)
+        if settled.released:
+            raise Unavailable(f"{len(settled.released)} retries wait: {settled.waiting}")
         return len(due)
 
-    def _count(self, decided: Plan) -> None:
-        for queue, _ in decided.retries:
+    def _count(self, settled: Settled) -> None:
+        for queue in settled.republished:
             self._metrics.republished.labels(queue).inc()
-        for delivery in decided.dead:
+        for delivery, reason in settled.dead:
             self._metrics.dead_lettered.labels(delivery.queue).inc()
-            logger.info(
-                "dead letter: message %s of queue %s after %d deliveries",
+            ratelog.info(
+                f"dead letter {delivery.queue}",
+                "dead letter: message %s of queue %s after %d deliveries%s",
                 delivery.message_id,
                 delivery.queue,
                 delivery.attempt,
+                f" ({reason})" if reason else "",
             )

@@ -100,6 +100,27 @@ async def test_an_unroutable_mandatory_message_resolves_to_the_returned_message(
     assert still_mapped == 0
 
 
+async def test_a_message_the_client_library_refuses_fails_alone(amqp_url: str) -> None:
+    queue = unique_name("bulk-refused")
+
+    async def work(underlay: aiormq.Channel, channel: aio_pika.abc.AbstractChannel) -> Any:
+        declared = await channel.declare_queue(queue)
+        sent = publishes(queue, 5)
+        sent[2] = bulk.Publish("ex\u00e9", queue, False, b"bad", Basic.Properties())  # not ASCII
+        results = await asyncio.gather(*await bulk.send(underlay, sent), return_exceptions=True)
+        bodies = []
+        while (message := await declared.get(no_ack=True, fail=False)) is not None:
+            bodies.append(message.body)
+        await declared.delete(if_unused=False, if_empty=False)
+        return results, bodies
+
+    async with aio.open_loop(lambda: None):
+        results, bodies = await aio.call(on_confirm_channel, amqp_url, work)
+    assert isinstance(results[2], bulk.Unmarshallable) and "exchange" in str(results[2])
+    assert all(isinstance(r, Basic.Ack) for i, r in enumerate(results) if i != 2)
+    assert bodies == [b"m0", b"m1", b"m3", b"m4"]
+
+
 async def test_without_the_channel_internals_it_publishes_one_by_one(
     amqp_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -115,9 +136,9 @@ def test_a_message_id_twice_in_a_batch_goes_in_a_later_round() -> None:
         return (("queue", queue), Envelope(message_id, "x", 2).to_amqp(0))
 
     batch = [message("a", "q1"), message("b", "q1"), message("a", "q2"), message("a", "q3")]
-    rounds = _rounds(batch)
-    assert rounds == [[batch[0], batch[1]], [batch[2]], [batch[3]]]
-    assert _rounds(batch[:2]) == [batch[:2]]
+    assert _rounds([0, 1, 2, 3], batch) == [[0, 1], [2], [3]]
+    assert _rounds([0, 1], batch) == [[0, 1]]
+    assert _rounds([1, 3], batch) == [[1, 3]]
 
 
 async def test_a_send_on_a_channel_closed_meanwhile_is_unavailable(amqp_url: str) -> None:

@@ -53,7 +53,7 @@ def test_zero_delay_publishes_now_and_a_too_long_delay_is_refused(make_daemon: A
     client.delay_publish("now", "at once", delay=0)
     assert client.subscribe("now", timeout=2).data == "at once"
     code, details = status_of(lambda: client.delay_publish("now", "x", delay=3601))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "at most 3600" in details
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "3600" in details
 
 
 def test_many_delayed_messages_in_one_batch(make_daemon: Any) -> None:
@@ -87,9 +87,9 @@ def cli(daemon: Any, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_list_and_cancel_a_delayed_message(make_daemon: Any) -> None:
     daemon, client = started(make_daemon)
-    client.delay_publish("cancelled", "never", delay=3)
-    client.delay_publish("cancelled", "kept", delay=3)
-    deadline = time.monotonic() + 5
+    client.delay_publish("cancelled", "never", delay=10)  # room for two slow CLI starts
+    client.delay_publish("cancelled", "kept", delay=10)
+    deadline = time.monotonic() + 8
     while (
         len(
             listed := cli(
@@ -106,7 +106,7 @@ def test_list_and_cancel_a_delayed_message(make_daemon: Any) -> None:
     result = cli(daemon, "delayed", "cancel", never["id"])
     assert result.returncode == 0, result.stderr
     assert cli(daemon, "delayed", "cancel", never["id"]).returncode == 1  # nothing left
-    assert drain(client, "cancelled", wait=4) == Counter({"kept": 1})
+    assert drain(client, "cancelled", wait=12) == Counter({"kept": 1})
 
 
 def test_two_daemons_dispatch_each_delayed_message_exactly_once(make_daemon: Any) -> None:
@@ -126,7 +126,9 @@ async def insert_due_rows(dsn: str, queue: str, count: int) -> None:
         await connection.copy_records_to_table(
             "delayed_messages",
             columns=["id", "kind", "target", "body", "due_at", "ttl_seconds"],
-            records=[(uuid.uuid4(), "queue", queue, f"r{i}", _past(), 0) for i in range(count)],
+            records=[
+                (uuid.uuid4(), "queue", queue, f"r{i}".encode(), _past(), 0) for i in range(count)
+            ],
         )
     finally:
         await connection.close()

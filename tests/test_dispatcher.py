@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 import pytest
@@ -13,24 +14,47 @@ import trio
 from eventbus import aio, delay
 from eventbus.config import PostgresConfig
 from eventbus.envelope import DelayedMessage, Outgoing
-from eventbus.errors import Unavailable
+from eventbus.errors import FailedPrecondition, Unavailable
 from eventbus.metrics import Metrics
-from eventbus.publisher import Publisher, Target
+from eventbus.publisher import CONFIRMED, Outcome, Publisher, Target
 from eventbus.store import Store, open_store
 
 
 class RecordingPublisher:
-    """Takes batches like Publisher.to_targets; raises Unavailable from batch fail_at on."""
+    """Takes batches like Publisher.to_targets; from batch fail_at on, RabbitMQ is unavailable.
+    Messages whose id is in refuse are refused, those in unavailable_once unavailable once."""
 
-    def __init__(self, fail_at: int | None = None) -> None:
+    def __init__(
+        self,
+        fail_at: int | None = None,
+        refuse: Iterable[str] = (),
+        unavailable_once: Iterable[str] = (),
+    ) -> None:
         self.batches: list[list[str]] = []
+        self.confirmed: Counter[str] = Counter()
         self._fail_at = fail_at
+        self._refuse = set(refuse)
+        self._unavailable_once = set(unavailable_once)
 
-    async def to_targets(self, messages: Sequence[tuple[Target, Outgoing]]) -> None:
+    async def to_targets(self, messages: Sequence[tuple[Target, Outgoing]]) -> list[Outcome]:
         await trio.sleep(0.01)  # lets the next claim run meanwhile, as a real publish does
         if self._fail_at is not None and len(self.batches) + 1 >= self._fail_at:
-            raise Unavailable("RabbitMQ is unavailable (test)")
-        self.batches.append([m.properties.message_id or "" for _, m in messages])
+            return [Outcome("unavailable", Unavailable("RabbitMQ is unavailable (test)"))] * len(
+                messages
+            )
+        ids = [m.properties.message_id or "" for _, m in messages]
+        self.batches.append(ids)
+        outcomes = [self._outcome(message_id) for message_id in ids]
+        self.confirmed.update(i for i, o in zip(ids, outcomes, strict=True) if o == CONFIRMED)
+        return outcomes
+
+    def _outcome(self, message_id: str) -> Outcome:
+        if message_id in self._refuse:
+            return Outcome("refused", FailedPrecondition("RabbitMQ refused it (test)"))
+        if message_id in self._unavailable_once:
+            self._unavailable_once.discard(message_id)
+            return Outcome("unavailable", Unavailable("not now (test)"))
+        return CONFIRMED
 
 
 class FailingStore:
@@ -120,9 +144,8 @@ async def test_a_failed_publish_gives_its_claims_back_at_once(
     publisher = RecordingPublisher(fail_at=fail_at)
 
     async def work(store: Store) -> None:
-        with pytest.raises(ExceptionGroup) as failure:  # from the batch's nursery
+        with pytest.raises(Unavailable):
             await dispatcher(store, publisher).tick()
-        assert failure.group_contains(Unavailable)
         assert await free_rows_left(store) == len(due) - (fail_at - 1) * delay.BATCH
 
     await with_store(postgres_dsn, due, work)
@@ -163,3 +186,28 @@ async def test_a_failed_claim_of_the_next_batch_lets_the_current_one_finish(
 
     await with_store(postgres_dsn, due, work)
     assert [len(b) for b in publisher.batches] == [delay.BATCH, 10]
+
+
+async def test_a_refused_message_is_quarantined_and_the_rest_go_exactly_once(
+    postgres_dsn: str,
+) -> None:
+    due = due_messages(delay.BATCH + 20, time.time() - 60)
+    bad, late = due[3].id, due[delay.BATCH + 5].id
+    publisher = RecordingPublisher(refuse=[bad], unavailable_once=[late])
+
+    async def work(store: Store) -> None:
+        job = dispatcher(store, publisher)
+        with pytest.raises(Unavailable, match="not now"):
+            await job.tick()  # the second batch had one RabbitMQ could not take
+        for _ in range(3):
+            await job.tick()
+        [left] = await delay.pending(store, None, None, 10)
+        assert (left.id, left.quarantine_reason) == (bad, "RabbitMQ refused it (test)")
+        assert left.quarantined_at is not None
+        assert [p.id for p in await delay.pending(store, None, None, 10, quarantined=True)] == [bad]
+        assert await delay.cancel(store, bad)
+
+    await with_store(postgres_dsn, due, work)
+    assert publisher.confirmed == Counter(m.id for m in due if m.id != bad)  # each once
+    assert sum(batch.count(bad) for batch in publisher.batches) == 1  # never retried
+    assert [len(b) for b in publisher.batches] == [delay.BATCH, 20, 1]

@@ -19,7 +19,7 @@ def due(
     expires_at: float | None = None,
     queue: str = "orders",
     message_id: str = "m1",
-    body: str = "hello",
+    body: bytes = b"hello",
 ) -> DueDelivery:
     return DueDelivery(delivery_id, message_id, queue, body, attempt, expires_at, FAILED_AT)
 
@@ -52,7 +52,15 @@ def test_expiry_wins_over_dead() -> None:
 
 def test_retry_is_next_attempt_of_the_same_message_to_the_same_queue() -> None:
     result = plan(
-        [due(attempt=2, expires_at=NOW + 60, queue="q.a", message_id="m-7", body="héllo ✓")],
+        [
+            due(
+                attempt=2,
+                expires_at=NOW + 60,
+                queue="q.a",
+                message_id="m-7",
+                body="héllo ✓".encode(),
+            )
+        ],
         NOW,
         max_retries=5,
     )

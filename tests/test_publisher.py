@@ -1,0 +1,175 @@
+"""The publisher against the real RabbitMQ: per-message outcomes of a bulk publish, one shared
+pool of channels however many queues, and the queue declaration policy."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aio_pika
+import aiormq
+import pytest
+
+from eventbus import aio
+from eventbus.broker import Broker
+from eventbus.config import AmqpConfig
+from eventbus.envelope import Envelope, Outgoing
+from eventbus.errors import FailedPrecondition, InvalidArgument, NotFound
+from eventbus.publisher import DECLARED_MAX, DECLARING_CHANNELS, Declared, Publisher, Target
+from tests.servers import unique_name
+
+NEVER = 1e12  # an expiry so far off (year 33658) that RabbitMQ refuses the expiration
+
+
+@asynccontextmanager
+async def publisher(amqp_url: str, **settings: Any) -> AsyncIterator[tuple[Publisher, Broker]]:
+    auto_create = settings.pop("auto_create_queues", True)
+    config = AmqpConfig(url=amqp_url, namespace="ns", **settings)
+    async with aio.open_loop(lambda: None):
+        broker = Broker(config)
+        await broker.connect(10)
+        try:
+            yield Publisher(broker, config, auto_create_queues=auto_create), broker
+        finally:
+            await broker.close()
+
+
+def message(body: str, expires_at: float | None = None) -> Outgoing:
+    return Envelope(str(uuid.uuid4()), body, 1, expires_at).to_amqp(0)
+
+
+async def drain(amqp_url: str, queue: str) -> Counter[str]:
+    """(asyncio side) Every message waiting in queue, by body; the queue is deleted after."""
+    seen: Counter[str] = Counter()
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        while (received := await declared.get(no_ack=True, fail=False)) is not None:
+            seen[received.body.decode()] += 1
+        await declared.delete(if_unused=False, if_empty=False)
+    return seen
+
+
+def channel_count(broker: Broker) -> int:
+    return len(broker.connection.transport.connection.channels)
+
+
+async def test_only_the_messages_that_cannot_go_are_refused(amqp_url: str) -> None:
+    queue = unique_name("outcomes")
+    batch: list[tuple[Target, Outgoing]] = [
+        (("queue", queue), message(f"m{i}")) for i in range(300)
+    ]
+    batch[17] = (("queue", queue), message("refused by RabbitMQ", expires_at=NEVER))
+    batch[150] = (("topic", "caf\u00e9"), message("refused by pamqp"))
+    batch[151] = (("queue", "bad\nname"), message("a queue pamqp cannot declare"))
+    async with publisher(amqp_url, publish_channels=2) as (bus, _):
+        outcomes = await bus.to_targets(batch)
+        seen = await aio.call(drain, amqp_url, queue)
+    refused = {i: o.reason for i, o in enumerate(outcomes) if o.status != "confirmed"}
+    assert sorted(refused) == [17, 150, 151]
+    assert all(outcomes[i].status == "refused" for i in refused)
+    assert "PRECONDITION_FAILED" in refused[17] and "expiration" in refused[17]
+    assert "exchange" in refused[150] and "queue" in refused[151]
+    assert seen == Counter(f"m{i}" for i in range(300) if i not in refused)  # each once
+
+
+async def test_a_single_publish_refused_by_rabbitmq_is_failed_precondition(amqp_url: str) -> None:
+    queue = unique_name("single")
+    async with publisher(amqp_url) as (bus, _):
+        with pytest.raises(FailedPrecondition, match="expiration"):
+            await aio.call(bus.publish, queue, message("x", expires_at=NEVER))
+        await aio.call(bus.publish, queue, message("fine"))
+        seen = await aio.call(drain, amqp_url, queue)
+    assert seen == Counter({"fine": 1})
+
+
+async def test_many_queues_share_one_bounded_pool_of_channels(amqp_url: str) -> None:
+    # 1,200 queues: the old publisher opened 2 channels per queue, past RabbitMQ's channel_max
+    queues = [unique_name("many") for _ in range(1200)]
+    async with publisher(amqp_url, publish_channels=4) as (bus, broker):
+        for start in range(0, len(queues), 500):
+            chunk = queues[start : start + 500]
+            outcomes = await bus.to_targets([(("queue", q), message(q)) for q in chunk])
+            assert {o.status for o in outcomes} == {"confirmed"}
+            assert channel_count(broker) <= 4 + DECLARING_CHANNELS
+        for queue in queues[:200]:
+            await aio.call(bus.publish, queue, message("again"))
+        assert channel_count(broker) <= 4 + DECLARING_CHANNELS
+        assert await aio.call(bus.message_count, queues[0]) == 2
+
+
+async def test_without_auto_create_a_missing_queue_is_not_found(amqp_url: str) -> None:
+    queue = unique_name("absent")
+    async with publisher(amqp_url, auto_create_queues=False) as (bus, _):
+        with pytest.raises(NotFound, match=f"queue '{queue}' does not exist"):
+            await aio.call(bus.publish, queue, message("x"))
+        [outcome] = await bus.to_targets([(("queue", queue), message("y"))])
+        assert outcome.status == "refused" and isinstance(outcome.error, NotFound)
+        await aio.call(bus.publish, "ns.internal", message("the bus's own queues are created"))
+        await aio.call(declare_plain, amqp_url, queue)
+        await aio.call(bus.publish, queue, message("now it exists"))
+        seen = await aio.call(drain, amqp_url, queue)
+        await aio.call(drain, amqp_url, "ns.internal")
+    assert seen == Counter({"now it exists": 1})
+
+
+async def declare_plain(amqp_url: str, queue: str) -> None:
+    """(asyncio side) Declare a durable queue without arguments, as a client of its own would."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        await (await connection.channel()).declare_queue(queue, durable=True)
+
+
+async def test_idle_expiry_goes_on_client_queues_only(amqp_url: str) -> None:
+    queue = unique_name("expiring")
+    async with publisher(amqp_url, queue_idle_expiry_seconds=600) as (bus, _):
+        await aio.call(bus.declare, queue)
+        await aio.call(bus.declare, "ns.confirm")
+        with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed, match="x-expires"):
+            await aio.call(declare_plain, amqp_url, queue)  # it carries x-expires
+        await aio.call(declare_plain, amqp_url, "ns.confirm")  # it does not
+        await aio.call(drain, amqp_url, queue)
+        await aio.call(drain, amqp_url, "ns.confirm")
+
+
+async def test_a_queue_with_other_settings_names_itself_and_the_fix(amqp_url: str) -> None:
+    queue = unique_name("other")
+    async with publisher(amqp_url, queue_idle_expiry_seconds=60) as (bus, _):
+        await aio.call(declare_plain, amqp_url, queue)
+        with pytest.raises(FailedPrecondition) as refused:
+            await aio.call(bus.publish, queue, message("x"))
+        await aio.call(
+            bus.publish, unique_name("fine"), message("a refused declaration harms no other")
+        )
+        await aio.call(drain, amqp_url, queue)
+    assert f"queue '{queue}' exists with other settings" in refused.value.message
+    assert "x-expires=60000" in refused.value.message
+    assert "amqp.queue_idle_expiry_seconds" in refused.value.message
+
+
+async def test_a_name_pamqp_refuses_is_invalid_argument(amqp_url: str) -> None:
+    async with publisher(amqp_url) as (bus, _):
+        with pytest.raises(InvalidArgument):
+            await aio.call(bus.publish_topic, "caf\u00e9", message("x"))
+
+
+class FakeBroker:
+    generation = 1
+
+
+def test_the_declaration_cache_forgets_the_least_recently_used() -> None:
+    broker: Any = FakeBroker()
+    declared = Declared(broker)
+    declared.add(("queue", "first"))
+    for i in range(DECLARED_MAX - 1):
+        declared.add(("queue", f"q{i}"))
+    assert ("queue", "first") in declared  # used now: the most recent
+    declared.add(("queue", "one more"))
+    assert len(declared) == DECLARED_MAX
+    assert ("queue", "q0") not in declared and ("queue", "first") in declared
+    broker.generation = 2  # a reconnect forgets everything
+    assert ("queue", "first") not in declared and len(declared) == 0

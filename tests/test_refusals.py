@@ -1,0 +1,163 @@
+"""The crons against the real RabbitMQ and PostgreSQL when one message of a batch cannot be
+published: the others go exactly once, the bad one is set aside with its reason, and the job
+never stalls on it."""
+
+from __future__ import annotations
+
+import datetime
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aio_pika
+
+from eventbus import aio, deadletters, delay
+from eventbus.broker import Broker
+from eventbus.config import AmqpConfig, DeliveryConfig, PostgresConfig
+from eventbus.metrics import Metrics, label_values
+from eventbus.publisher import Publisher
+from eventbus.republish import Republisher
+from eventbus.store import Store, open_store
+from tests.servers import unique_name
+
+FAR = 10**12  # seconds: an expiration RabbitMQ refuses (value_too_large)
+
+
+@asynccontextmanager
+async def backends(amqp_url: str, postgres_dsn: str) -> AsyncIterator[tuple[Store, Publisher]]:
+    config = AmqpConfig(url=amqp_url, namespace="ns", publish_channels=2)
+    async with aio.open_loop(lambda: None):
+        store = await open_store(PostgresConfig(dsn=postgres_dsn), window=10)
+        broker = Broker(config)
+        await broker.connect(10)
+        try:
+            yield store, Publisher(broker, config)
+        finally:
+            await broker.close()
+            await store.close()
+
+
+async def drain(amqp_url: str, queue: str) -> Counter[str]:
+    """(asyncio side) Every message waiting in queue, by body."""
+    seen: Counter[str] = Counter()
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, durable=True)
+        while (received := await declared.get(no_ack=True, fail=False)) is not None:
+            seen[received.body.decode()] += 1
+    return seen
+
+
+def ago(seconds: float) -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=seconds)
+
+
+async def add_delayed(store: Store, kind: str, target: str, body: str, ttl: int) -> str:
+    message_id = str(uuid.uuid4())
+    await store.execute(
+        "INSERT INTO delayed_messages (id, kind, target, body, due_at, ttl_seconds) "
+        "VALUES ($1, $2, $3, $4, $5, $6)",
+        message_id,
+        kind,
+        target,
+        body.encode(),
+        ago(5),
+        ttl,
+    )
+    return message_id
+
+
+async def test_a_delay_batch_with_unpublishable_messages(amqp_url: str, postgres_dsn: str) -> None:
+    queue = unique_name("delayed")
+    async with backends(amqp_url, postgres_dsn) as (store, publisher):
+        for i in range(10):
+            await add_delayed(store, "queue", queue, f"m{i}", 0)
+        refused_ttl = await add_delayed(store, "queue", queue, "far ttl", FAR)
+        bad_topic = await add_delayed(store, "topic", "caf\u00e9", "bad name", 0)
+        for i in range(10, 20):
+            await add_delayed(store, "queue", queue, f"m{i}", 60)
+        metrics = Metrics("test")
+        job = delay.Dispatcher(store, publisher, metrics, claim_seconds=60, interval=1)
+        for _ in range(4):  # several ticks: nothing fails, nothing goes twice
+            await job.tick()
+        seen = await aio.call(drain, amqp_url, queue)
+        quarantined = await delay.pending(store, None, None, 10, quarantined=True)
+        assert await delay.pending(store, None, None, 10) == quarantined
+    assert seen == Counter(f"m{i}" for i in range(20))
+    reasons = {p.id: p.quarantine_reason or "" for p in quarantined}
+    assert sorted(reasons) == sorted([refused_ttl, bad_topic])
+    assert "PRECONDITION_FAILED" in reasons[refused_ttl] and "expiration" in reasons[refused_ttl]
+    assert "exchange" in reasons[bad_topic]
+    assert sum(label_values(metrics.quarantined).values()) == 2
+    assert sum(label_values(metrics.delay_dispatched).values()) == 20
+
+
+async def add_due_delivery(store: Store, queue: str, body: str, expires_in: float | None) -> str:
+    message_id = str(uuid.uuid4())
+    expires_at = None if expires_in is None else time.time() + expires_in
+    await store.execute(
+        "INSERT INTO deliveries (id, message_id, queue, body, attempt, delivered_at, deadline, "
+        "expires_at) VALUES ($1, $2, $3, $4, 1, $5, $6, to_timestamp($7::float8))",
+        uuid.uuid4(),
+        message_id,
+        queue,
+        body.encode(),
+        ago(120),
+        ago(60),
+        expires_at,
+    )
+    return message_id
+
+
+async def test_a_republish_batch_with_a_refused_retry(amqp_url: str, postgres_dsn: str) -> None:
+    queue = unique_name("retried")
+    async with backends(amqp_url, postgres_dsn) as (store, publisher):
+        for i in range(15):
+            await add_due_delivery(store, queue, f"r{i}", None)
+        refused = await add_due_delivery(store, queue, "far expiry", FAR)
+        for i in range(15, 30):
+            await add_due_delivery(store, queue, f"r{i}", 3600)
+        metrics = Metrics("test")
+        job = Republisher(store, publisher, DeliveryConfig(), metrics, claim_seconds=60)
+        for _ in range(3):
+            await job.tick()
+        seen = await aio.call(drain, amqp_url, queue)
+        letters = await deadletters.list_letters(store, deadletters.Selection(), 10)
+        open_rows = await store.fetchval("SELECT count(*) FROM deliveries WHERE NOT done")
+    assert seen == Counter(f"r{i}" for i in range(30))  # each retried once
+    [letter] = letters
+    assert (letter.message_id, letter.body, letter.queue) == (refused, b"far expiry", queue)
+    assert letter.reason is not None and "refused its retry" in letter.reason
+    assert "expiration" in letter.reason
+    assert open_rows == 0
+    assert label_values(metrics.republished) == {queue: 30.0}
+    assert label_values(metrics.dead_lettered) == {queue: 1.0}
+
+
+async def test_requeue_keeps_what_rabbitmq_refuses(amqp_url: str, postgres_dsn: str) -> None:
+    queue = unique_name("requeued")
+
+    async def bury(store: Store, name: str, body: str) -> None:
+        await store.execute(
+            "INSERT INTO dead_letters (queue, message_id, body, attempts, last_delivery_id, "
+            "last_failure_at) VALUES ($1, $2, $3, 4, $4, now())",
+            name,
+            uuid.uuid4(),
+            body.encode(),
+            uuid.uuid4(),
+        )
+
+    async with backends(amqp_url, postgres_dsn) as (store, publisher):
+        for i in range(5):
+            await bury(store, queue, f"d{i}")
+        await bury(store, "bad\nname", "stays")
+        moved, kept = await deadletters.requeue(store, publisher, deadletters.Selection())
+        left: Any = await deadletters.list_letters(store, deadletters.Selection(), 10)
+        seen = await aio.call(drain, amqp_url, queue)
+    assert (moved, kept) == (5, 1)
+    assert [d.body for d in left] == [b"stays"]
+    assert seen == Counter(f"d{i}" for i in range(5))
