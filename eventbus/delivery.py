@@ -107,6 +107,8 @@ class Delivery:
         if delay_seconds == 0:
             await self._publish_now(target, data, ttl_seconds)
             return
+        if kind == "queue":
+            await self._publisher.declare(name)  # NotFound when it must exist already
         delayed = DelayedMessage(
             str(uuid.uuid4()),
             kind,
