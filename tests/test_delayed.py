@@ -194,3 +194,38 @@ def test_a_node_killed_in_the_middle_of_a_dispatch_batch_loses_nothing(
     seen = asyncio.run(count_and_drain(backends.amqp_url, "killed", count, patience=90))
     assert len(seen) == count  # nothing lost; a message published twice is allowed
     assert sum(seen.values()) - count <= 2000  # at most the one interrupted batch again
+
+
+async def insert_row(dsn: str, queue: str, body: str, ttl: int) -> str:
+    message_id = uuid.uuid4()
+    connection = await asyncpg.connect(dsn)
+    try:
+        await connection.execute(
+            "INSERT INTO delayed_messages (id, kind, target, body, due_at, ttl_seconds) "
+            "VALUES ($1, 'queue', $2, $3, $4, $5)",
+            message_id,
+            queue,
+            body.encode(),
+            _past(),
+            ttl,
+        )
+    finally:
+        await connection.close()
+    return str(message_id)
+
+
+def test_an_unpublishable_delayed_message_is_quarantined_and_listed(
+    make_daemon: Any, backends: Any
+) -> None:
+    daemon, client = started(make_daemon)
+    bad = asyncio.run(insert_row(backends.postgres_dsn, "mixed", "never", 10**12))
+    for i in range(5):
+        asyncio.run(insert_row(backends.postgres_dsn, "mixed", f"ok{i}", 0))
+    assert drain(client, "mixed", wait=3) == Counter(f"ok{i}" for i in range(5))
+    listed = cli(daemon, "delayed", "list", "--quarantined", "--json").stdout.splitlines()
+    [row] = [json.loads(line) for line in listed]
+    assert row["id"] == bad and row["data"] == "never"
+    assert "PRECONDITION_FAILED" in row["quarantine_reason"] and row["quarantined_at"]
+    assert cli(daemon, "delayed", "cancel", bad).returncode == 0
+    assert cli(daemon, "delayed", "list", "--json").stdout == ""
+    assert 'eventbus_quarantined_total{queue="mixed"} 1.0' in daemon.http_get("/metrics")[1]
