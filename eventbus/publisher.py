@@ -18,12 +18,10 @@ the channel) is reported refused, and the others of its batch are confirmed all 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import zlib
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, cast
 
@@ -35,6 +33,17 @@ from pamqp.commands import Basic
 
 from . import aio, bulk
 from .broker import BROKER_ERRORS, Broker
+from .channels import (
+    DECLARING_CHANNELS,
+    PUBLISH_TIMEOUT,
+    REFUSALS,
+    ChannelPool,
+    ChannelRefused,
+    Declared,
+    Declarer,
+    Returned,
+    bounded,
+)
 from .config import AmqpConfig
 from .envelope import Kind, Outgoing
 from .errors import CallError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -44,19 +53,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-PUBLISH_TIMEOUT = 5.0
 BULK_PER_DEADLINE = 5000  # a bulk publish gets PUBLISH_TIMEOUT more for each this many messages
-DECLARED_MAX = 10_000  # declarations remembered at once; the least recently used is forgotten
-DECLARING_CHANNELS = 4
-# RabbitMQ closes a channel with these when a command on it was refused (a message it does not
-# take, say); the other messages in flight on that channel are lost with it, through no fault of
-# their own.
-REFUSALS: tuple[type[BaseException], ...] = (
-    aiormq.exceptions.ChannelAccessRefused,
-    aiormq.exceptions.ChannelNotFoundEntity,
-    aiormq.exceptions.ChannelLockedResource,
-    aiormq.exceptions.ChannelPreconditionFailed,
-)
 
 Target = tuple[Kind, str]  # ("queue", name) or ("topic", name)
 
@@ -79,102 +76,6 @@ CONFIRMED = Outcome("confirmed")
 
 def outcome_of(error: CallError) -> Outcome:
     return Outcome("unavailable" if isinstance(error, Unavailable) else "refused", error)
-
-
-class ChannelPool:
-    """The shared confirm channels of one connection generation, as aiormq channels (asyncio
-    side). A channel that closed is replaced in its place, so a target keeps its channels."""
-
-    def __init__(self, broker: Broker, size: int) -> None:
-        self._broker = broker
-        self.size = size
-        self._channels: list[aio_pika.abc.AbstractChannel | None] = [None] * size
-        self._underlays: list[aiormq.Channel | None] = [None] * size
-        self._generation = -1
-        self._lock = asyncio.Lock()
-
-    async def channels(self) -> list[aiormq.Channel]:
-        """Every channel of the pool, open (BrokerUnavailable while there is no connection)."""
-        if self._generation != self._broker.generation or not self._all_open():
-            async with self._lock:
-                await self._refill()
-        return cast(list[aiormq.Channel], list(self._underlays))
-
-    def _all_open(self) -> bool:
-        return all(c is not None and not c.is_closed for c in self._channels)
-
-    async def _refill(self) -> None:
-        connection = self._broker.connection  # BrokerUnavailable while there is none
-        if self._generation != self._broker.generation:
-            self._channels = [None] * self.size
-            self._generation = self._broker.generation
-        for i, channel in enumerate(self._channels):
-            if channel is None or channel.is_closed:
-                opening = connection.channel(publisher_confirms=True)
-                channel = await _bounded("opening a channel", opening)
-                underlay = await channel.get_underlay_channel()
-                self._channels[i], self._underlays[i] = channel, cast(aiormq.Channel, underlay)
-
-
-class Declarer:
-    """Channels for declarations and probes, each used by one at a time (asyncio side)."""
-
-    def __init__(self, broker: Broker, size: int) -> None:
-        self._broker = broker
-        self._idle: list[tuple[int, aio_pika.abc.AbstractChannel]] = []
-        self._slots = asyncio.Semaphore(size)
-
-    @contextlib.asynccontextmanager
-    async def channel(self) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
-        async with self._slots:
-            generation = self._broker.generation
-            channel = self._take(generation)
-            if channel is None:
-                opening = self._broker.connection.channel(publisher_confirms=True)
-                channel = await _bounded("opening a channel", opening)
-            try:
-                yield channel
-            finally:
-                if not channel.is_closed and generation == self._broker.generation:
-                    self._idle.append((generation, channel))
-
-    def _take(self, generation: int) -> aio_pika.abc.AbstractChannel | None:
-        while self._idle:
-            born, channel = self._idle.pop()
-            if born == generation and not channel.is_closed:
-                return channel
-        return None
-
-
-class Declared:
-    """Declarations known to hold on the current connection: at most DECLARED_MAX, the least
-    recently used forgotten first; all forgotten on a reconnect."""
-
-    def __init__(self, broker: Broker) -> None:
-        self._broker = broker
-        self._known: OrderedDict[tuple[str, ...], None] = OrderedDict()
-        self._generation = broker.generation
-
-    def __contains__(self, declaration: tuple[str, ...]) -> bool:
-        if self._generation != self._broker.generation:
-            self._known.clear()  # a reconnect: the broker may have lost what it had
-            self._generation = self._broker.generation
-        if declaration not in self._known:
-            return False
-        self._known.move_to_end(declaration)
-        return True
-
-    def add(self, declaration: tuple[str, ...]) -> None:
-        self._known[declaration] = None
-        self._known.move_to_end(declaration)
-        while len(self._known) > DECLARED_MAX:
-            self._known.popitem(last=False)
-
-    def discard(self, declaration: tuple[str, ...]) -> None:
-        self._known.pop(declaration, None)
-
-    def __len__(self) -> int:
-        return len(self._known)
 
 
 class Publisher:
@@ -216,7 +117,7 @@ class Publisher:
         what = f"publishing to {target[1]!r}"
         for last in (False, True):
             try:
-                await _bounded(what, self._confirm(target, message))
+                await bounded(what, self._confirm(target, message))
                 return
             except Returned:
                 self._declared.discard(target)
@@ -273,14 +174,14 @@ class Publisher:
         async with self._declarer.channel() as channel:
             declaring = channel.declare_queue(queue, durable=True, arguments=arguments or None)
             try:
-                await _bounded(f"declaring queue {queue!r}", declaring)
+                await bounded(f"declaring queue {queue!r}", declaring)
             except FailedPrecondition as error:
                 raise FailedPrecondition(_other_settings(queue, arguments, error)) from None
 
     async def _look_up(self, queue: str) -> None:
         async with self._declarer.channel() as channel:
             try:
-                await _bounded(
+                await bounded(
                     f"looking up queue {queue!r}", channel.declare_queue(queue, passive=True)
                 )
             except NotFound:
@@ -294,7 +195,7 @@ class Publisher:
             return
         async with self._declarer.channel() as channel:
             declaring = channel.declare_exchange(topic, aio_pika.ExchangeType.TOPIC, durable=True)
-            await _bounded(f"declaring topic {topic!r}", declaring)
+            await bounded(f"declaring topic {topic!r}", declaring)
         self._declared.add(("topic", topic))
 
     async def bind(self, queue: str, topic: str) -> None:
@@ -307,13 +208,13 @@ class Publisher:
         async with self._declarer.channel() as channel:
             underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
             binding = underlay.queue_bind(queue, topic, routing_key="#")
-            await _bounded(f"binding {queue!r} to {topic!r}", binding)
+            await bounded(f"binding {queue!r} to {topic!r}", binding)
         self._declared.add(("binding", queue, topic))
 
     async def message_count(self, queue: str) -> int:
         """(asyncio side) How many messages wait in an existing queue."""
         async with self._declarer.channel() as channel:
-            declared = await _bounded(
+            declared = await bounded(
                 f"inspecting queue {queue!r}", channel.declare_queue(queue, passive=True)
             )
         return int(declared.declaration_result.message_count or 0)
@@ -426,7 +327,7 @@ class Publisher:
             underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
             try:
                 (confirmation,) = await bulk.send(underlay, [probe])
-                await _bounded("probing a message", confirmation)
+                await bounded("probing a message", confirmation)
             except FailedPrecondition as error:
                 return Outcome("refused", error)
             except CallError as error:
@@ -522,32 +423,3 @@ def _other_settings(queue: str, arguments: dict[str, Any], error: CallError) -> 
         f"{error.message}; delete the queue (it is declared again on next use), or set "
         "amqp.queue_idle_expiry_seconds to match its x-expires"
     )
-
-
-class Returned(Exception):
-    """RabbitMQ returned a mandatory message: no queue of that name (any more)."""
-
-
-class ChannelRefused(Exception):
-    """RabbitMQ closed the channel a message was on, refusing a command on it."""
-
-
-async def _bounded(what: str, call: Awaitable[T], seconds: float = PUBLISH_TIMEOUT) -> T:
-    """(asyncio side) Await a broker call for at most seconds; broker failures become
-    Unavailable, a refusal by RabbitMQ itself FailedPrecondition (NotFound for a missing
-    entity), one by the client library (a name it does not take) InvalidArgument."""
-    try:
-        async with asyncio.timeout(seconds):
-            return await call
-    except (Returned, ChannelRefused):
-        raise
-    except aiormq.exceptions.ChannelNotFoundEntity as error:
-        raise NotFound(f"RabbitMQ refused {what}: {describe(error)}") from None
-    except REFUSALS as error:
-        raise FailedPrecondition(f"RabbitMQ refused {what}: {describe(error)}") from None
-    except TimeoutError:
-        raise Unavailable(f"RabbitMQ did not confirm {what} within {seconds:g} s") from None
-    except BROKER_ERRORS as error:
-        raise Unavailable(f"RabbitMQ is unavailable ({what}): {describe(error)}") from None
-    except ValueError as error:  # what pamqp raises for a name or value it does not take
-        raise InvalidArgument(f"RabbitMQ's client cannot send {what}: {error}") from None

@@ -12,9 +12,10 @@ import pytest
 from pamqp.commands import Basic
 
 from eventbus import aio, bulk
+from eventbus.channels import bounded
 from eventbus.envelope import Envelope
 from eventbus.errors import Unavailable
-from eventbus.publisher import _bounded, _rounds
+from eventbus.publisher import _rounds
 from tests.servers import unique_name
 
 
@@ -145,7 +146,7 @@ async def test_a_send_on_a_channel_closed_meanwhile_is_unavailable(amqp_url: str
     async def work(underlay: aiormq.Channel, channel: aio_pika.abc.AbstractChannel) -> Any:
         await channel.close()
         with pytest.raises(Unavailable, match="RabbitMQ is unavailable"):
-            await _bounded("publishing", bulk.send(underlay, publishes("q", 3)))
+            await bounded("publishing", bulk.send(underlay, publishes("q", 3)))
 
     async with aio.open_loop(lambda: None):
         await aio.call(on_confirm_channel, amqp_url, work)

@@ -15,10 +15,11 @@ import pytest
 
 from eventbus import aio
 from eventbus.broker import Broker
+from eventbus.channels import DECLARED_MAX, DECLARING_CHANNELS, Declared
 from eventbus.config import AmqpConfig
 from eventbus.envelope import Envelope, Outgoing
 from eventbus.errors import FailedPrecondition, InvalidArgument, NotFound
-from eventbus.publisher import DECLARED_MAX, DECLARING_CHANNELS, Declared, Publisher, Target
+from eventbus.publisher import Publisher, Target
 from tests.servers import unique_name
 
 NEVER = 1e12  # an expiry so far off (year 33658) that RabbitMQ refuses the expiration
