@@ -151,11 +151,9 @@ class Broker:
                 channel = await aio.call(connection.channel, publisher_confirms=confirms)
                 if prefetch:
                     await aio.call(channel.set_qos, prefetch_count=prefetch)
-        except CHANNEL_ERRORS as error:
-            raise BrokerUnavailable(f"RabbitMQ at {self.address}: {describe(error)}") from None
-        except RuntimeError as error:  # aiormq: "<Connection> closed", the loss not yet seen
-            if not connection.is_closed:
-                raise
+        except (*CHANNEL_ERRORS, RuntimeError) as error:
+            # aiormq raises a bare RuntimeError ("<Connection> closed") for a connection that
+            # closed before its close callback ran
             raise BrokerUnavailable(f"RabbitMQ at {self.address}: {describe(error)}") from None
         return Channel(channel, generation)
 

@@ -36,6 +36,7 @@ SETTLE_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, *BROKER_ERRORS)
 SESSION_ERRORS: tuple[type[BaseException], ...] = (Unavailable, trio.TooSlowError, *BROKER_ERRORS)
 MAX_PAUSE = 30.0
 REFUSAL_MEMORY = 1.0  # seconds a refused queue is answered from memory, not asked again
+ROOM_TIMEOUT = 10.0  # at most this long waiting for a retired consumer to close its channels
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,7 @@ class QueueConsumer:
         self.stopped = False
         self.retiring = False  # asked to stop: another queue needs its channels
         self.refusal: CallError | None = None
+        self.finished = trio.Event()  # run() has returned and its channels are closed
 
     @property
     def active(self) -> bool:
@@ -189,6 +191,7 @@ class QueueConsumer:
         finally:
             self.stopped = True
             self.buffer.fail_waiters(ConsumerStopped(self.queue))
+            self.finished.set()
 
     def _refused(self, error: BaseException) -> None:
         """RabbitMQ refuses this queue (declared with other arguments, say): the takers waiting
@@ -303,6 +306,7 @@ class Consumers:
         self._nursery = nursery
         self._running: dict[str, QueueConsumer] = {}
         self._refused: dict[str, tuple[float, CallError]] = {}  # queue -> (when, refusal)
+        self._starting = trio.Lock()
 
     async def take(self, queue: str) -> Buffered:
         """(asyncio side) The next message of queue from this node's buffer; waits until one
@@ -330,16 +334,17 @@ class Consumers:
         return {queue: len(c.buffer) for queue, c in self._running.items()}
 
     async def _start(self, queue: str) -> QueueConsumer:
-        consumer = self._running.get(queue)
-        if consumer is not None and consumer.active:
-            return consumer  # another caller started it meanwhile
-        self._raise_recent_refusal(queue)
-        self._make_room()
-        consumer = self._running[queue] = QueueConsumer(
-            self._broker, queue, self._config, self._metrics, self._supervisor
-        )
-        await self._nursery.start(self._run, consumer)
-        return consumer
+        async with self._starting:
+            consumer = self._running.get(queue)
+            if consumer is not None and consumer.active:
+                return consumer  # another caller started it meanwhile
+            self._raise_recent_refusal(queue)
+            await self._make_room()
+            consumer = self._running[queue] = QueueConsumer(
+                self._broker, queue, self._config, self._metrics, self._supervisor
+            )
+            await self._nursery.start(self._run, consumer)
+            return consumer
 
     def _raise_recent_refusal(self, queue: str) -> None:
         now = time.monotonic()
@@ -349,19 +354,29 @@ class Consumers:
         if queue in self._refused:
             raise self._refused[queue][1]
 
-    def _make_room(self) -> None:
+    async def _make_room(self) -> None:
         """At amqp.max_consumed_queues, retire the consumer nobody waits on that was wanted
-        least recently; when every one has a subscriber waiting, refuse."""
-        active = [c for c in self._running.values() if c.active]
-        if len(active) < self._config.max_consumed_queues:
-            return
-        idle = [c for c in active if c.buffer.waiting == 0]
+        least recently, and wait until its channels are closed; when every one has a
+        subscriber waiting, refuse."""
+        with trio.move_on_after(ROOM_TIMEOUT):
+            while True:
+                alive = [c for c in self._running.values() if not c.stopped]
+                if len(alive) < self._config.max_consumed_queues:
+                    return
+                retiring = [c for c in alive if c.retiring] or self._retire_one(alive)
+                await retiring[0].finished.wait()
+        raise ResourceExhausted("no queue's consumers stopped in time to make room; try again")
+
+    def _retire_one(self, alive: list[QueueConsumer]) -> list[QueueConsumer]:
+        idle = [c for c in alive if c.buffer.waiting == 0]
         if not idle:
             raise ResourceExhausted(
-                f"this node already consumes {len(active)} queues with subscribers waiting "
-                "(amqp.max_consumed_queues); try again later or another node"
+                f"this node already consumes {len(alive)} queues with subscribers waiting "
+                "(amqp.max_consumed_queues); try again later or on another node"
             )
-        min(idle, key=lambda c: c.last_demand).retiring = True
+        oldest = min(idle, key=lambda c: c.last_demand)
+        oldest.retiring = True
+        return [oldest]
 
     async def _run(
         self,
