@@ -39,6 +39,9 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
 )
 CHANNEL_ERRORS: tuple[type[BaseException], ...] = (*BROKER_ERRORS, trio.TooSlowError)
+# aiormq raises a bare RuntimeError ("<Connection> closed") for a channel asked of a connection
+# that closed before its close callback ran.
+CHANNEL_OPEN_ERRORS: tuple[type[BaseException], ...] = (*CHANNEL_ERRORS, RuntimeError)
 # RabbitMQ refusing what the bus asked of an entity: another try will not change its mind.
 REFUSALS: tuple[type[BaseException], ...] = (
     aiormq.exceptions.ChannelPreconditionFailed,
@@ -151,9 +154,7 @@ class Broker:
                 channel = await aio.call(connection.channel, publisher_confirms=confirms)
                 if prefetch:
                     await aio.call(channel.set_qos, prefetch_count=prefetch)
-        except (*CHANNEL_ERRORS, RuntimeError) as error:
-            # aiormq raises a bare RuntimeError ("<Connection> closed") for a connection that
-            # closed before its close callback ran
+        except CHANNEL_OPEN_ERRORS as error:
             raise BrokerUnavailable(f"RabbitMQ at {self.address}: {describe(error)}") from None
         return Channel(channel, generation)
 

@@ -16,6 +16,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Protocol
 
 import aio_pika.abc
 import trio
@@ -23,7 +24,7 @@ import trio
 from . import aio
 from .broker import BROKER_ERRORS, REFUSALS, Broker, Channel
 from .config import AmqpConfig
-from .errors import CallError, FailedPrecondition, ResourceExhausted, Unavailable
+from .errors import CallError, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from .metrics import Metrics
 from .retry import describe
 from .supervise import Supervisor
@@ -34,9 +35,16 @@ SWEEP_SECONDS = 0.25
 SETTLE_TIMEOUT = 5.0
 SETTLE_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, *BROKER_ERRORS)
 SESSION_ERRORS: tuple[type[BaseException], ...] = (Unavailable, trio.TooSlowError, *BROKER_ERRORS)
+QUEUE_REFUSALS: tuple[type[BaseException], ...] = (*REFUSALS, FailedPrecondition, NotFound)
 MAX_PAUSE = 30.0
 REFUSAL_MEMORY = 1.0  # seconds a refused queue is answered from memory, not asked again
 ROOM_TIMEOUT = 10.0  # at most this long waiting for a retired consumer to close its channels
+
+
+class Declare(Protocol):
+    """Makes sure a queue exists (Publisher.declare_queue), by the bus's rules."""
+
+    async def __call__(self, queue: str, *, again: bool = False) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -131,9 +139,11 @@ class QueueConsumer:
         config: AmqpConfig,
         metrics: Metrics,
         supervisor: Supervisor,
+        declare: Declare,
     ) -> None:
         self.broker = broker
         self.queue = queue
+        self._declare = declare
         self.buffer = Buffer()
         self._supervisor = supervisor
         self._channels_wanted = config.consumers_per_queue
@@ -178,7 +188,7 @@ class QueueConsumer:
                 try:
                     await self._session()
                     pause = 1.0
-                except REFUSALS as error:
+                except QUEUE_REFUSALS as error:
                     self._refused(error)
                     return
                 except SESSION_ERRORS as error:
@@ -194,14 +204,21 @@ class QueueConsumer:
             self.finished.set()
 
     def _refused(self, error: BaseException) -> None:
-        """RabbitMQ refuses this queue (declared with other arguments, say): the takers waiting
-        now get that answer instead of waiting for their deadline."""
-        reason = describe(error)
-        self.refusal = FailedPrecondition(f"RabbitMQ refused queue {self.queue!r}: {reason}")
+        """RabbitMQ refuses this queue (declared with other arguments, say), or it does not
+        exist where the bus may not create it: the takers waiting now get that answer instead
+        of waiting for their deadline."""
+        if isinstance(error, CallError):
+            self.refusal = error
+        else:
+            reason = describe(error)
+            self.refusal = FailedPrecondition(f"RabbitMQ refused queue {self.queue!r}: {reason}")
         logger.info("consumer %s: %s", self.queue, self.refusal.message)
         self.buffer.fail_waiters(self.refusal)
 
     async def _session(self) -> None:
+        # Declared anew each session (the queue may have been deleted meanwhile), by the
+        # publisher's rules: arguments, and whether the bus may create it at all.
+        await self._declare(self.queue, again=True)
         channels: list[Channel] = []
         try:
             for _ in range(self._channels_wanted):
@@ -220,7 +237,7 @@ class QueueConsumer:
             with trio.fail_after(SETTLE_TIMEOUT):
                 underlay = await aio.call(channel.amqp.get_underlay_channel)
                 underlay.on_consumer_cancel_callbacks.add(self._on_cancelled_by_broker)
-                queue = await aio.call(channel.amqp.declare_queue, self.queue, durable=True)
+                queue = await aio.call(channel.amqp.get_queue, self.queue, ensure=False)
                 await aio.call(queue.consume, self._on_message)
         except BaseException:
             # The consume may have reached RabbitMQ: a channel left open would keep
@@ -297,9 +314,11 @@ class Consumers:
         config: AmqpConfig,
         metrics: Metrics,
         supervisor: Supervisor,
+        declare: Declare,
         nursery: trio.Nursery,
     ) -> None:
         self._broker = broker
+        self._declare = declare
         self._config = config
         self._metrics = metrics
         self._supervisor = supervisor
@@ -341,7 +360,7 @@ class Consumers:
             self._raise_recent_refusal(queue)
             await self._make_room()
             consumer = self._running[queue] = QueueConsumer(
-                self._broker, queue, self._config, self._metrics, self._supervisor
+                self._broker, queue, self._config, self._metrics, self._supervisor, self._declare
             )
             await self._nursery.start(self._run, consumer)
             return consumer

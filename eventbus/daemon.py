@@ -111,7 +111,9 @@ class Daemon:
         cfg = self.config
         auto_create = cfg.server.auto_create_queues
         self.publisher = Publisher(self.broker, cfg.amqp, auto_create_queues=auto_create)
-        self.consumers = Consumers(self.broker, cfg.amqp, self.metrics, self.supervisor, root)
+        self.consumers = Consumers(
+            self.broker, cfg.amqp, self.metrics, self.supervisor, self.publisher.declare_queue, root
+        )
         delivery_ids = await DeliveryIds.load(self.store)
         self.delivery = Delivery(
             cfg, self.broker, self.publisher, self.consumers, self.metrics, delivery_ids

@@ -228,8 +228,11 @@ class Publisher:
         each is confirmed, refused or given up on, with one Outcome per message, in order."""
         return await aio.call(self._publish_all, messages)
 
-    async def declare_queue(self, queue: str) -> None:
-        """(trio side) `declare` a queue."""
+    async def declare_queue(self, queue: str, *, again: bool = False) -> None:
+        """(trio side) `declare` a queue; again: even when declared on this connection already
+        (a consumer starting anew, whose queue may have been deleted meanwhile)."""
+        if again:
+            self._declared.discard(("queue", queue))
         await aio.call(self.declare, queue)
 
     async def _publish_all(self, messages: Sequence[tuple[Target, Outgoing]]) -> list[Outcome]:

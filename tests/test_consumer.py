@@ -10,11 +10,16 @@ import trio
 
 from eventbus import aio, broker
 from eventbus.config import AmqpConfig
-from eventbus.consumer import Consumers, QueueConsumer
-from eventbus.errors import FailedPrecondition, ResourceExhausted
+from eventbus.consumer import Consumers, Declare, QueueConsumer
+from eventbus.errors import FailedPrecondition, NotFound, ResourceExhausted
 from eventbus.metrics import Metrics, label_values
+from eventbus.publisher import Publisher
 from eventbus.supervise import Supervisor
 from tests.servers import unique_name
+
+
+def declarer(bus_broker: broker.Broker, config: AmqpConfig) -> Declare:
+    return Publisher(bus_broker, config).declare_queue
 
 
 async def delete_and_publish_again(amqp_url: str, queue: str, body: bytes | None) -> None:
@@ -38,7 +43,9 @@ async def test_a_queue_deleted_while_its_consumers_start_is_consumed_again(
     async with aio.open_loop(lambda: None), trio.open_nursery() as nursery:
         bus_broker = await nursery.start(broker.run, config, Metrics("test"))
         metrics = Metrics("test")
-        consumer = QueueConsumer(bus_broker, queue, config, metrics, Supervisor(metrics))
+        consumer = QueueConsumer(
+            bus_broker, queue, config, metrics, Supervisor(metrics), declarer(bus_broker, config)
+        )
         set_up = 0
         consume_on_new_channel = consumer._consume_on_new_channel
 
@@ -85,7 +92,9 @@ async def test_a_queue_rabbitmq_refuses_is_answered_failed_precondition_at_once(
     metrics = Metrics("test")
     async with aio.open_loop(lambda: None), trio.open_nursery() as nursery:
         bus_broker = await nursery.start(broker.run, config, metrics)
-        consumers = Consumers(bus_broker, config, metrics, Supervisor(metrics), nursery)
+        consumers = Consumers(
+            bus_broker, config, metrics, Supervisor(metrics), declarer(bus_broker, config), nursery
+        )
         await aio.call(declare_with_max_length, amqp_url, queue)
         for _ in range(2):  # the second is answered from memory of the first
             with trio.fail_after(5), pytest.raises(FailedPrecondition, match=queue):
@@ -100,7 +109,9 @@ async def test_consumed_queues_are_capped_and_an_idle_one_makes_room(amqp_url: s
     a, b, c = (unique_name(name) for name in "abc")
     async with aio.open_loop(lambda: None), trio.open_nursery() as nursery:
         bus_broker = await nursery.start(broker.run, config, metrics)
-        consumers = Consumers(bus_broker, config, metrics, Supervisor(metrics), nursery)
+        consumers = Consumers(
+            bus_broker, config, metrics, Supervisor(metrics), declarer(bus_broker, config), nursery
+        )
         waiting_on_a = trio.CancelScope()
 
         async def wait_on_a() -> None:
@@ -130,7 +141,9 @@ async def test_a_consumer_that_fails_unexpectedly_is_counted_and_started_again(
     metrics = Metrics("test")
     async with aio.open_loop(lambda: None), trio.open_nursery() as nursery:
         bus_broker = await nursery.start(broker.run, config, metrics)
-        consumer = QueueConsumer(bus_broker, queue, config, metrics, Supervisor(metrics))
+        consumer = QueueConsumer(
+            bus_broker, queue, config, metrics, Supervisor(metrics), declarer(bus_broker, config)
+        )
         consume_on_new_channel = consumer._consume_on_new_channel
         failures = [ValueError("a bug")]
 
@@ -146,4 +159,19 @@ async def test_a_consumer_that_fails_unexpectedly_is_counted_and_started_again(
             item = await aio.call(consumer.take)
         assert item.message.body == b"after the failure"
         assert label_values(metrics.task_failures) == {"consumer": 1}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_missing_queue_the_bus_may_not_create_is_not_found_at_once(amqp_url: str) -> None:
+    config = AmqpConfig(url=amqp_url, consumers_per_queue=1)
+    metrics = Metrics("test")
+    async with aio.open_loop(lambda: None), trio.open_nursery() as nursery:
+        bus_broker = await nursery.start(broker.run, config, metrics)
+        publisher = Publisher(bus_broker, config, auto_create_queues=False)
+        consumers = Consumers(
+            bus_broker, config, metrics, Supervisor(metrics), publisher.declare_queue, nursery
+        )
+        missing = unique_name("missing")
+        with trio.fail_after(5), pytest.raises(NotFound, match="auto_create_queues"):
+            await aio.call(consumers.take, missing)
         nursery.cancel_scope.cancel()
