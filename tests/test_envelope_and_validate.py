@@ -13,6 +13,7 @@ from eventbus import validate
 from eventbus.envelope import (
     ATTEMPT_HEADER,
     EXPIRES_AT_HEADER,
+    DelayedMessage,
     DeliveryRecord,
     Envelope,
     Outgoing,
@@ -196,6 +197,23 @@ def test_delivery_record_round_trip_without_expiry() -> None:
 def test_delivery_record_encodes_non_ascii_as_utf8() -> None:
     record = DeliveryRecord("d", "m", "q", "é", 1, NOW, NOW + 30, None)
     assert "é".encode() in record.encode()
+
+
+def test_a_record_carries_its_body_unescaped_after_one_line_of_json() -> None:
+    body = "\x00\x01\n{" * 1000  # JSON would write \u0000, \u0001: six bytes for one
+    record = DeliveryRecord("d", "m", "q", body, 1, NOW, NOW + 30, None)
+    encoded = record.encode()
+    assert len(encoded) < len(body) + 200
+    assert DeliveryRecord.decode(encoded) == record
+    delayed = DelayedMessage("i", "topic", "t", body, NOW, 5)
+    assert len(delayed.encode()) < len(body) + 200
+    assert DelayedMessage.decode(delayed.encode()) == delayed
+
+
+def test_records_written_as_one_json_object_are_still_read() -> None:
+    old = b'{"id":"d","message_id":"m","queue":"q","body":"b\\n","attempt":2,'
+    old += b'"delivered_at":1.0,"deadline":2.0,"expires_at":null}'
+    assert DeliveryRecord.decode(old) == DeliveryRecord("d", "m", "q", "b\n", 2, 1.0, 2.0, None)
 
 
 def test_settlement_round_trip() -> None:
