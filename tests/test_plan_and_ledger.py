@@ -5,8 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from eventbus.envelope import Envelope, Settlement
+from eventbus.errors import FailedPrecondition, Unavailable
 from eventbus.ledger import DueDelivery, columns, merge_settlements
-from eventbus.republish import plan
+from eventbus.publisher import CONFIRMED, Outcome
+from eventbus.republish import plan, settle
 
 NOW = 1_700_000_000.0
 FAILED_AT = datetime(2024, 1, 1, tzinfo=UTC)
@@ -195,3 +197,25 @@ def test_columns_of_no_rows_gives_width_empty_lists() -> None:
 
 def test_columns_keeps_only_the_first_width_values() -> None:
     assert columns([(1, 2, 3)], 2) == [[1], [2]]
+
+
+# settle
+
+
+def test_settle_turns_a_refused_retry_into_a_dead_letter_and_releases_the_unavailable() -> None:
+    ok, refused, later = due("a", message_id="m1"), due("b", message_id="m2"), due("c")
+    dead = due("d", attempt=9)
+    decided = plan([ok, refused, later, dead], NOW, max_retries=3)
+    outcomes = [
+        CONFIRMED,
+        Outcome("refused", FailedPrecondition("PRECONDITION_FAILED - invalid expiration")),
+        Outcome("unavailable", Unavailable("RabbitMQ went away")),
+    ]
+    settled = settle(decided, outcomes)
+    assert settled.outcomes == {"a": "retried", "b": "dead", "d": "dead"}
+    assert settled.dead == [
+        (dead, None),
+        (refused, "RabbitMQ refused its retry: PRECONDITION_FAILED - invalid expiration"),
+    ]
+    assert settled.released == ["c"] and settled.waiting == "RabbitMQ went away"
+    assert settled.republished == ["orders"]
