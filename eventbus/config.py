@@ -191,17 +191,18 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
     return config
 
 
-CONSUMER_CHANNEL_BUDGET = 1800  # of RabbitMQ's default channel_max 2047; the rest is the bus's own
+CHANNEL_BUDGET = 1800  # of RabbitMQ's default channel_max 2047; the rest is the bus's own
 
 
 def _check_channel_budget(source: str, amqp: AmqpConfig) -> None:
-    """Consumers of every queue at once must fit in one connection's channels."""
-    wanted = amqp.max_consumed_queues * amqp.consumers_per_queue
-    if wanted > CONSUMER_CHANNEL_BUDGET:
+    """Consumers of every queue at once and the publishing channels must fit in one
+    connection's channels."""
+    consuming = amqp.max_consumed_queues * amqp.consumers_per_queue
+    if consuming + amqp.publish_channels > CHANNEL_BUDGET:
         raise ConfigError(
-            f"{source}: amqp.max_consumed_queues: times amqp.consumers_per_queue must be at most "
-            f"{CONSUMER_CHANNEL_BUDGET} channels, got {amqp.max_consumed_queues} x "
-            f"{amqp.consumers_per_queue} = {wanted}"
+            f"{source}: amqp.max_consumed_queues: times amqp.consumers_per_queue, plus "
+            f"amqp.publish_channels, must be at most {CHANNEL_BUDGET} channels, got "
+            f"{amqp.max_consumed_queues} x {amqp.consumers_per_queue} + {amqp.publish_channels}"
         )
 
 
