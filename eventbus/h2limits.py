@@ -272,6 +272,7 @@ class GuardedProtocol(H2Protocol):
                 SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_BYTES,
             },
         )
+        h2.decoder.max_header_list_size = MAX_HEADER_LIST_BYTES  # h2 applies it only on ACK
         h2.initiate_connection()
         initial = h2.local_settings.initial_window_size
         if self.config.http2_connection_window_size != initial:
@@ -290,6 +291,7 @@ class GuardedProtocol(H2Protocol):
             try:
                 events = self.connection.feed(data[start : start + FEED_SLICE])
             except ProtocolError as error:
+                self.connection.flush()  # the GOAWAY h2 prepared, saying why
                 self._drop("protocol error", repr(error))
                 return
             except Exception as error:  # h2 choking on what the client sent

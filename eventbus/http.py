@@ -78,6 +78,24 @@ def make_app(
     )
 
 
+def bounded_config() -> HypercornConfig:
+    """hypercorn's settings for a port that only operators and scrapers use: every request is
+    a small GET, so headers, bodies, streams and waits are kept short."""
+    config = HypercornConfig()
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.graceful_timeout = GRACEFUL_TIMEOUT
+    config.keep_alive_timeout = 5.0  # an idle connection (also before its first request)
+    config.read_timeout = 10  # a request that stops sending midway
+    config.keep_alive_max_requests = 1000
+    config.h11_max_incomplete_size = 8 * 1024  # request line and headers
+    config.h2_max_concurrent_streams = 16
+    config.h2_max_header_list_size = 8 * 1024
+    config.max_app_queue_size = 4
+    config.backlog = 128
+    return config
+
+
 async def run(
     app: Starlette,
     host: str,
@@ -87,10 +105,7 @@ async def run(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve app on host:port until shutdown is set; in-flight requests get GRACEFUL_TIMEOUT."""
-    config = HypercornConfig()
+    config = bounded_config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")
-    config.graceful_timeout = GRACEFUL_TIMEOUT
     await serve(app, config, shutdown_trigger=shutdown.wait, task_status=task_status)  # type: ignore[arg-type]
     logger.info("HTTP: stopped")

@@ -199,6 +199,12 @@ def test_malformed_requests_get_a_status_that_says_so(daemon: Any) -> None:
     assert "ended inside a message" in answers["truncated body"][1]
     assert "carries no message" in answers["no message"][1]
     assert compressed_code == Status.UNIMPLEMENTED.value
+    with raw_client(daemon.grpc_port) as bomb:
+        bomb.h2.send_headers(1, [*REQUEST_HEADERS, ("x-big", "a" * 20_000)])
+        bomb.flush()
+        bomb.wait_closed(5)
+        refusal = bomb.goaway()
+        assert refusal is not None and refusal.error_code != ErrorCodes.NO_ERROR
     assert "Traceback" not in daemon.log
 
 
@@ -346,3 +352,15 @@ def test_memory_comes_back_after_a_thousand_idle_connections(make_daemon: Any) -
     assert after < baseline + 50, (baseline, during, after)
     asyncio.run(publish_once(daemon.grpc_port, "rss"))
     assert "Traceback" not in daemon.log
+
+
+def test_http_port_bounds_headers_and_idle_connections(daemon: Any) -> None:
+    with socket.create_connection(("127.0.0.1", daemon.http_port), timeout=10) as huge:
+        huge.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 12_000)
+        answer = huge.recv(4096)  # headers not finished, but already over the bound
+    assert answer.startswith(b"HTTP/1.1 4"), answer[:80]
+    with socket.create_connection(("127.0.0.1", daemon.http_port), timeout=10) as idle:
+        started = time.monotonic()
+        assert idle.recv(4096) == b""  # closed by the server, without a request
+        assert time.monotonic() - started < 9
+    assert daemon.http_get("/healthz") == (200, "ok\n")
