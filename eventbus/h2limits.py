@@ -12,7 +12,8 @@ that enforces, per the [server] keys:
   without the server sending anything between, gets GOAWAY ENHANCE_YOUR_CALM "too_many_pings"
   (grpc-core's policy);
 - max_client_resets per client_reset_window_seconds: a connection whose client resets more
-  streams gets GOAWAY ENHANCE_YOUR_CALM and is closed; a stream opened and reset within one read
+  streams within RAPID_RESET_SECONDS of opening them gets GOAWAY ENHANCE_YOUR_CALM and is closed
+  (a call reset later, at its deadline say, is ordinary); a stream opened and reset in one read
   never gets a handler task, and a large read is parsed in slices so a closed connection stops
   costing work at once;
 - request messages are read by framing.FramedStream (size, truncation, request timeout).
@@ -29,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, cast
@@ -53,6 +55,7 @@ logger = logging.getLogger(__name__)
 ratelog = RateLimitedLog(logger)
 
 PING_STRIKES = 2  # pings too soon tolerated before GOAWAY, as grpc-core's max_ping_strikes
+RAPID_RESET_SECONDS = 0.5  # a reset sooner than this after its stream opened counts
 FEED_SLICE = 16 * 1024  # bytes handed to h2 at a time, so a closed connection stops costing
 MAX_HEADER_LIST_BYTES = 16 * 1024
 
@@ -234,6 +237,7 @@ class GuardedProtocol(H2Protocol):
         self._busy_at = time.monotonic()
         self._resets = 0
         self._resets_since = time.monotonic()
+        self._opened: OrderedDict[int, float] = OrderedDict()  # stream id -> opened, recent only
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._peer = transport.get_extra_info("peername")
@@ -310,6 +314,7 @@ class GuardedProtocol(H2Protocol):
         for event in events:
             if isinstance(event, RequestReceived):
                 self._busy_at = time.monotonic()
+                self._note_opened(event.stream_id, self._busy_at)
                 if event.stream_id in reset_now:
                     continue
             elif self._over_limit(event):
@@ -319,10 +324,22 @@ class GuardedProtocol(H2Protocol):
             if self._closing:
                 return
 
+    def _note_opened(self, stream_id: int, now: float) -> None:
+        """Remember when a stream opened, for as long as a reset of it would count as rapid."""
+        self._opened[stream_id] = now
+        while self._opened and next(iter(self._opened.values())) < now - RAPID_RESET_SECONDS:
+            self._opened.popitem(last=False)
+
+    def _rapid(self, event: StreamReset) -> bool:
+        """Whether the client reset this stream soon after opening it, as in a rapid-reset
+        flood; a call it gives up on at its deadline is ordinary."""
+        opened = self._opened.pop(event.stream_id, None)
+        return opened is not None and time.monotonic() - opened < RAPID_RESET_SECONDS
+
     def _over_limit(self, event: Event) -> bool:
         """Whether this reset or ping broke a limit (the connection is then being closed)."""
         if isinstance(event, StreamReset) and event.remote_reset:
-            return self._reset_over()
+            return self._rapid(event) and self._reset_over()
         if isinstance(event, PingReceived):
             return self._pinged_too_often()
         return False

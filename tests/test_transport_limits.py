@@ -9,6 +9,7 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -22,6 +23,7 @@ from h2.errors import ErrorCodes
 from prometheus_client.parser import text_string_to_metric_families
 
 from eventbus._generated import mq_grpc, mq_pb2
+from tests.bus_client import BusClient
 
 PUBLISH = "/mq.Mq/publish"
 HEALTH = "/grpc.health.v1.Health/Check"
@@ -332,6 +334,21 @@ def test_rapid_reset_closes_that_connection_while_others_are_served(make_daemon:
     asyncio.run(publish_once(daemon.grpc_port, "beside-reset", seconds=5))
     assert "streams reset by the client" in daemon.log
     assert rss_mib(daemon.process.pid) < baseline + 50
+
+
+def test_calls_reset_at_their_deadline_are_not_a_rapid_reset(make_daemon: Any) -> None:
+    daemon = make_daemon(server={"max_client_resets": 20, "client_reset_window_seconds": 30.0})
+    daemon.wait_ready()
+    client = BusClient(daemon.grpc_address)
+    try:
+        with ThreadPoolExecutor(20) as pool:  # grpcio resets each call when its deadline passes
+            gone = list(pool.map(lambda i: client.try_subscribe(f"poll-{i % 5}", 0.7), range(100)))
+        assert gone == [None] * 100
+        client.publish("poll-0", "still connected")
+        assert client.subscribe("poll-0").data == "still connected"
+    finally:
+        client.close()
+    assert "streams reset by the client" not in daemon.log
 
 
 def test_memory_comes_back_after_a_thousand_idle_connections(make_daemon: Any) -> None:
