@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
@@ -84,42 +87,56 @@ async def publish(amqp_url: str, queue: str, body: bytes) -> None:
         await channel.default_exchange.publish(aio_pika.Message(body), routing_key=queue)
 
 
+@dataclass
+class Running:
+    """A connected broker and a node's Consumers, in-process."""
+
+    broker: broker.Broker
+    declare: Declare
+    consumers: Consumers
+    metrics: Metrics
+    nursery: trio.Nursery
+
+
+@asynccontextmanager
+async def running_consumers(
+    config: AmqpConfig, *, auto_create_queues: bool = True
+) -> AsyncIterator[Running]:
+    metrics = Metrics("test")
+    async with aio.open_loop(lambda: None), trio.open_nursery() as nursery:
+        bus_broker = await nursery.start(broker.run, config, metrics)
+        publisher = Publisher(bus_broker, config, auto_create_queues=auto_create_queues)
+        declare = publisher.declare_queue
+        consumers = Consumers(bus_broker, config, metrics, Supervisor(metrics), declare, nursery)
+        yield Running(bus_broker, declare, consumers, metrics, nursery)
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_queue_rabbitmq_refuses_is_answered_failed_precondition_at_once(
     amqp_url: str,
 ) -> None:
     queue = unique_name("other_args")
-    config = AmqpConfig(url=amqp_url, consumers_per_queue=2)
-    metrics = Metrics("test")
-    async with aio.open_loop(lambda: None), trio.open_nursery() as nursery:
-        bus_broker = await nursery.start(broker.run, config, metrics)
-        consumers = Consumers(
-            bus_broker, config, metrics, Supervisor(metrics), declarer(bus_broker, config), nursery
-        )
+    async with running_consumers(AmqpConfig(url=amqp_url, consumers_per_queue=2)) as running:
         await aio.call(declare_with_max_length, amqp_url, queue)
         for _ in range(2):  # the second is answered from memory of the first
             with trio.fail_after(5), pytest.raises(FailedPrecondition, match=queue):
-                await aio.call(consumers.take, queue)
-        assert consumers.running() == []
-        nursery.cancel_scope.cancel()
+                await aio.call(running.consumers.take, queue)
+        assert running.consumers.running() == []
 
 
 async def test_consumed_queues_are_capped_and_an_idle_one_makes_room(amqp_url: str) -> None:
     config = AmqpConfig(url=amqp_url, consumers_per_queue=1, max_consumed_queues=2)
-    metrics = Metrics("test")
     a, b, c = (unique_name(name) for name in "abc")
-    async with aio.open_loop(lambda: None), trio.open_nursery() as nursery:
-        bus_broker = await nursery.start(broker.run, config, metrics)
-        consumers = Consumers(
-            bus_broker, config, metrics, Supervisor(metrics), declarer(bus_broker, config), nursery
-        )
+    async with running_consumers(config) as running:
+        consumers = running.consumers
         waiting_on_a = trio.CancelScope()
 
         async def wait_on_a() -> None:
             with waiting_on_a:
                 await aio.call(consumers.take, a)
 
-        nursery.start_soon(wait_on_a)
-        nursery.start_soon(aio.call, consumers.take, b)
+        running.nursery.start_soon(wait_on_a)
+        running.nursery.start_soon(aio.call, consumers.take, b)
         await trio.sleep(1)
         with pytest.raises(ResourceExhausted, match=r"amqp\.max_consumed_queues"):
             await aio.call(consumers.take, c)
@@ -130,7 +147,6 @@ async def test_consumed_queues_are_capped_and_an_idle_one_makes_room(amqp_url: s
             item = await aio.call(consumers.take, c)
         assert item.message.body == b"to c"
         assert sorted(q.queue for q in consumers.running()) == sorted([b, c])
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_consumer_that_fails_unexpectedly_is_counted_and_started_again(
@@ -138,11 +154,10 @@ async def test_a_consumer_that_fails_unexpectedly_is_counted_and_started_again(
 ) -> None:
     queue = unique_name("flaky")
     config = AmqpConfig(url=amqp_url, consumers_per_queue=1)
-    metrics = Metrics("test")
-    async with aio.open_loop(lambda: None), trio.open_nursery() as nursery:
-        bus_broker = await nursery.start(broker.run, config, metrics)
+    async with running_consumers(config) as running:
+        metrics = running.metrics
         consumer = QueueConsumer(
-            bus_broker, queue, config, metrics, Supervisor(metrics), declarer(bus_broker, config)
+            running.broker, queue, config, metrics, Supervisor(metrics), running.declare
         )
         consume_on_new_channel = consumer._consume_on_new_channel
         failures = [ValueError("a bug")]
@@ -153,25 +168,16 @@ async def test_a_consumer_that_fails_unexpectedly_is_counted_and_started_again(
             return await consume_on_new_channel()
 
         consumer._consume_on_new_channel = fail_once  # type: ignore[method-assign]
-        nursery.start_soon(consumer.run)
+        running.nursery.start_soon(consumer.run)
         await aio.call(publish, amqp_url, queue, b"after the failure")
         with trio.fail_after(10):
             item = await aio.call(consumer.take)
         assert item.message.body == b"after the failure"
         assert label_values(metrics.task_failures) == {"consumer": 1}
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_missing_queue_the_bus_may_not_create_is_not_found_at_once(amqp_url: str) -> None:
     config = AmqpConfig(url=amqp_url, consumers_per_queue=1)
-    metrics = Metrics("test")
-    async with aio.open_loop(lambda: None), trio.open_nursery() as nursery:
-        bus_broker = await nursery.start(broker.run, config, metrics)
-        publisher = Publisher(bus_broker, config, auto_create_queues=False)
-        consumers = Consumers(
-            bus_broker, config, metrics, Supervisor(metrics), publisher.declare_queue, nursery
-        )
-        missing = unique_name("missing")
+    async with running_consumers(config, auto_create_queues=False) as running:
         with trio.fail_after(5), pytest.raises(NotFound, match="auto_create_queues"):
-            await aio.call(consumers.take, missing)
-        nursery.cancel_scope.cancel()
+            await aio.call(running.consumers.take, unique_name("missing"))
