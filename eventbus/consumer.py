@@ -26,19 +26,29 @@ from .broker import BROKER_ERRORS, REFUSALS, Broker, Channel
 from .config import AmqpConfig
 from .errors import CallError, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from .metrics import Metrics
+from .ratelog import RateLimitedLog
 from .retry import describe
 from .supervise import Supervisor
 
 logger = logging.getLogger(__name__)
+refusal_log = RateLimitedLog(logger)
 
 SWEEP_SECONDS = 0.25
 SETTLE_TIMEOUT = 5.0
 SETTLE_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, *BROKER_ERRORS)
-SESSION_ERRORS: tuple[type[BaseException], ...] = (Unavailable, trio.TooSlowError, *BROKER_ERRORS)
+SESSION_ERRORS: tuple[type[BaseException], ...] = (
+    Unavailable,
+    ResourceExhausted,  # the connection is near channel_max: try again later
+    trio.TooSlowError,
+    *BROKER_ERRORS,
+)
 QUEUE_REFUSALS: tuple[type[BaseException], ...] = (*REFUSALS, FailedPrecondition, NotFound)
 MAX_PAUSE = 30.0
 REFUSAL_MEMORY = 1.0  # seconds a refused queue is answered from memory, not asked again
 ROOM_TIMEOUT = 10.0  # at most this long waiting for a retired consumer to close its channels
+# A hand-out (record published, at most twice under PUBLISH_TIMEOUT, then the AMQP ack) ends
+# within this long of its take: a consumer's channels may close only after that.
+HAND_OUT = 20.0
 
 
 class Declare(Protocol):
@@ -104,8 +114,10 @@ class Buffer:
         try:
             return await waiter
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self.put_back(waiter.result())  # handed over just as the taker left
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)  # else every abandoned take would stay here
             raise
 
     def fail_waiters(self, error: Exception) -> None:
@@ -158,6 +170,7 @@ class QueueConsumer:
         self.retiring = False  # asked to stop: another queue needs its channels
         self.refusal: CallError | None = None
         self.finished = trio.Event()  # run() has returned and its channels are closed
+        self._scope = trio.CancelScope()
 
     @property
     def active(self) -> bool:
@@ -177,31 +190,46 @@ class QueueConsumer:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Consume while anybody pulls from the queue; returns once it has been idle a while."""
         task_status.started()
-        pause = 1.0
         try:
-            while not self._idle():
-                # An interrupt from here on (a release while waiting, a consumer cancelled
-                # while the others are still being set up) ends the coming session.
-                self._interrupted = None
-                await trio.sleep_until(self._paused_until)
-                await self.broker.wait_connected()
-                try:
-                    await self._session()
-                    pause = 1.0
-                except QUEUE_REFUSALS as error:
-                    self._refused(error)
-                    return
-                except SESSION_ERRORS as error:
-                    logger.warning("consumer %s: %s; starting again", self.queue, describe(error))
-                    await trio.sleep(1)
-                except Exception as error:
-                    self._supervisor.failed("consumer", error, subject=self.queue)
-                    await trio.sleep(pause)
-                    pause = min(pause * 2, MAX_PAUSE)
+            with self._scope:
+                await self._consume_while_wanted()
         finally:
             self.stopped = True
             self.buffer.fail_waiters(ConsumerStopped(self.queue))
             self.finished.set()
+
+    async def _consume_while_wanted(self) -> None:
+        pause = 1.0
+        while not self._idle():
+            # An interrupt from here on (a release while waiting, a consumer cancelled
+            # while the others are still being set up) ends the coming session.
+            self._interrupted = None
+            await trio.sleep_until(self._paused_until)
+            await self.broker.wait_connected()
+            try:
+                await self._session()
+                pause = 1.0
+            except QUEUE_REFUSALS as error:
+                self._refused(error)
+                return
+            except SESSION_ERRORS as error:
+                logger.warning("consumer %s: %s; starting again", self.queue, describe(error))
+                await trio.sleep(1)
+            except Exception as error:
+                self._supervisor.failed("consumer", error, subject=self.queue)
+                await trio.sleep(pause)
+                pause = min(pause * 2, MAX_PAUSE)
+
+    def retire(self) -> None:
+        """Stop now, wherever the consumer is (consuming, pausing, backing off): its channels
+        close and its prefetched messages go back to RabbitMQ."""
+        self.retiring = True
+        self._scope.cancel()
+
+    def retirable(self, now: float) -> bool:
+        """Nobody waits for a message of this queue, and none is being handed out: the last
+        take is older than a hand-out can last (recording the delivery, settling it)."""
+        return self.active and self.buffer.waiting == 0 and now - self._last_demand > HAND_OUT
 
     def _refused(self, error: BaseException) -> None:
         """RabbitMQ refuses this queue (declared with other arguments, say), or it does not
@@ -212,7 +240,7 @@ class QueueConsumer:
         else:
             reason = describe(error)
             self.refusal = FailedPrecondition(f"RabbitMQ refused queue {self.queue!r}: {reason}")
-        logger.info("consumer %s: %s", self.queue, self.refusal.message)
+        refusal_log.info(type(error).__name__, "consumer %s: %s", self.queue, self.refusal.message)
         self.buffer.fail_waiters(self.refusal)
 
     async def _session(self) -> None:
@@ -227,9 +255,10 @@ class QueueConsumer:
             await self._watch(channels)
         finally:
             self.buffer.clear()  # closing the channels hands their messages back to RabbitMQ
-            with trio.move_on_after(SETTLE_TIMEOUT, shield=True):
-                for channel in channels:
-                    await channel.close()
+            with trio.CancelScope(shield=True):  # each close is bounded by itself
+                async with trio.open_nursery() as nursery:
+                    for channel in channels:
+                        nursery.start_soon(channel.close)
 
     async def _consume_on_new_channel(self) -> Channel:
         channel = await self.broker.channel(prefetch=self._per_channel)
@@ -279,9 +308,8 @@ class QueueConsumer:
             await trio.sleep(SWEEP_SECONDS)
 
     def _idle(self) -> bool:
-        return self.retiring or (
-            self.buffer.waiting == 0 and time.monotonic() - self._last_demand > self._idle_seconds
-        )
+        idle_for = max(self._idle_seconds, HAND_OUT)
+        return self.buffer.waiting == 0 and time.monotonic() - self._last_demand > idle_for
 
     @property
     def last_demand(self) -> float:
@@ -353,17 +381,32 @@ class Consumers:
         return {queue: len(c.buffer) for queue, c in self._running.items()}
 
     async def _start(self, queue: str) -> QueueConsumer:
-        async with self._starting:
-            consumer = self._running.get(queue)
-            if consumer is not None and consumer.active:
-                return consumer  # another caller started it meanwhile
-            self._raise_recent_refusal(queue)
-            await self._make_room()
-            consumer = self._running[queue] = QueueConsumer(
-                self._broker, queue, self._config, self._metrics, self._supervisor, self._declare
-            )
-            await self._nursery.start(self._run, consumer)
-            return consumer
+        """Start consuming queue: declared first (so a refusal retires nothing), then, at
+        amqp.max_consumed_queues, once a retired queue's channels are closed."""
+        self._raise_recent_refusal(queue)
+        try:
+            await self._declare(queue)
+        except (FailedPrecondition, NotFound) as refusal:
+            self._refused[queue] = (time.monotonic(), refusal)
+            raise
+        with trio.move_on_after(ROOM_TIMEOUT):
+            while True:
+                async with self._starting:
+                    consumer = self._running.get(queue)
+                    if consumer is not None and consumer.active:
+                        return consumer  # another caller started it meanwhile
+                    retiring = self._make_room()
+                    if retiring is None:
+                        return await self._start_now(queue)
+                await retiring.finished.wait()
+        raise ResourceExhausted("no queue's consumers stopped in time to make room; try again")
+
+    async def _start_now(self, queue: str) -> QueueConsumer:
+        consumer = self._running[queue] = QueueConsumer(
+            self._broker, queue, self._config, self._metrics, self._supervisor, self._declare
+        )
+        await self._nursery.start(self._run, consumer)
+        return consumer
 
     def _raise_recent_refusal(self, queue: str) -> None:
         now = time.monotonic()
@@ -373,29 +416,27 @@ class Consumers:
         if queue in self._refused:
             raise self._refused[queue][1]
 
-    async def _make_room(self) -> None:
-        """At amqp.max_consumed_queues, retire the consumer nobody waits on that was wanted
-        least recently, and wait until its channels are closed; when every one has a
-        subscriber waiting, refuse."""
-        with trio.move_on_after(ROOM_TIMEOUT):
-            while True:
-                alive = [c for c in self._running.values() if not c.stopped]
-                if len(alive) < self._config.max_consumed_queues:
-                    return
-                retiring = [c for c in alive if c.retiring] or self._retire_one(alive)
-                await retiring[0].finished.wait()
-        raise ResourceExhausted("no queue's consumers stopped in time to make room; try again")
-
-    def _retire_one(self, alive: list[QueueConsumer]) -> list[QueueConsumer]:
-        idle = [c for c in alive if c.buffer.waiting == 0]
+    def _make_room(self) -> QueueConsumer | None:
+        """None when one more queue may be consumed; else the consumer that is stopping to
+        make room (retiring the one nobody wanted for longest); RESOURCE_EXHAUSTED when every
+        consumed queue is wanted."""
+        alive = [c for c in self._running.values() if not c.stopped]
+        if len(alive) < self._config.max_consumed_queues:
+            return None
+        retiring = [c for c in alive if c.retiring]
+        if retiring:
+            return retiring[0]
+        now = time.monotonic()
+        idle = [c for c in alive if c.retirable(now)]
         if not idle:
             raise ResourceExhausted(
-                f"this node already consumes {len(alive)} queues with subscribers waiting "
-                "(amqp.max_consumed_queues); try again later or on another node"
+                f"this node already consumes {len(alive)} queues, each wanted by a subscriber "
+                "within the last seconds (amqp.max_consumed_queues); try again later or on "
+                "another node"
             )
         oldest = min(idle, key=lambda c: c.last_demand)
-        oldest.retiring = True
-        return [oldest]
+        oldest.retire()
+        return oldest
 
     async def _run(
         self,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -12,8 +14,9 @@ import pytest
 import trio
 
 from eventbus import aio, broker
+from eventbus import consumer as consumer_module
 from eventbus.config import AmqpConfig
-from eventbus.consumer import Consumers, Declare, QueueConsumer
+from eventbus.consumer import Buffer, Consumers, Declare, QueueConsumer
 from eventbus.errors import FailedPrecondition, NotFound, ResourceExhausted
 from eventbus.metrics import Metrics, label_values
 from eventbus.publisher import Publisher
@@ -124,7 +127,15 @@ async def test_a_queue_rabbitmq_refuses_is_answered_failed_precondition_at_once(
         assert running.consumers.running() == []
 
 
-async def test_consumed_queues_are_capped_and_an_idle_one_makes_room(amqp_url: str) -> None:
+@pytest.fixture
+def quick_hand_outs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hand-outs assumed over 0.2 s after their take, so a queue can be retired quickly."""
+    monkeypatch.setattr(consumer_module, "HAND_OUT", 0.2)
+
+
+async def test_consumed_queues_are_capped_and_an_idle_one_makes_room(
+    amqp_url: str, quick_hand_outs: None
+) -> None:
     config = AmqpConfig(url=amqp_url, consumers_per_queue=1, max_consumed_queues=2)
     a, b, c = (unique_name(name) for name in "abc")
     async with running_consumers(config) as running:
@@ -181,3 +192,41 @@ async def test_a_missing_queue_the_bus_may_not_create_is_not_found_at_once(amqp_
     async with running_consumers(config, auto_create_queues=False) as running:
         with trio.fail_after(5), pytest.raises(NotFound, match="auto_create_queues"):
             await aio.call(running.consumers.take, unique_name("missing"))
+
+
+async def test_a_queue_wanted_moments_ago_is_not_retired(amqp_url: str) -> None:
+    config = AmqpConfig(url=amqp_url, consumers_per_queue=1, max_consumed_queues=1)
+    async with running_consumers(config) as running:
+        with trio.move_on_after(0.5):  # a take that ends: its hand-out could still be going on
+            await aio.call(running.consumers.take, unique_name("a"))
+        with pytest.raises(ResourceExhausted):
+            await aio.call(running.consumers.take, unique_name("b"))
+
+
+async def test_a_paused_consumer_is_retired_at_once(amqp_url: str, quick_hand_outs: None) -> None:
+    config = AmqpConfig(url=amqp_url, consumers_per_queue=1, max_consumed_queues=1)
+    a, b = unique_name("a"), unique_name("b")
+    async with running_consumers(config) as running:
+        with trio.move_on_after(0.5):
+            await aio.call(running.consumers.take, a)
+        paused = running.consumers.get(a)
+        assert paused is not None
+        paused.release("handed to another node", pause=60)
+        await trio.sleep(0.5)
+        await aio.call(publish, amqp_url, b, b"to b")
+        with trio.fail_after(3):
+            item = await aio.call(running.consumers.take, b)
+        assert item.message.body == b"to b"
+        assert paused.stopped
+
+
+def test_takers_that_give_up_leave_nothing_behind() -> None:
+    async def give_up_many_times() -> int:
+        buffer = Buffer()
+        for _ in range(1000):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0):
+                    await buffer.take()
+        return len(buffer._waiters)
+
+    assert asyncio.run(give_up_many_times()) == 0
