@@ -65,11 +65,27 @@ class Envelope:
         expires_ms = headers.get(EXPIRES_AT_HEADER)
         attempt = headers.get(ATTEMPT_HEADER, 1)
         return cls(
-            message_id=message.message_id or str(uuid.uuid4()),
+            message_id=message_uuid(message.message_id),
             body=message.body.decode("utf-8", errors="replace"),
             attempt=attempt if isinstance(attempt, int) else 1,
             expires_at=expires_ms / 1000 if isinstance(expires_ms, int) else None,
         )
+
+
+# Names the UUIDs derived from message ids of other publishers that are not UUIDs.
+FOREIGN_IDS = uuid.UUID("6f1c2a4e-8b1d-4a7e-9c3f-2d5e0b7a9c11")
+
+
+def message_uuid(message_id: str | None) -> str:
+    """The bus's message id for an AMQP message_id: itself when it is a UUID (canonical form);
+    for another producer's id ("order-17") a UUID derived from it, the same on every attempt;
+    a fresh one when there is none. The bookkeeping stores message ids as UUIDs."""
+    if not message_id:
+        return str(uuid.uuid4())
+    try:
+        return str(uuid.UUID(message_id))
+    except ValueError:
+        return str(uuid.uuid5(FOREIGN_IDS, message_id))
 
 
 def new_envelope(body: str, ttl_seconds: int, now: float) -> Envelope:

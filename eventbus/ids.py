@@ -1,7 +1,7 @@
 """Delivery ids that carry their own proof of origin.
 
-A delivery id is a UUID (version 8, canonical text form) whose first half is random and whose
-second half is an HMAC-SHA256 of the first under a key all nodes share (kept in PostgreSQL). An
+A delivery id is a UUID (version 8, canonical text form): ten random bytes, then six bytes of
+an HMAC-SHA256 of them under a key all nodes share (kept in PostgreSQL). An
 ack or nack of an id the bus never issued is refused at once, so a client cannot fill the
 bookkeeping with settlements of made-up ids.
 """
@@ -17,6 +17,10 @@ from .errors import InvalidArgument
 from .store import Store
 
 KEY_NAME = "delivery_ids"
+# 74 random bits (10 bytes less the version and variant bits): ids of a billion deliveries
+# collide with a chance of about 1 in 40,000; 48 bits of HMAC: a made-up id passes with a
+# chance of 1 in 2.8e14.
+NONCE_BYTES = 10
 VERSION_8 = 0x80  # in byte 6, high nibble
 VARIANT_RFC = 0x80  # in byte 8, top two bits 10
 
@@ -34,19 +38,18 @@ class DeliveryIds:
         return cls(bytes(key))
 
     def issue(self) -> str:
-        nonce = bytearray(os.urandom(8))
+        nonce = bytearray(os.urandom(NONCE_BYTES))
         nonce[6] = VERSION_8 | (nonce[6] & 0x0F)
+        nonce[8] = VARIANT_RFC | (nonce[8] & 0x3F)
         return str(uuid.UUID(bytes=bytes(nonce) + self._tag(bytes(nonce))))
 
     def check(self, value: str) -> str:
         """value, a canonical UUID (validate.delivery_id), if this bus issued it; else
         InvalidArgument."""
         raw = uuid.UUID(value).bytes
-        if not hmac.compare_digest(raw[8:], self._tag(raw[:8])):
+        if not hmac.compare_digest(raw[NONCE_BYTES:], self._tag(raw[:NONCE_BYTES])):
             raise InvalidArgument(f"id {value!r} was not issued by this bus")
         return value
 
     def _tag(self, nonce: bytes) -> bytes:
-        tag = bytearray(hmac.new(self._key, nonce, hashlib.sha256).digest()[:8])
-        tag[0] = VARIANT_RFC | (tag[0] & 0x3F)
-        return bytes(tag)
+        return hmac.new(self._key, nonce, hashlib.sha256).digest()[: 16 - NONCE_BYTES]

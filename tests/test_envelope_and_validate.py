@@ -24,6 +24,7 @@ from eventbus.envelope import (
 from eventbus.errors import InvalidArgument
 
 NOW = 1_700_000_000.0
+M1, M2 = str(uuid.uuid4()), str(uuid.uuid4())
 
 
 class FakeIncoming:
@@ -49,14 +50,14 @@ def received(message: Outgoing) -> Envelope:
 
 
 def test_to_amqp_is_persistent_with_message_id_and_body() -> None:
-    message = Envelope("m-1", "héllo", 1, None).to_amqp(NOW)
+    message = Envelope(M1, "héllo", 1, None).to_amqp(NOW)
     assert message.properties.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
-    assert message.properties.message_id == "m-1"
+    assert message.properties.message_id == M1
     assert message.body == "héllo".encode()
 
 
 def test_to_amqp_headers_carry_attempt_and_expiry_in_milliseconds() -> None:
-    message = Envelope("m-1", "x", 3, NOW + 90.5).to_amqp(NOW)
+    message = Envelope(M1, "x", 3, NOW + 90.5).to_amqp(NOW)
     assert message.properties.headers == {
         ATTEMPT_HEADER: 3,
         EXPIRES_AT_HEADER: int((NOW + 90.5) * 1000),
@@ -64,31 +65,31 @@ def test_to_amqp_headers_carry_attempt_and_expiry_in_milliseconds() -> None:
 
 
 def test_to_amqp_expiration_is_the_remaining_time_in_milliseconds() -> None:
-    message = Envelope("m-1", "x", 1, NOW + 90.5).to_amqp(NOW)
+    message = Envelope(M1, "x", 1, NOW + 90.5).to_amqp(NOW)
     assert message.properties.expiration == "90500"
 
 
 def test_to_amqp_without_expiry_has_no_expiration_or_expiry_header() -> None:
-    message = Envelope("m-1", "x", 2, None).to_amqp(NOW)
+    message = Envelope(M1, "x", 2, None).to_amqp(NOW)
     assert message.properties.expiration is None
     assert message.properties.headers == {ATTEMPT_HEADER: 2}
 
 
 def test_to_amqp_of_a_first_attempt_without_expiry_has_no_headers() -> None:
-    message = Envelope("m-1", "x", 1, None).to_amqp(NOW)
+    message = Envelope(M1, "x", 1, None).to_amqp(NOW)
     assert message.properties.headers is None
-    assert received(message) == Envelope("m-1", "x", 1, None)
+    assert received(message) == Envelope(M1, "x", 1, None)
 
 
 def test_to_amqp_of_an_already_expired_envelope_expires_at_once_not_never() -> None:
-    message = Envelope("m-1", "x", 1, NOW - 10).to_amqp(NOW)
+    message = Envelope(M1, "x", 1, NOW - 10).to_amqp(NOW)
     assert message.properties.expiration == "1"
 
 
 def test_to_amqp_properties_encode_as_an_amqp_content_header() -> None:
     from pamqp.header import ContentHeader
 
-    message = Envelope("m-1", "x", 3, NOW + 5).to_amqp(NOW)
+    message = Envelope(M1, "x", 3, NOW + 5).to_amqp(NOW)
     encoded = ContentHeader(0, len(message.body), message.properties).marshal()
     decoded = ContentHeader()
     decoded.unmarshal(encoded)
@@ -100,24 +101,24 @@ def test_to_amqp_properties_encode_as_an_amqp_content_header() -> None:
 
 
 def test_round_trip_through_amqp_keeps_everything() -> None:
-    envelope = Envelope("m-1", "body ✓ ünïcode", 4, NOW + 30)
+    envelope = Envelope(M1, "body ✓ ünïcode", 4, NOW + 30)
     assert received(envelope.to_amqp(NOW)) == envelope
 
 
 def test_round_trip_without_expiry() -> None:
-    envelope = Envelope("m-2", "plain", 2, None)
+    envelope = Envelope(M2, "plain", 2, None)
     assert received(envelope.to_amqp(NOW)) == envelope
 
 
 def test_round_trip_keeps_expiry_to_the_millisecond() -> None:
-    envelope = Envelope("m-1", "x", 1, NOW + 1.2345)
+    envelope = Envelope(M1, "x", 1, NOW + 1.2345)
     back = received(envelope.to_amqp(NOW))
     assert back.expires_at == pytest.approx(NOW + 1.234, abs=1e-6)
 
 
 def test_message_without_headers_is_first_attempt_without_expiry() -> None:
-    envelope = incoming(b"from elsewhere", None, "m-9")
-    assert envelope == Envelope("m-9", "from elsewhere", 1, None)
+    envelope = incoming(b"from elsewhere", None, M1)
+    assert envelope == Envelope(M1, "from elsewhere", 1, None)
 
 
 def test_message_with_empty_headers_is_first_attempt_without_expiry() -> None:
@@ -134,12 +135,12 @@ def test_message_without_id_gets_a_fresh_uuid() -> None:
 
 
 def test_non_utf8_body_is_replaced_not_an_error() -> None:
-    envelope = incoming(b"ok \xff\xfe end", None, "m-1")
+    envelope = incoming(b"ok \xff\xfe end", None, M1)
     assert envelope.body == "ok \ufffd\ufffd end"
 
 
 def test_headers_of_the_wrong_type_are_ignored() -> None:
-    envelope = incoming(b"x", {ATTEMPT_HEADER: "3", EXPIRES_AT_HEADER: "123"}, "m-1")
+    envelope = incoming(b"x", {ATTEMPT_HEADER: "3", EXPIRES_AT_HEADER: "123"}, M1)
     assert envelope.attempt == 1
     assert envelope.expires_at is None
 
@@ -197,6 +198,15 @@ def test_delivery_record_round_trip_without_expiry() -> None:
 def test_delivery_record_encodes_non_ascii_as_utf8() -> None:
     record = DeliveryRecord("d", "m", "q", "é", 1, NOW, NOW + 30, None)
     assert "é".encode() in record.encode()
+
+
+def test_message_ids_of_other_publishers_become_uuids_the_same_every_time() -> None:
+    first = incoming(b"x", None, "order-17").message_id
+    assert first == incoming(b"x", None, "order-17").message_id
+    assert uuid.UUID(first) and first != incoming(b"x", None, "order-18").message_id
+    upper = "1B4E28BA-2FA1-11D2-883F-0016D3CCA427"
+    assert incoming(b"x", None, upper).message_id == upper.lower()
+    assert uuid.UUID(incoming(b"x", None, None).message_id)
 
 
 def test_a_record_carries_its_body_unescaped_after_one_line_of_json() -> None:
