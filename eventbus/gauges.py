@@ -75,7 +75,8 @@ class Gauges:
         )
         self._metrics.dead_letters.clear()
         for row in rows:
-            self._metrics.dead_letters.labels(row["queue"]).set(row["n"])
+            label = self._metrics.queue_label(row["queue"])
+            self._metrics.dead_letters.labels(label).inc(row["n"])
 
     async def _refresh_backlog(self) -> None:
         for queue in self._internal:

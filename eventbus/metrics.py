@@ -18,22 +18,58 @@ from . import __version__
 disable_created_metrics()  # type: ignore[no-untyped-call] # the *_created series only double what /metrics already says
 
 
+MAX_QUEUE_LABELS = 2000
+OTHER_QUEUES = "(other queues)"  # a label no queue name can have (validate.NAME_PATTERN)
+
+
+class QueueLabels:
+    """The queue label of each queue: its name for the first MAX_QUEUE_LABELS queues seen,
+    OTHER_QUEUES for any further one, so a client naming a million queues cannot grow /metrics
+    (and the daemon's memory) with them."""
+
+    def __init__(self, limit: int = MAX_QUEUE_LABELS) -> None:
+        self._limit = limit
+        self._known: set[str] = set()
+
+    def __call__(self, queue: str) -> str:
+        if queue in self._known:
+            return queue
+        if len(self._known) < self._limit:
+            self._known.add(queue)
+            return queue
+        return OTHER_QUEUES
+
+
+class PerQueue:
+    """A counter with one child per queue, labelled through QueueLabels."""
+
+    def __init__(self, counter: Counter, label: QueueLabels) -> None:
+        self._counter = counter
+        self._label = label
+
+    def labels(self, queue: str) -> Counter:
+        return self._counter.labels(self._label(queue))
+
+    def collect(self) -> Any:
+        return self._counter.collect()
+
+
 class Metrics:
     """The daemon's counters and gauges; /metrics renders the registry, /stats reads the values."""
 
-    published: Counter
-    delivered: Counter
-    redelivered: Counter
-    expired: Counter
-    acked: Counter
-    nacked: Counter
-    republished: Counter
-    dead_lettered: Counter
-    given_back: Counter
-    delayed: Counter
-    delay_dispatched: Counter
-    released: Counter
-    quarantined: Counter
+    published: PerQueue
+    delivered: PerQueue
+    redelivered: PerQueue
+    expired: PerQueue
+    acked: PerQueue
+    nacked: PerQueue
+    republished: PerQueue
+    dead_lettered: PerQueue
+    given_back: PerQueue
+    delayed: PerQueue
+    delay_dispatched: PerQueue
+    released: PerQueue
+    quarantined: PerQueue
 
     def __init__(self, node: str) -> None:
         self.registry = CollectorRegistry()
@@ -76,10 +112,10 @@ class Metrics:
             "released": "Times this node handed a queue's prefetched messages to a starving node",
             "quarantined": "Messages set aside because PostgreSQL or RabbitMQ refused them",
         }
+        self.queue_label = QueueLabels()
         for name, text in per_queue.items():
-            setattr(
-                self, name, Counter(f"eventbus_{name}", text, ["queue"], registry=self.registry)
-            )
+            counter = Counter(f"eventbus_{name}", text, ["queue"], registry=self.registry)
+            setattr(self, name, PerQueue(counter, self.queue_label))
         self.delay_lateness = Histogram(
             "eventbus_delay_lateness_seconds",
             "How long after its due time a delayed message was published",
