@@ -11,8 +11,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import trio
+
 from .envelope import DeliveryRecord, Settlement
+from .quarantine import printable
 from .store import Store
+
+FINISH_TIMEOUT = 10.0  # recording a batch's fate, connection included: a silent PostgreSQL
 
 INSERT_RECORDS = """
 WITH added AS (
@@ -200,11 +205,13 @@ async def finish(
     with its reason, None for the usual one), and give the released ones back unchanged.
 
     Only rows still claimed by token change: a claim that expired meanwhile was taken over.
+    Waits on PostgreSQL for at most FINISH_TIMEOUT (trio.TooSlowError).
     """
-    dead_columns = columns(
-        [(d.queue, d.message_id, d.body, d.attempt, d.id, d.failed_at, why) for d, why in dead],
-        7,
-    )
+    letters = [
+        (d.queue, d.message_id, d.body, d.attempt, d.id, d.failed_at, _printable(why))
+        for d, why in one_per_message(dead)
+    ]
+    dead_columns = columns(letters, 7)
 
     async def work(connection: Any) -> None:
         await connection.execute(FINISH, token, list(outcomes), list(outcomes.values()))
@@ -213,7 +220,25 @@ async def finish(
         if released:
             await connection.execute(RELEASE, token, list(released))
 
-    await store.transaction(work)
+    with trio.fail_after(FINISH_TIMEOUT):
+        await store.transaction(work)
+
+
+def one_per_message(
+    dead: Sequence[tuple[DueDelivery, str | None]],
+) -> list[tuple[DueDelivery, str | None]]:
+    """One dead letter per (queue, message id), that of the highest attempt: one statement may
+    not insert and then update the same dead letter."""
+    last: dict[tuple[str, str], tuple[DueDelivery, str | None]] = {}
+    for delivery, why in dead:
+        key = (delivery.queue, delivery.message_id)
+        if key not in last or delivery.attempt > last[key][0].attempt:
+            last[key] = (delivery, why)
+    return list(last.values())
+
+
+def _printable(why: str | None) -> str | None:
+    return None if why is None else printable(why)
 
 
 CLEAN_ACKED = """
