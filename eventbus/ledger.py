@@ -18,6 +18,7 @@ from .quarantine import printable
 from .store import Store
 
 FINISH_TIMEOUT = 10.0  # recording a batch's fate, connection included: a silent PostgreSQL
+CLEAN_BUDGET = 10.0  # seconds one clean may take
 
 INSERT_RECORDS = """
 WITH added AS (
@@ -267,11 +268,25 @@ DELETE FROM deliveries WHERE id IN (
 """
 
 
-async def clean(store: Store, limit: int, keep_done_seconds: float) -> None:
-    """Forget acked deliveries and, after keep_done_seconds, retried, dead or expired ones."""
-    await store.execute(CLEAN_ACKED, limit)
-    await store.execute(CLEAN_DONE, limit, keep_done_seconds)
-    await store.execute(CLEAN_ORPHANS, limit, keep_done_seconds)
+async def clean(
+    store: Store, limit: int, keep_done_seconds: float, budget_seconds: float = CLEAN_BUDGET
+) -> None:
+    """Forget acked deliveries and, after keep_done_seconds, retried, dead or expired ones: each
+    statement deletes up to limit rows a pass, and runs again while a pass deletes that many,
+    for budget_seconds in all; what is left waits for the next clean."""
+    with trio.move_on_after(budget_seconds):
+        for statement, args in (
+            (CLEAN_ACKED, ()),
+            (CLEAN_DONE, (keep_done_seconds,)),
+            (CLEAN_ORPHANS, (keep_done_seconds,)),
+        ):
+            while _deleted(await store.execute(statement, limit, *args)) >= limit:
+                pass
+
+
+def _deleted(status: str) -> int:
+    """The row count of a DELETE's status tag ("DELETE 42")."""
+    return int(status.rsplit(" ", 1)[-1])
 
 
 def new_token() -> str:

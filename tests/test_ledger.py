@@ -101,3 +101,19 @@ async def test_finishing_gives_up_on_a_database_that_does_not_answer(
         assert await store.fetchval("SELECT done FROM deliveries") is False
 
     await with_store(postgres_dsn, work)
+
+
+async def test_a_clean_goes_on_until_every_acked_delivery_is_gone(postgres_dsn: str) -> None:
+    async def work(store: Store) -> None:
+        for _ in range(25):
+            delivery = await add_delivery(store, str(uuid.uuid4()), 1, None)
+            await store.execute(
+                "INSERT INTO settlements (delivery_id, outcome, settled_at) "
+                "VALUES ($1, 'ack', now())",
+                delivery,
+            )
+        await ledger.clean(store, 10, 3600)
+        assert await store.fetchval("SELECT count(*) FROM deliveries") == 0
+        assert await store.fetchval("SELECT count(*) FROM settlements") == 0
+
+    await with_store(postgres_dsn, work)

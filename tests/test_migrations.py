@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 
 from eventbus import aio, migrations
@@ -51,3 +53,20 @@ def test_migrate_command(postgres_dsn: str, tmp_path: Path) -> None:
     assert "applied migrations 0001_nodes" in first.stderr
     assert "applied migrations" not in second.stderr
     assert "schema is up to date" in second.stderr
+
+
+async def test_each_migration_is_named_in_the_log_before_it_runs(
+    postgres_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="eventbus.migrations")
+    async with aio.open_loop(lambda: None):
+        store = await open_store(PostgresConfig(dsn=postgres_dsn), window=10)
+        await store.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "eventbus.migrations"]
+    shipped = migrations.available()
+    assert len(lines) == len(shipped)
+    assert all(
+        f"applying migration {m.version:04d}_{m.name}" in line
+        for m, line in zip(shipped, lines, strict=True)
+    )
+    assert migrations.TIMEOUT >= 3600  # 0004 rewrites tables at about 8 s per million rows

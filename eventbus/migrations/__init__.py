@@ -6,6 +6,7 @@ apply what is missing while the other waits and then finds nothing left to do.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -18,7 +19,11 @@ if TYPE_CHECKING:
 
 # pg_advisory_xact_lock key: the bytes of "eventbus" read as a big-endian integer, minus the sign.
 LOCK_KEY = int.from_bytes(b"eventbus", "big") & 0x7FFF_FFFF_FFFF_FFFF
-TIMEOUT = 60.0
+logger = logging.getLogger(__name__)
+
+# A migration that rewrites a table takes about 8 s per million rows (0004 on deliveries); the
+# limit only guards against one that waits forever (on a lock held by a node of the old version).
+TIMEOUT = 6 * 3600.0
 
 CREATE_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -56,6 +61,12 @@ async def apply(store: Store) -> list[str]:
         applied = []
         for migration in pending:
             if migration.version not in done:
+                logger.info(
+                    "PostgreSQL: applying migration %04d_%s (a migration that rewrites a large "
+                    "table can take minutes)",
+                    migration.version,
+                    migration.name,
+                )
                 await connection.execute(migration.sql)
                 await connection.execute(
                     "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
