@@ -296,10 +296,11 @@ class Publisher:
         messages: Sequence[tuple[Target, Outgoing]],
         outcomes: list[Outcome | None],
     ) -> None:
-        """RabbitMQ closed a channel over one of the lost messages (in the order sent), which
-        it took in that order: those before the refused one went through, those after it were
-        dropped. Each is tried in turn as a probe (a copy that reaches no queue); the first
-        probe refused is the culprit, and the messages after it are published again."""
+        """RabbitMQ closed a channel over a message, and the lost ones (in the order sent) never
+        had their confirm. Each is tried in turn as a probe (a copy that reaches no queue); the
+        first probe refused is the culprit. Every other lost message is published again: those
+        sent before it may have gone through, but on a shared channel another sender's refused
+        message may have closed it first, and a duplicate is allowed where a loss is not."""
         for k, i in enumerate(lost):
             probed = await self._probe(messages[i][1])
             if probed is CONFIRMED:
@@ -309,9 +310,7 @@ class Publisher:
                 for j in lost:
                     outcomes[j] = probed
                 return
-            for j in lost[:k]:
-                outcomes[j] = CONFIRMED
-            rest = lost[k + 1 :]
+            rest = lost[:k] + lost[k + 1 :]
             again = await self._publish_all([messages[j] for j in rest])
             for j, outcome in zip(rest, again, strict=True):
                 outcomes[j] = outcome
