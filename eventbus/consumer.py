@@ -15,7 +15,8 @@ import logging
 import math
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import aio_pika.abc
@@ -47,7 +48,7 @@ MAX_PAUSE = 30.0
 REFUSAL_MEMORY = 1.0  # seconds a refused queue is answered from memory, not asked again
 ROOM_TIMEOUT = 10.0  # at most this long waiting for a retired consumer to close its channels
 # A hand-out (record published, at most twice under PUBLISH_TIMEOUT, then the AMQP ack) ends
-# within this long of its take: a consumer's channels may close only after that.
+# within this long of its take, even if its settling was never reported.
 HAND_OUT = 20.0
 
 
@@ -61,6 +62,15 @@ class Declare(Protocol):
 class Buffered:
     message: aio_pika.abc.AbstractIncomingMessage
     received_at: float
+    on_settled: Callable[[], None] = lambda: None
+
+    async def settle(self, *, ack: bool) -> bool:
+        """(asyncio side) Ack or requeue the delivery (module settle), then tell its consumer
+        the hand-out is over."""
+        try:
+            return await settle(self.message, ack=ack)
+        finally:
+            self.on_settled()
 
 
 class Buffer:
@@ -171,6 +181,7 @@ class QueueConsumer:
         self.refusal: CallError | None = None
         self.finished = trio.Event()  # run() has returned and its channels are closed
         self._scope = trio.CancelScope()
+        self._in_hand = 0  # messages taken and not yet settled (recording their delivery)
 
     @property
     def active(self) -> bool:
@@ -183,9 +194,14 @@ class QueueConsumer:
             raise ConsumerStopped(self.queue)
         self._last_demand = time.monotonic()
         try:
-            return await self.buffer.take()
+            item = await self.buffer.take()
         finally:
             self._last_demand = time.monotonic()
+        self._in_hand += 1
+        return replace(item, on_settled=self._settled)
+
+    def _settled(self) -> None:
+        self._in_hand -= 1
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Consume while anybody pulls from the queue; returns once it has been idle a while."""
@@ -227,9 +243,13 @@ class QueueConsumer:
         self._scope.cancel()
 
     def retirable(self, now: float) -> bool:
-        """Nobody waits for a message of this queue, and none is being handed out: the last
-        take is older than a hand-out can last (recording the delivery, settling it)."""
-        return self.active and self.buffer.waiting == 0 and now - self._last_demand > HAND_OUT
+        """Nobody waits for a message of this queue, and none is being handed out."""
+        return self.active and self.buffer.waiting == 0 and not self._handing_out(now)
+
+    def _handing_out(self, now: float) -> bool:
+        """Whether a message taken is still being recorded and settled on these channels (as
+        a guard, a take older than a hand-out can last counts as done)."""
+        return self._in_hand > 0 and now - self._last_demand <= HAND_OUT
 
     def _refused(self, error: BaseException) -> None:
         """RabbitMQ refuses this queue (declared with other arguments, say), or it does not
@@ -308,8 +328,12 @@ class QueueConsumer:
             await trio.sleep(SWEEP_SECONDS)
 
     def _idle(self) -> bool:
-        idle_for = max(self._idle_seconds, HAND_OUT)
-        return self.buffer.waiting == 0 and time.monotonic() - self._last_demand > idle_for
+        now = time.monotonic()
+        return (
+            self.buffer.waiting == 0
+            and now - self._last_demand > self._idle_seconds
+            and not self._handing_out(now)
+        )
 
     @property
     def last_demand(self) -> float:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from . import validate
 from .broker import Broker
 from .config import Config
-from .consumer import Buffered, Consumers, settle
+from .consumer import Buffered, Consumers
 from .envelope import (
     DelayedMessage,
     DeliveryRecord,
@@ -146,7 +146,7 @@ class Delivery:
             item = await self._consumers.take(queue)
             envelope = Envelope.from_amqp(item.message)
             if envelope.expired(time.time()):
-                await settle(item.message, ack=True)  # past its TTL: dropped, never handed out
+                await item.settle(ack=True)  # past its TTL: dropped, never handed out
                 self._metrics.expired.labels(queue).inc()
                 continue
             return await self._hand_out(queue, item, envelope)
@@ -177,9 +177,9 @@ class Delivery:
         try:
             await self._publisher.publish(self.internal.confirm, internal_message(record.encode()))
         except BaseException:
-            await settle(item.message, ack=False)
+            await item.settle(ack=False)
             raise
-        await settle(item.message, ack=True)
+        await item.settle(ack=True)
         self._metrics.delivered.labels(record.queue).inc()
         if attempt > 1:
             self._metrics.redelivered.labels(record.queue).inc()

@@ -73,6 +73,9 @@ class Gate:
             code = _cancelled_code(stream)
             raise
         except CallError as error:
+            if _being_cancelled():  # the error is a consequence of the cancellation
+                code = _cancelled_code(stream)
+                raise asyncio.CancelledError from None
             code = error.status
             raise GRPCError(error.status, error.message) from None
         except GRPCError as error:
@@ -104,6 +107,14 @@ class Gate:
         with trio.move_on_after(grace):
             await self._idle.wait()
         return self.in_flight
+
+
+def _being_cancelled() -> bool:
+    """Whether grpclib is cancelling the running handler (its client left, or its deadline
+    passed): an error it then raises is answered as a cancellation, which grpclib expects,
+    rather than logged by grpclib as a failure to handle it."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _cancelled_code(stream: Stream[Any, Any]) -> Status:

@@ -14,7 +14,6 @@ import pytest
 import trio
 
 from eventbus import aio, broker
-from eventbus import consumer as consumer_module
 from eventbus.config import AmqpConfig
 from eventbus.consumer import Buffer, Consumers, Declare, QueueConsumer
 from eventbus.errors import FailedPrecondition, NotFound, ResourceExhausted
@@ -127,15 +126,7 @@ async def test_a_queue_rabbitmq_refuses_is_answered_failed_precondition_at_once(
         assert running.consumers.running() == []
 
 
-@pytest.fixture
-def quick_hand_outs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Hand-outs assumed over 0.2 s after their take, so a queue can be retired quickly."""
-    monkeypatch.setattr(consumer_module, "HAND_OUT", 0.2)
-
-
-async def test_consumed_queues_are_capped_and_an_idle_one_makes_room(
-    amqp_url: str, quick_hand_outs: None
-) -> None:
+async def test_consumed_queues_are_capped_and_an_idle_one_makes_room(amqp_url: str) -> None:
     config = AmqpConfig(url=amqp_url, consumers_per_queue=1, max_consumed_queues=2)
     a, b, c = (unique_name(name) for name in "abc")
     async with running_consumers(config) as running:
@@ -194,16 +185,23 @@ async def test_a_missing_queue_the_bus_may_not_create_is_not_found_at_once(amqp_
             await aio.call(running.consumers.take, unique_name("missing"))
 
 
-async def test_a_queue_wanted_moments_ago_is_not_retired(amqp_url: str) -> None:
+async def test_a_queue_with_a_hand_out_in_progress_is_not_retired(amqp_url: str) -> None:
     config = AmqpConfig(url=amqp_url, consumers_per_queue=1, max_consumed_queues=1)
+    a, b = unique_name("a"), unique_name("b")
     async with running_consumers(config) as running:
-        with trio.move_on_after(0.5):  # a take that ends: its hand-out could still be going on
-            await aio.call(running.consumers.take, unique_name("a"))
+        await aio.call(publish, amqp_url, a, b"being handed out")
+        with trio.fail_after(10):
+            taken = await aio.call(running.consumers.take, a)  # its record is being written
         with pytest.raises(ResourceExhausted):
-            await aio.call(running.consumers.take, unique_name("b"))
+            await aio.call(running.consumers.take, b)
+        assert await aio.call(taken.settle, ack=True)  # settled on its own channel
+        await aio.call(publish, amqp_url, b, b"to b")
+        with trio.fail_after(10):
+            item = await aio.call(running.consumers.take, b)
+        assert item.message.body == b"to b"
 
 
-async def test_a_paused_consumer_is_retired_at_once(amqp_url: str, quick_hand_outs: None) -> None:
+async def test_a_paused_consumer_is_retired_at_once(amqp_url: str) -> None:
     config = AmqpConfig(url=amqp_url, consumers_per_queue=1, max_consumed_queues=1)
     a, b = unique_name("a"), unique_name("b")
     async with running_consumers(config) as running:
