@@ -18,6 +18,7 @@ the channel) is reported refused, and the others of its batch are confirmed all 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import zlib
@@ -29,6 +30,7 @@ import aio_pika
 import aio_pika.abc
 import aiormq
 import aiormq.exceptions
+import trio
 from pamqp.commands import Basic
 
 from . import aio, bulk
@@ -225,8 +227,11 @@ class Publisher:
 
     async def to_targets(self, messages: Sequence[tuple[Target, Outgoing]]) -> list[Outcome]:
         """(trio side) Publish many messages at once, each to its queue or topic; returns once
-        each is confirmed, refused or given up on, with one Outcome per message, in order."""
-        return await aio.call(self._publish_all, messages)
+        each is confirmed, refused or given up on, with one Outcome per message, in order.
+        Every broker call below has its own deadline; should they add up past bulk_deadline
+        (declarations, probes and publishing again after a refusal), trio.TooSlowError."""
+        with trio.fail_after(bulk_deadline(len(messages))):
+            return await aio.call(self._publish_all, messages)
 
     async def declare_queue(self, queue: str, *, again: bool = False) -> None:
         """(trio side) `declare` a queue; again: even when declared on this connection already
@@ -347,19 +352,33 @@ class Publisher:
 async def _send_and_confirm(
     per_channel: dict[aiormq.Channel, list[int]], messages: Sequence[tuple[Target, Outgoing]]
 ) -> dict[int, Any]:
-    """Send each channel's messages in one write; wait for their confirms under one deadline.
-    Returns, per message index, what its confirmation resolved to, or the error."""
+    """Send each channel's messages in one write and wait for their confirms, all under one
+    deadline (a broker that stops reading blocks the sends themselves). Returns, per message
+    index, what its confirmation resolved to, or the error."""
     futures: dict[int, asyncio.Future[Any]] = {}
-    for channel, indexes in per_channel.items():
-        try:
-            sent = await bulk.send(channel, [_publish_of(*messages[i]) for i in indexes])
-        except BROKER_ERRORS as error:
-            sent = [_failed(error) for _ in indexes]
-        futures.update(zip(indexes, sent, strict=True))
-    seconds = PUBLISH_TIMEOUT * (1 + len(futures) // BULK_PER_DEADLINE)
-    if futures:
-        await asyncio.wait(futures.values(), timeout=seconds)
-    return {i: _result_of(future, seconds) for i, future in futures.items()}
+    indexes = [i for sent in per_channel.values() for i in sent]
+    seconds = PUBLISH_TIMEOUT * (1 + len(indexes) // BULK_PER_DEADLINE)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            for channel, sent in per_channel.items():
+                futures.update(zip(sent, await _send(channel, sent, messages), strict=True))
+            if futures:
+                await asyncio.wait(futures.values())
+    return {i: _result_of(futures.get(i), seconds) for i in indexes}
+
+
+async def _send(
+    channel: aiormq.Channel, indexes: list[int], messages: Sequence[tuple[Target, Outgoing]]
+) -> list[asyncio.Future[Any]]:
+    try:
+        return await bulk.send(channel, [_publish_of(*messages[i]) for i in indexes])
+    except BROKER_ERRORS as error:
+        return [_failed(error) for _ in indexes]
+
+
+def bulk_deadline(count: int) -> float:
+    """The most a bulk publish of count messages may take, everything included."""
+    return PUBLISH_TIMEOUT * (4 + count / 50)
 
 
 def _failed(error: BaseException) -> asyncio.Future[Any]:
@@ -368,7 +387,9 @@ def _failed(error: BaseException) -> asyncio.Future[Any]:
     return future
 
 
-def _result_of(future: asyncio.Future[Any], seconds: float) -> Any:
+def _result_of(future: asyncio.Future[Any] | None, seconds: float) -> Any:
+    if future is None:  # never handed to the connection: not sent
+        return TimeoutError(f"RabbitMQ did not take the message within {seconds:g} s")
     if not future.done():
         future.cancel()
         return TimeoutError(f"RabbitMQ did not confirm within {seconds:g} s")

@@ -8,19 +8,20 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import aiormq
 import pytest
+import trio
 
 from eventbus import aio
 from eventbus.broker import Broker
-from eventbus.channels import DECLARED_MAX, DECLARING_CHANNELS, Declared
+from eventbus.channels import DECLARED_MAX, DECLARING_CHANNELS, PUBLISH_TIMEOUT, Declared
 from eventbus.config import AmqpConfig
 from eventbus.envelope import Envelope, Outgoing
 from eventbus.errors import FailedPrecondition, InvalidArgument, NotFound
-from eventbus.publisher import Publisher, Target
+from eventbus.publisher import Outcome, Publisher, Target
 from tests.servers import unique_name
 
 NEVER = 1e12  # an expiry so far off (year 33658) that RabbitMQ refuses the expiration
@@ -197,3 +198,87 @@ async def test_a_refusal_on_a_shared_channel_loses_no_other_message(amqp_url: st
     assert refused.status == "refused"
     assert [o.status for o in outcomes] == ["confirmed"] * 3 + ["refused"] + ["confirmed"] * 2
     assert set(seen) == {f"m{i}" for i in (0, 1, 2, 4, 5)}  # at least once each
+
+
+class StallingProxy:
+    """(asyncio side) A TCP proxy in front of RabbitMQ that can stop reading what the client
+    sends, as a broker that stops reading does: the client's socket and write queue fill up."""
+
+    def __init__(self) -> None:
+        self.reading = asyncio.Event()
+        self.reading.set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        broker_r, broker_w = await asyncio.open_connection("127.0.0.1", 5672)
+        for pump in (self._pump(client_r, broker_w, True), self._pump(broker_r, client_w, False)):
+            task = asyncio.ensure_future(pump)
+            self._tasks.add(task)
+
+    async def _pump(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, held: bool) -> None:
+        while True:
+            if held:
+                await self.reading.wait()
+            data = await r.read(65536)
+            if not data:
+                w.close()
+                return
+            w.write(data)
+            await w.drain()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._server.close()
+
+
+async def open_underlay(broker: Broker) -> aiormq.Channel:
+    channel = await broker.connection.channel()
+    return cast(aiormq.Channel, await channel.get_underlay_channel())
+
+
+async def start_draining_publish(channel: aiormq.Channel, queue: str) -> asyncio.Task[Any]:
+    task = asyncio.ensure_future(channel.basic_publish(b"z", routing_key=queue))
+    await asyncio.sleep(0.1)
+    return task
+
+
+async def test_a_bulk_publish_keeps_its_deadline_when_rabbitmq_stops_reading(
+    amqp_url: str,
+) -> None:
+    queue = unique_name("stalled")
+    proxy = StallingProxy()
+    async with aio.open_loop(lambda: None):
+        port = await aio.call(proxy.start)
+        url = amqp_url.replace("127.0.0.1:5672", f"127.0.0.1:{port}")
+        async with publisher(url, publish_channels=1, heartbeat_seconds=120) as (bus, broker):
+            await bus.to_targets([(("queue", queue), message("declares the queue"))])
+            other = await aio.call(open_underlay, broker)
+            proxy.reading.clear()
+            big = [(("queue", queue), message("x" * (1 << 20))) for _ in range(32)]
+            with trio.fail_after(3 * PUBLISH_TIMEOUT):
+                clog = await bus.to_targets(big)
+            # A publish that waits for the socket to drain (as a consumer's ack does) stops
+            # aiormq's writer: the connection's write queue of 10 frames fills up behind it.
+            waiting = await aio.call(start_draining_publish, other, queue)
+            outcomes: list[list[Outcome]] = []
+
+            async def one() -> None:
+                outcomes.append(await bus.to_targets([(("queue", queue), message("y"))]))
+
+            try:
+                with trio.fail_after(3 * PUBLISH_TIMEOUT):  # never later than its deadline
+                    async with trio.open_nursery() as nursery:
+                        for _ in range(15):  # past aiormq's write queue of 10 frames
+                            nursery.start_soon(one)
+            finally:
+                proxy.reading.set()
+                waiting.cancel()
+        await aio.call(proxy.close)
+        await aio.call(drain, amqp_url, queue)
+    assert {o.status for o in clog} == {"unavailable"}
+    assert {o.status for batch in outcomes for o in batch} == {"unavailable"}
