@@ -1,4 +1,4 @@
-"""The eventbus command line: serve, migrate, dead-letters."""
+"""The eventbus command line: serve, migrate, dead-letters, delayed."""
 
 from __future__ import annotations
 
@@ -31,6 +31,10 @@ class NothingToCancel(FatalError):
     """`delayed cancel` named a message that is not pending (moved already, or never was)."""
 
 
+class NothingToRelease(FatalError):
+    """`delayed release` named a message that is not quarantined."""
+
+
 Command = Callable[[Config, argparse.Namespace], Awaitable[None]]
 
 
@@ -59,11 +63,13 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     """What argparse cannot say itself; parser.error exits with status 2 and the usage."""
     if args.command is _requeue_dead_letters and not (args.all or args.queue or args.message_id):
         parser.error("dead-letters requeue: name --queue, --message-id or --all")
-    if args.command is _cancel_delayed:
+    if args.command is _release_delayed and (args.id is None) == (not args.all):
+        parser.error("delayed release: name an ID or --all")
+    if args.command in (_cancel_delayed, _release_delayed) and args.id is not None:
         try:
             validate.delivery_id(args.id)
         except InvalidArgument as error:
-            parser.error(f"delayed cancel: {error.message}")
+            parser.error(f"delayed {args.action}: {error.message}")
 
 
 def _leaves(group: BaseExceptionGroup[FatalError]) -> list[BaseException]:
@@ -108,8 +114,8 @@ def _parser() -> argparse.ArgumentParser:
 def _delayed_commands(commands: Any) -> None:
     delayed = commands.add_parser(
         "delayed",
-        help="list or cancel delayed messages",
-        description="list or cancel delayed messages",
+        help="list, cancel or release delayed messages",
+        description="list, cancel or release delayed messages",
     )
     actions = delayed.add_subparsers(required=True, metavar="ACTION")
     listing = _command(
@@ -125,6 +131,16 @@ def _delayed_commands(commands: Any) -> None:
     listing.add_argument("--json", action="store_true", help="one JSON object a line")
     cancel = _command(actions, "cancel", _cancel_delayed, "cancel a pending delayed message")
     cancel.add_argument("id", help="the id `delayed list` shows")
+    cancel.set_defaults(action="cancel")
+    release = _command(
+        actions,
+        "release",
+        _release_delayed,
+        "put quarantined delayed messages back, to be published at the next tick",
+    )
+    release.add_argument("id", nargs="?", help="the id `delayed list --quarantined` shows")
+    release.add_argument("--all", action="store_true", help="every quarantined delayed message")
+    release.set_defaults(action="release")
 
 
 def _command(commands: Any, name: str, run: Command, summary: str) -> argparse.ArgumentParser:
@@ -237,6 +253,8 @@ async def _list_delayed(config: Config, args: argparse.Namespace) -> None:
             "due_at": row.due_at.isoformat(),
             "quarantined_at": row.quarantined_at.isoformat() if row.quarantined_at else "",
             "quarantine_reason": row.quarantine_reason or "",
+            "publish_failures": row.publish_failures,
+            "last_failure": row.last_failure or "",
             **_data(row.body),
         }
         print(_line(fields, as_json=args.json))
@@ -253,3 +271,16 @@ async def _cancel_delayed(config: Config, args: argparse.Namespace) -> None:
     if not cancelled:
         raise NothingToCancel(f"no pending delayed message {message_id}")
     logger.info("cancelled delayed message %s", message_id)
+
+
+async def _release_delayed(config: Config, args: argparse.Namespace) -> None:
+    message_id = None if args.all else validate.delivery_id(args.id)
+    async with aio.open_loop(lambda: None):
+        db = await store.open_store(config.postgres, config.amqp.reconnect_window_seconds)
+        try:
+            released = await delay.release(db, message_id)
+        finally:
+            await db.close()
+    if message_id is not None and not released:
+        raise NothingToRelease(f"no quarantined delayed message {message_id}")
+    logger.info("released %d quarantined delayed message(s)", released)

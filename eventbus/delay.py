@@ -5,9 +5,11 @@ confirms, then deleted under the same claim: two nodes never move the same row, 
 dies midway leaves rows whose claim expires and that another node moves (at least once).
 
 Each row of a batch settles on its own: confirmed ones are deleted even when others failed (so
-none is published twice), those RabbitMQ could not take now are freed for the next tick, and
-those refused (by RabbitMQ or its client library) are quarantined in place: kept with the reason,
-never claimed again, listed by `eventbus delayed list` and cancellable.
+none is published twice); those RabbitMQ could not take now (away, the target missing, full or
+refusing its declaration) wait a back-off of their own and stay listed with the reason; those
+refused for what they are (by RabbitMQ or its client library) are quarantined in place: kept
+with the reason, never claimed again, listed by `eventbus delayed list`, cancellable, and put
+back by `eventbus delayed release`.
 """
 
 from __future__ import annotations
@@ -75,9 +77,22 @@ FREE = """
 UPDATE delayed_messages SET claim_token = NULL, claimed_until = NULL
 WHERE claim_token = ANY($1::uuid[])
 """
-FREE_SOME = """
-UPDATE delayed_messages SET claim_token = NULL, claimed_until = NULL
-WHERE id = ANY($2::uuid[]) AND claim_token = $1
+# Rows RabbitMQ could not take now wait BACK_OFF_MIN * 2^(failures so far), at most
+# BACK_OFF_MAX seconds, before they are claimed again; the others of the job go on meanwhile.
+BACK_OFF = """
+UPDATE delayed_messages d
+SET claim_token = NULL, publish_failures = d.publish_failures + 1, last_failure = w.reason,
+    claimed_until = now() + make_interval(
+        secs => least($4::float8, $3::float8 * 2 ^ least(d.publish_failures, 20)))
+FROM unnest($2::uuid[], $5::text[]) AS w(id, reason)
+WHERE d.id = w.id AND d.claim_token = $1
+"""
+BACK_OFF_MIN = 1.0
+BACK_OFF_MAX = 30.0
+RELEASE = """
+UPDATE delayed_messages
+SET quarantined_at = NULL, quarantine_reason = NULL, publish_failures = 0, claimed_until = NULL
+WHERE quarantined_at IS NOT NULL AND ($1::uuid IS NULL OR id = $1::uuid)
 """
 QUARANTINE = """
 UPDATE delayed_messages d
@@ -187,7 +202,7 @@ class Dispatcher:
     async def _move_claiming_next(self, claim: Claim) -> Claim:
         """Publish and settle a claimed batch; meanwhile, when it was a full one, claim the
         next. Returns that next batch (empty when there is none). Raises Unavailable, once the
-        batch is settled, when RabbitMQ could not take some of it."""
+        batch is settled, when RabbitMQ could take none of it."""
         following = Claim(ledger.new_token(), [])
         claim_failure: Exception | None = None
 
@@ -221,7 +236,7 @@ class Dispatcher:
         return [message.to_amqp(now) for message in claim.messages]
 
     async def _settle(self, claim: Claim, outcomes: list[Outcome], published_at: float) -> None:
-        """Forget the confirmed rows, quarantine the refused ones, free the rest."""
+        """Forget the confirmed rows, quarantine the refused ones, back the rest off."""
         await self._store.execute(FORGET, claim.token, _ids(claim, outcomes, "confirmed"))
         refused = [
             (m, o) for m, o in zip(claim.messages, outcomes, strict=True) if o.status == "refused"
@@ -230,9 +245,16 @@ class Dispatcher:
             reasons = [printable(o.reason) for _, o in refused]
             await self._store.execute(QUARANTINE, claim.token, [m.id for m, _ in refused], reasons)
             self._report(refused)
-        unavailable = _ids(claim, outcomes, "unavailable")
-        if unavailable:
-            await self._store.execute(FREE_SOME, claim.token, unavailable)
+        waiting = [
+            (m.id, printable(o.reason))
+            for m, o in zip(claim.messages, outcomes, strict=True)
+            if o.status == "unavailable"
+        ]
+        if waiting:
+            ids, reasons = [i for i, _ in waiting], [r for _, r in waiting]
+            await self._store.execute(
+                BACK_OFF, claim.token, ids, BACK_OFF_MIN, BACK_OFF_MAX, reasons
+            )
         for message, outcome in zip(claim.messages, outcomes, strict=True):
             if outcome.status == "confirmed":
                 self._metrics.delay_dispatched.labels(message.target).inc()
@@ -270,10 +292,10 @@ def _ids(claim: Claim, outcomes: list[Outcome], status: str) -> list[str]:
 
 
 def _raise_unavailable(outcomes: list[Outcome]) -> None:
-    """End the tick when RabbitMQ could not take part of a batch: it would not take the next."""
-    unavailable = [o for o in outcomes if o.status == "unavailable"]
-    if unavailable:
-        raise Unavailable(f"{len(unavailable)} delayed message(s) wait: {unavailable[0].reason}")
+    """End the tick when RabbitMQ could take none of a batch: it is away, and would not take
+    the next. Some of a batch waiting (a queue full or missing) stops nothing else."""
+    if outcomes and all(o.status == "unavailable" for o in outcomes):
+        raise Unavailable(f"{len(outcomes)} delayed message(s) wait: {outcomes[0].reason}")
 
 
 @dataclass(frozen=True)
@@ -285,6 +307,8 @@ class Pending:
     due_at: datetime
     quarantined_at: datetime | None
     quarantine_reason: str | None
+    publish_failures: int
+    last_failure: str | None
 
 
 async def pending(
@@ -299,7 +323,8 @@ async def pending(
             clauses.append(f"{column} = ${len(args)}")
     where = " WHERE " + " AND ".join(clauses) if clauses else ""
     rows = await store.fetch(
-        "SELECT id, kind, target, body, due_at, quarantined_at, quarantine_reason "
+        "SELECT id, kind, target, body, due_at, quarantined_at, quarantine_reason, "
+        "publish_failures, last_failure "
         f"FROM delayed_messages{where} ORDER BY due_at LIMIT ${len(args) + 1}",
         *args,
         limit,
@@ -313,9 +338,18 @@ async def pending(
             r["due_at"],
             r["quarantined_at"],
             r["quarantine_reason"],
+            r["publish_failures"],
+            r["last_failure"],
         )
         for r in rows
     ]
+
+
+async def release(store: Store, message_id: str | None) -> int:
+    """Put quarantined delayed messages back (one, or all with None): they are claimed and
+    published again at the next tick. Returns how many were released."""
+    status: Any = await store.execute(RELEASE, message_id)
+    return int(str(status).rsplit(" ", 1)[-1])
 
 
 async def cancel(store: Store, message_id: str) -> bool:

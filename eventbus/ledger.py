@@ -188,11 +188,13 @@ ON CONFLICT (queue, message_id) DO UPDATE
         last_failure_at = EXCLUDED.last_failure_at, dead_at = now(), reason = EXCLUDED.reason
 """
 
-# Claimed deliveries whose retry RabbitMQ could not take now: free for the next tick.
+# Claimed deliveries whose retry RabbitMQ could not take now (its queue full, say): due again
+# after RETRY_BACK_OFF seconds, so they neither hold up the rest nor come first every tick.
 RELEASE = """
-UPDATE deliveries SET claim_token = NULL, claimed_until = NULL
+UPDATE deliveries SET claim_token = NULL, claimed_until = now() + make_interval(secs => $3)
 WHERE id = ANY($2::uuid[]) AND claim_token = $1
 """
+RETRY_BACK_OFF = 10.0
 
 
 async def finish(
@@ -203,7 +205,8 @@ async def finish(
     released: Sequence[str] = (),
 ) -> None:
     """Mark claimed deliveries done with their outcome, keep the dead ones as dead letters (each
-    with its reason, None for the usual one), and give the released ones back unchanged.
+    with its reason, None for the usual one), and give the released ones back unchanged, due
+    again after RETRY_BACK_OFF seconds.
 
     Only rows still claimed by token change: a claim that expired meanwhile was taken over.
     Waits on PostgreSQL for at most FINISH_TIMEOUT (trio.TooSlowError).
@@ -219,7 +222,7 @@ async def finish(
         if dead:
             await connection.execute(BURY, *dead_columns)
         if released:
-            await connection.execute(RELEASE, token, list(released))
+            await connection.execute(RELEASE, token, list(released), RETRY_BACK_OFF)
 
     with trio.fail_after(FINISH_TIMEOUT):
         await store.transaction(work)

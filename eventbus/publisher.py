@@ -77,7 +77,10 @@ CONFIRMED = Outcome("confirmed")
 
 
 def outcome_of(error: CallError) -> Outcome:
-    return Outcome("unavailable" if isinstance(error, Unavailable) else "refused", error)
+    """What a failure not pinned on the message itself means: a name the client library refuses
+    never goes; anything else (RabbitMQ away, a target missing, locked or declared otherwise)
+    may be put right, so the message waits."""
+    return Outcome("refused" if isinstance(error, InvalidArgument) else "unavailable", error)
 
 
 class Publisher:
@@ -342,8 +345,13 @@ class Publisher:
         return CONFIRMED
 
     async def _publish_alone(self, target: Target, message: Outgoing) -> Outcome:
+        """Publish one message on its own; refused only when a probe pins the refusal on the
+        message rather than on its target."""
         try:
             await self.publish_to(target, message)
+        except (FailedPrecondition, NotFound) as error:
+            probed = await self._probe(message)
+            return probed if probed.status == "refused" else Outcome("unavailable", error)
         except CallError as error:
             return outcome_of(error)
         return CONFIRMED

@@ -3,7 +3,8 @@
 Each due delivery is published again to its own queue as a new attempt, or, past
 delivery.max_retries, kept as a dead letter; a message past its TTL is dropped. A retry that
 RabbitMQ (or its client library) refuses becomes a dead letter with the reason; one RabbitMQ
-cannot take now is given back for the next tick; the others of the batch go on.
+cannot take now (its queue full, say) is due again after a back-off; the others of the batch, and
+the next batches, go on. Only a batch RabbitMQ took none of ends the tick.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class Settled:
 
     outcomes: dict[str, str]  # delivery id -> outcome, for the deliveries that are done
     dead: list[tuple[DueDelivery, str | None]]  # with the reason when not the usual one
-    released: list[str]  # delivery ids RabbitMQ could not take now: due again next tick
+    released: list[str]  # delivery ids RabbitMQ could not take now: due again after a back-off
     republished: list[str]  # queue of each confirmed retry
     waiting: str = ""  # why some were released
 
@@ -128,7 +129,8 @@ class Republisher:
         settled = settle(decided, await self._publisher.to_targets(messages))
         await ledger.finish(self._store, token, settled.outcomes, settled.dead, settled.released)
         self._count(settled)
-        if settled.released:
+        if settled.released and len(settled.released) == len(decided.retried):
+            # RabbitMQ took none of them: it is away, and would take no more this tick
             raise Unavailable(f"{len(settled.released)} retries wait: {settled.waiting}")
         return len(due)
 

@@ -197,8 +197,8 @@ async def test_a_refused_message_is_quarantined_and_the_rest_go_exactly_once(
 
     async def work(store: Store) -> None:
         job = dispatcher(store, publisher)
-        with pytest.raises(Unavailable, match="not now"):
-            await job.tick()  # the second batch had one RabbitMQ could not take
+        await job.tick()  # the second batch had one RabbitMQ could not take: it waits
+        await store.execute("UPDATE delayed_messages SET claimed_until = NULL")  # time passes
         for _ in range(3):
             await job.tick()
         [left] = await delay.pending(store, None, None, 10)
@@ -211,3 +211,30 @@ async def test_a_refused_message_is_quarantined_and_the_rest_go_exactly_once(
     assert publisher.confirmed == Counter(m.id for m in due if m.id != bad)  # each once
     assert sum(batch.count(bad) for batch in publisher.batches) == 1  # never retried
     assert [len(b) for b in publisher.batches] == [delay.BATCH, 20, 1]
+
+
+async def test_a_message_rabbitmq_cannot_take_waits_alone_and_the_tick_goes_on(
+    postgres_dsn: str,
+) -> None:
+    due = due_messages(3 * delay.BATCH, time.time() - 60)
+    full = due[7].id  # its queue is full, say: RabbitMQ nacks it
+    publisher = RecordingPublisher(unavailable_once=[full])
+
+    async def work(store: Store) -> None:
+        job = dispatcher(store, publisher)
+        await job.tick()  # no Unavailable: the other batches go in this same tick
+        [row] = await store.fetch(
+            "SELECT id::text, claim_token, claimed_until > now() AS backing_off, "
+            "publish_failures, last_failure FROM delayed_messages"
+        )
+        assert (row["id"], row["claim_token"], row["backing_off"]) == (full, None, True)
+        assert (row["publish_failures"], row["last_failure"]) == (1, "not now (test)")
+        await job.tick()  # still backing off: not claimed first again
+        assert [len(b) for b in publisher.batches] == [delay.BATCH] * 3
+        await store.execute("UPDATE delayed_messages SET claimed_until = now()")
+        await job.tick()
+        assert await free_rows_left(store) == 0
+
+    await with_store(postgres_dsn, due, work)
+    assert publisher.confirmed == Counter(m.id for m in due)
+    assert [len(b) for b in publisher.batches] == [delay.BATCH] * 3 + [1]

@@ -113,7 +113,7 @@ async def test_without_auto_create_a_missing_queue_is_not_found(amqp_url: str) -
         with pytest.raises(NotFound, match=f"queue '{queue}' does not exist"):
             await aio.call(bus.publish, queue, message("x"))
         [outcome] = await bus.to_targets([(("queue", queue), message("y"))])
-        assert outcome.status == "refused" and isinstance(outcome.error, NotFound)
+        assert outcome.status == "unavailable" and isinstance(outcome.error, NotFound)
         await aio.call(bus.publish, "ns.internal", message("the bus's own queues are created"))
         await aio.call(declare_plain, amqp_url, queue)
         await aio.call(bus.publish, queue, message("now it exists"))
@@ -154,6 +154,20 @@ async def test_a_queue_with_other_settings_names_itself_and_the_fix(amqp_url: st
     assert f"queue '{queue}' exists with other settings" in refused.value.message
     assert "x-expires=60000" in refused.value.message
     assert "amqp.queue_idle_expiry_seconds" in refused.value.message
+
+
+async def test_a_target_rabbitmq_refuses_to_declare_makes_its_messages_wait(amqp_url: str) -> None:
+    # Not the messages' fault: an operator may fix the queue, and they may go then.
+    queue, fine = unique_name("declared-otherwise"), unique_name("fine")
+    async with publisher(amqp_url, queue_idle_expiry_seconds=60) as (bus, _):
+        await aio.call(declare_plain, amqp_url, queue)
+        outcomes = await bus.to_targets(
+            [(("queue", queue), message("waits")), (("queue", fine), message("goes"))]
+        )
+        await aio.call(drain, amqp_url, queue)
+        await aio.call(drain, amqp_url, fine)
+    assert [o.status for o in outcomes] == ["unavailable", "confirmed"]
+    assert isinstance(outcomes[0].error, FailedPrecondition)
 
 
 async def test_a_name_pamqp_refuses_is_invalid_argument(amqp_url: str) -> None:

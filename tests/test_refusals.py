@@ -13,10 +13,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aio_pika
+import pytest
 
 from eventbus import aio, deadletters, delay
 from eventbus.broker import Broker
 from eventbus.config import AmqpConfig, DeliveryConfig, PostgresConfig
+from eventbus.errors import Unavailable
 from eventbus.metrics import Metrics, label_values
 from eventbus.publisher import Publisher
 from eventbus.republish import Republisher
@@ -161,3 +163,80 @@ async def test_requeue_keeps_what_rabbitmq_refuses(amqp_url: str, postgres_dsn: 
     assert (moved, kept) == (5, 1)
     assert [d.body for d in left] == [b"stays"]
     assert seen == Counter(f"d{i}" for i in range(5))
+
+
+async def declare_full_queue(amqp_url: str, queue: str) -> None:
+    """(asyncio side) A queue of one message that refuses more (x-overflow reject-publish), full."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        arguments = {"x-max-length": 1, "x-overflow": "reject-publish"}
+        await channel.declare_queue(queue, durable=True, arguments=arguments)
+        await channel.default_exchange.publish(aio_pika.Message(b"first"), queue)
+
+
+async def delete_queue(amqp_url: str, queue: str) -> None:
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        await (await connection.channel()).queue_delete(queue)
+
+
+async def test_retries_to_a_full_queue_wait_and_the_others_go(
+    amqp_url: str, postgres_dsn: str
+) -> None:
+    full, fine = unique_name("full"), unique_name("fine")
+    config = AmqpConfig(url=amqp_url, namespace="ns", publish_channels=2)
+    async with aio.open_loop(lambda: None):
+        store = await open_store(PostgresConfig(dsn=postgres_dsn), window=10)
+        broker = Broker(config)
+        await broker.connect(10)
+        try:
+            await aio.call(declare_full_queue, amqp_url, full)
+            await aio.call(drain, amqp_url, fine)  # declares it
+            for i in range(3):
+                await add_due_delivery(store, full, f"f{i}", None)
+            for i in range(10):
+                await add_due_delivery(store, fine, f"r{i}", None)
+            publisher = Publisher(broker, config, auto_create_queues=False)
+            job = Republisher(store, publisher, DeliveryConfig(), Metrics("test"), 60)
+            await job.tick()  # RabbitMQ nacks the three: they wait, the tick goes on
+            waiting = await store.fetch(
+                "SELECT queue, claim_token, claimed_until > now() AS later FROM deliveries "
+                "WHERE NOT done"
+            )
+            seen = await aio.call(drain, amqp_url, fine)
+            await aio.call(delete_queue, amqp_url, full)
+        finally:
+            await broker.close()
+            await store.close()
+    assert [(r["queue"], r["claim_token"], r["later"]) for r in waiting] == [(full, None, True)] * 3
+    assert set(seen) == {f"r{i}" for i in range(10)}
+
+
+async def test_a_delayed_message_for_a_missing_queue_waits_until_it_exists(
+    amqp_url: str, postgres_dsn: str
+) -> None:
+    queue = unique_name("later")
+    config = AmqpConfig(url=amqp_url, namespace="ns", publish_channels=2)
+    async with aio.open_loop(lambda: None):
+        store = await open_store(PostgresConfig(dsn=postgres_dsn), window=10)
+        broker = Broker(config)
+        await broker.connect(10)
+        try:
+            waiting = await add_delayed(store, "queue", queue, "patient", 0)
+            publisher = Publisher(broker, config, auto_create_queues=False)
+            job = delay.Dispatcher(store, publisher, Metrics("test"), 60, 1)
+            with pytest.raises(Unavailable, match="does not exist"):
+                await job.tick()  # the batch's only message waits: nothing more this tick
+            [row] = await delay.pending(store, None, None, 10)
+            await aio.call(drain, amqp_url, queue)  # the queue now exists
+            await store.execute("UPDATE delayed_messages SET claimed_until = NULL")
+            await job.tick()
+            left = await delay.pending(store, None, None, 10)
+            seen = await aio.call(drain, amqp_url, queue)
+        finally:
+            await broker.close()
+            await store.close()
+    assert (row.id, row.quarantined_at, row.publish_failures) == (waiting, None, 1)
+    assert row.last_failure is not None and "does not exist" in row.last_failure
+    assert left == [] and seen == Counter({"patient": 1})
