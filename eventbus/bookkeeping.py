@@ -10,6 +10,7 @@ quarantined (the `quarantine` table) and every other row is stored.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
@@ -32,7 +33,9 @@ logger = logging.getLogger(__name__)
 ratelog = RateLimitedLog(logger)
 
 BATCH_SIZE = 500
+BATCH_BYTES = 16 << 20  # a batch ends once its messages hold this many bytes
 BATCH_WAIT = 0.02
+PING_TIMEOUT = 2.0
 WRITE_RETRY_MAX = 5.0
 SESSION_ERRORS: tuple[type[BaseException], ...] = (Unavailable, trio.TooSlowError, *BROKER_ERRORS)
 
@@ -51,6 +54,16 @@ NOT_THE_ROWS: tuple[type[BaseException], ...] = (
     asyncpg.InvalidTransactionStateError,  # 25
     asyncpg.SyntaxOrAccessError,  # 42
     asyncpg.InternalServerError,  # XX
+)
+
+# Failures a batch too heavy for PostgreSQL causes (its statement times out, or PostgreSQL drops
+# the connection while taking it), as well as an outage: told apart by asking PostgreSQL SELECT 1.
+HEAVY: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    trio.TooSlowError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
 )
 
 Item = TypeVar("Item")
@@ -109,22 +122,35 @@ class Worker(Generic[Item]):
     async def _write_batches(
         self, channel: Channel, receive: trio.MemoryReceiveChannel[Any]
     ) -> None:
+        """Hand batches to writers until the channel or connection goes, or a writer's ack
+        fails (Unavailable then: the session starts again, its unacked messages come back)."""
         in_flight = trio.CapacityLimiter(self._writers)
+        failed: list[BaseException] = []
         async with trio.open_nursery() as nursery:
             while not channel.amqp.is_closed and channel.generation == self._broker.generation:
                 batch = await _gather(receive)
                 if batch:
                     await in_flight.acquire_on_behalf_of(batch[0])
-                    nursery.start_soon(self._write_and_ack, batch, in_flight)
+                    nursery.start_soon(self._write_and_ack, batch, in_flight, failed, nursery)
             nursery.cancel_scope.cancel()
+        if failed:
+            raise Unavailable(f"acking a written batch failed: {describe(failed[0])}")
 
     async def _write_and_ack(
-        self, batch: list[aio_pika.abc.AbstractIncomingMessage], in_flight: trio.CapacityLimiter
+        self,
+        batch: list[aio_pika.abc.AbstractIncomingMessage],
+        in_flight: trio.CapacityLimiter,
+        failed: list[BaseException],
+        session: trio.Nursery,
     ) -> None:
+        """Write a batch, then ack it; an ack that fails ends the session, not the worker."""
         try:
             await self._write(batch)
             with trio.fail_after(5):
                 await aio.call(_ack_each, batch)
+        except SESSION_ERRORS as error:
+            failed.append(error)
+            session.cancel_scope.cancel()
         finally:
             in_flight.release_on_behalf_of(batch[0])
 
@@ -132,7 +158,10 @@ class Worker(Generic[Item]):
         """Store the batch, retrying it whole with back-off while PostgreSQL is unreachable;
         what PostgreSQL refuses, or what cannot be read, is quarantined instead."""
         items, bad = self._decode_all(batch)
-        counts, refused = await self._retrying(len(items), lambda: self._isolate(items))
+        attempts = itertools.count()
+        counts, refused = await self._retrying(
+            len(items), lambda: self._isolate(items, split_heavy=next(attempts) > 0)
+        )
         bad += refused
         if bad:
             await self._retrying(len(bad), lambda: quarantine.keep(self._store, self.queue, bad))
@@ -155,22 +184,43 @@ class Worker(Generic[Item]):
             await trio.sleep(pause)
             pause = min(pause * 2, WRITE_RETRY_MAX)
 
-    async def _isolate(self, items: list[tuple[bytes, Item]]) -> tuple[Counts, list[Bad]]:
+    async def _isolate(
+        self, items: list[tuple[bytes, Item]], *, split_heavy: bool
+    ) -> tuple[Counts, list[Bad]]:
         """Write items; when PostgreSQL refuses them for a reason of theirs, split them in halves
-        until the refused ones are alone. Returns the counts and the refused (raw, reason)."""
+        until the refused ones are alone. Returns the counts and the refused (raw, reason).
+        split_heavy (the batch failed before): halve it too when it times out or loses the
+        connection while PostgreSQL answers, as a batch too heavy to take at once does."""
         if not items:
             return [], []
         try:
             return await self._writer(self._store, [item for _, item in items]), []
-        except NOT_THE_ROWS:
-            raise
+        except NOT_THE_ROWS as error:
+            if not (split_heavy and len(items) > 1 and await self._too_heavy(error)):
+                raise
         except Exception as error:
             if len(items) == 1:
                 return [], [(items[0][0], f"PostgreSQL refused it: {describe(error)}")]
         half = len(items) // 2
-        counts, bad = await self._isolate(items[:half])
-        more_counts, more_bad = await self._isolate(items[half:])
+        counts, bad = await self._isolate(items[:half], split_heavy=split_heavy)
+        more_counts, more_bad = await self._isolate(items[half:], split_heavy=split_heavy)
         return counts + more_counts, bad + more_bad
+
+    async def _too_heavy(self, error: BaseException) -> bool:
+        """Whether a batch failed for its weight: a timeout or lost connection while PostgreSQL
+        answers SELECT 1."""
+        if not isinstance(error, HEAVY):
+            return False
+        with trio.move_on_after(PING_TIMEOUT):
+            try:
+                await self._store.ping()
+            except Exception:
+                return False
+            logger.info(
+                "bookkeeping %s: a batch failed (%s); halving it", self.queue, describe(error)
+            )
+            return True
+        return False
 
     def _decode_all(
         self, batch: list[aio_pika.abc.AbstractIncomingMessage]
@@ -207,15 +257,18 @@ async def _ack_each(batch: list[aio_pika.abc.AbstractIncomingMessage]) -> None:
 
 
 async def _gather(receive: trio.MemoryReceiveChannel[Any]) -> list[Any]:
-    """Up to BATCH_SIZE items: waits for the first (at most a second), then BATCH_WAIT more."""
+    """Up to BATCH_SIZE messages, ending with the one that brings their bodies to BATCH_BYTES:
+    waits for the first (at most a second), then BATCH_WAIT more."""
     batch: list[Any] = []
     with trio.move_on_after(1):
         batch.append(await receive.receive())
     if not batch:
         return batch
+    size = len(batch[0].body)
     with trio.move_on_after(BATCH_WAIT):
-        while len(batch) < BATCH_SIZE:
+        while len(batch) < BATCH_SIZE and size < BATCH_BYTES:
             batch.append(await receive.receive())
+            size += len(batch[-1].body)
     return batch
 
 
