@@ -12,7 +12,9 @@ PUBLISH_TIMEOUT, so a broken connection turns into Unavailable within seconds, n
 
 The bulk path (`to_targets`) reports an Outcome per message instead of raising: one message that
 cannot go (refused by the client library while marshalling, or by RabbitMQ, which then closes
-the channel) is reported refused, and the others of its batch are confirmed all the same.
+the channel) is reported refused, and the others of its batch are confirmed all the same. A
+target that cannot take messages now (missing, full, declared otherwise) makes them unavailable,
+not refused: they may go once it is put right.
 """
 
 from __future__ import annotations
