@@ -245,6 +245,15 @@ class Dispatcher:
             reasons = [printable(o.reason) for _, o in refused]
             await self._store.execute(QUARANTINE, claim.token, [m.id for m, _ in refused], reasons)
             self._report(refused)
+        await self._back_off(claim, outcomes)
+        for message, outcome in zip(claim.messages, outcomes, strict=True):
+            if outcome.status == "confirmed":
+                self._metrics.delay_dispatched.labels(message.target).inc()
+                self._metrics.delay_lateness.observe(max(0.0, published_at - message.due_at))
+        logger.debug("delay: published %d in %.3f s", len(outcomes), time.time() - published_at)
+
+    async def _back_off(self, claim: Claim, outcomes: list[Outcome]) -> None:
+        """Rows RabbitMQ could not take now wait, each with its reason, then go again."""
         waiting = [
             (m.id, printable(o.reason))
             for m, o in zip(claim.messages, outcomes, strict=True)
@@ -255,11 +264,6 @@ class Dispatcher:
             await self._store.execute(
                 BACK_OFF, claim.token, ids, BACK_OFF_MIN, BACK_OFF_MAX, reasons
             )
-        for message, outcome in zip(claim.messages, outcomes, strict=True):
-            if outcome.status == "confirmed":
-                self._metrics.delay_dispatched.labels(message.target).inc()
-                self._metrics.delay_lateness.observe(max(0.0, published_at - message.due_at))
-        logger.debug("delay: published %d in %.3f s", len(outcomes), time.time() - published_at)
 
     def _report(self, refused: list[tuple[DueMessage, Outcome]]) -> None:
         for message, _ in refused:
