@@ -24,7 +24,7 @@ import contextlib
 import itertools
 import logging
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, cast
 
@@ -166,8 +166,10 @@ class Publisher:
         client's queue with x-expires when amqp.queue_idle_expiry_seconds > 0), or, with
         server.auto_create_queues false, only looked up: NotFound when it does not exist. The
         bus's own queues are always declared, never with x-expires."""
-        if ("queue", queue) in self._declared:
-            return
+        if ("queue", queue) not in self._declared:
+            await finish_anyway(self._declare_or_look_up(queue))
+
+    async def _declare_or_look_up(self, queue: str) -> None:
         if self._internal(queue):
             await self._declare_queue(queue, {})
         elif self._auto_create:
@@ -198,8 +200,10 @@ class Publisher:
 
     async def declare_topic(self, topic: str) -> None:
         """(asyncio side) Declare a durable topic exchange once per connection."""
-        if ("topic", topic) in self._declared:
-            return
+        if ("topic", topic) not in self._declared:
+            await finish_anyway(self._declare_topic(topic))
+
+    async def _declare_topic(self, topic: str) -> None:
         async with self._declarer.channel() as channel:
             declaring = channel.declare_exchange(topic, aio_pika.ExchangeType.TOPIC, durable=True)
             await bounded(f"declaring topic {topic!r}", declaring)
@@ -212,6 +216,9 @@ class Publisher:
             return
         await self.declare_topic(topic)
         await self.declare(queue)
+        await finish_anyway(self._bind(queue, topic))
+
+    async def _bind(self, queue: str, topic: str) -> None:
         async with self._declarer.channel() as channel:
             underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
             binding = underlay.queue_bind(queue, topic, routing_key="#")
@@ -447,6 +454,21 @@ def _publish_of(target: Target, message: Outgoing) -> bulk.Publish:
         body=message.body,
         properties=message.properties,
     )
+
+
+async def finish_anyway(work: Awaitable[T]) -> T:
+    """(asyncio side) Await work (bounded by its own deadline) in a task that a cancelled
+    caller leaves running: aiormq closes the channel of an AMQP method cancelled midway, which
+    would fail every other call on that channel, other clients' included."""
+    task = asyncio.ensure_future(work)
+    task.add_done_callback(_retrieve)
+    return await asyncio.shield(task)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Take the outcome of a task whose caller may have left, so asyncio does not report it."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _other_settings(queue: str, arguments: dict[str, Any], error: CallError) -> str:

@@ -296,3 +296,21 @@ async def test_a_bulk_publish_keeps_its_deadline_when_rabbitmq_stops_reading(
         await aio.call(drain, amqp_url, queue)
     assert {o.status for o in clog} == {"unavailable"}
     assert {o.status for batch in outcomes for o in batch} == {"unavailable"}
+
+
+async def test_a_declaration_whose_caller_leaves_fails_no_one_else(amqp_url: str) -> None:
+    async with publisher(amqp_url) as (bus, _):
+        queues = [unique_name("declared") for _ in range(60)]
+        failures: list[str] = []
+
+        async def declare(queue: str, patience: float) -> None:
+            with trio.move_on_after(patience):
+                try:
+                    await bus.declare_queue(queue)
+                except Exception as error:
+                    failures.append(f"{queue}: {error}")
+
+        async with trio.open_nursery() as nursery:
+            for i, queue in enumerate(queues):  # every other caller gives up midway
+                nursery.start_soon(declare, queue, 0.0005 * i if i % 2 else 30)
+        assert failures == []
