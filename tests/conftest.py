@@ -37,10 +37,23 @@ def postgres_dsn() -> Iterator[str]:
 
 
 @pytest.fixture
-def backends(amqp_url: str, postgres_dsn: str) -> Iterator[Backends]:
+def backends(
+    request: pytest.FixtureRequest, amqp_url: str, postgres_dsn: str
+) -> Iterator[Backends]:
+    """A test marked own_vhost (it declares thousands of queues) gets a RabbitMQ virtual host
+    of its own, deleted right after it, so a later test that restarts RabbitMQ does not wait
+    for them to be recovered."""
     prefix = servers.unique_name("eventbus_test") + ":"
-    yield Backends(amqp_url, postgres_dsn, prefix, servers.unique_name("ns"))
+    vhost = (
+        servers.unique_name("eventbus_test")
+        if request.node.get_closest_marker("own_vhost")
+        else None
+    )
+    url = servers.create_vhost(vhost) if vhost else amqp_url
+    yield Backends(url, postgres_dsn, prefix, servers.unique_name("ns"))
     servers.delete_redis_keys(prefix)
+    if vhost:
+        servers.delete_vhost(vhost)
 
 
 @pytest.fixture

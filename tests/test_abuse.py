@@ -21,6 +21,7 @@ import grpc
 import pytest
 
 from tests.bus_client import BusClient, status_of
+from tests.conftest import Backends
 
 HONEST = "honest"
 CAP = 10  # queues consumed at once
@@ -191,11 +192,12 @@ def test_every_bad_call_gets_the_status_that_names_it_and_loses_nothing(
     _assert_still_serving(daemon, client)
 
 
+@pytest.mark.own_vhost
 def test_floods_of_queues_subscribers_and_a_dropped_connection_leave_it_serving(
-    abused: tuple[Any, BusClient, Honest], amqp_url: str
+    abused: tuple[Any, BusClient, Honest], backends: Backends
 ) -> None:
     daemon, client, honest = abused
-    vhost = amqp_url.rsplit("/", 1)[1]
+    vhost = backends.amqp_url.rsplit("/", 1)[1]
     honest.publish("before the floods")
     with ThreadPoolExecutor(32) as pool:
         list(pool.map(lambda i: client.publish(f"flood-{i}", "x"), range(1000)))

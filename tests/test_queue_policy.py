@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
+import pytest
 
 from tests.bus_client import BusClient, status_of
 from tests.servers import unique_name
@@ -30,6 +31,7 @@ def channels_of_daemon(vhost: str) -> int:
     )
 
 
+@pytest.mark.own_vhost
 def test_thousands_of_queues_keep_the_channel_count_bounded(
     make_daemon: Any, backends: Any
 ) -> None:
