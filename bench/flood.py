@@ -10,7 +10,6 @@ Usage: python bench/flood.py [QUEUES_PUBLISHED] [QUEUES_SUBSCRIBED] [ROUNDS]
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -32,14 +31,7 @@ CONCURRENCY = 64
 
 
 def channels(vhost: str) -> int:
-    listed = subprocess.run(
-        ["rabbitmqctl", "-q", "list_connections", "-p", vhost, "channels"],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
-    return sum(int(n) for n in listed.split() if n.isdigit())
+    return sum(int(n) for (n,) in servers.connections(vhost, "channels") if n.isdigit())
 
 
 async def in_parallel(count: int, call: object) -> Counter[str]:

@@ -8,9 +8,14 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 import redis
+
+from eventbus import aio
+from eventbus.config import PostgresConfig
+from eventbus.store import Store, open_store
 
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 AMQP_HOST = "127.0.0.1:5672"
@@ -34,6 +39,18 @@ def closed_port() -> int:
 
 def rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+def connections(vhost: str, *columns: str) -> list[list[str]]:
+    """The given columns of every connection to vhost, as rabbitmqctl list_connections says."""
+    listed = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "-p", vhost, *columns],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    return [line.split("\t") for line in listed.splitlines() if line.strip()]
 
 
 def create_vhost(name: str) -> str:
@@ -84,3 +101,13 @@ def delete_redis_keys(prefix: str) -> None:
             client.delete(*keys)
     finally:
         client.close()
+
+
+async def with_store(postgres_dsn: str, work: Callable[[Store], Awaitable[None]]) -> None:
+    """Run work on a Store of the database at postgres_dsn (migrated), closed after."""
+    async with aio.open_loop(lambda: None):
+        store = await open_store(PostgresConfig(dsn=postgres_dsn), window=10)
+        try:
+            await work(store)
+        finally:
+            await store.close()

@@ -20,6 +20,7 @@ import aio_pika
 import grpc
 import pytest
 
+from tests import servers
 from tests.bus_client import BusClient, status_of
 from tests.conftest import Backends
 
@@ -94,14 +95,7 @@ async def _declare_with_other_arguments(amqp_url: str, queue: str) -> None:
 
 def _connections(vhost: str) -> list[tuple[str, int]]:
     """(pid, channels) of every connection to vhost."""
-    listed = subprocess.run(
-        ["rabbitmqctl", "-q", "list_connections", "-p", vhost, "pid", "channels"],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
-    rows = [line.split("\t") for line in listed.splitlines() if line.strip()]
+    rows = servers.connections(vhost, "pid", "channels")
     return [(pid, int(channels)) for pid, channels in rows if channels.isdigit()]
 
 

@@ -5,27 +5,17 @@ from __future__ import annotations
 
 import datetime
 import uuid
-from collections.abc import Awaitable, Callable
 
 import asyncpg
 import pytest
 import trio
 
 from eventbus import aio, ledger
-from eventbus.config import PostgresConfig
 from eventbus.ledger import DueDelivery
-from eventbus.store import Store, open_store
+from eventbus.store import Store
+from tests.servers import with_store
 
 FAILED_AT = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
-
-
-async def with_store(postgres_dsn: str, work: Callable[[Store], Awaitable[None]]) -> None:
-    async with aio.open_loop(lambda: None):
-        store = await open_store(PostgresConfig(dsn=postgres_dsn), window=10)
-        try:
-            await work(store)
-        finally:
-            await store.close()
 
 
 async def add_delivery(store: Store, message_id: str, attempt: int, token: str | None) -> str:

@@ -14,11 +14,11 @@ import trio
 
 from eventbus import aio, bookkeeping, delay, ledger, quarantine
 from eventbus.broker import Broker
-from eventbus.config import AmqpConfig, PostgresConfig
+from eventbus.config import AmqpConfig
 from eventbus.envelope import DelayedMessage, DeliveryRecord
 from eventbus.metrics import Metrics, label_values
-from eventbus.store import Store, open_store
-from tests.servers import unique_name
+from eventbus.store import Store
+from tests.servers import unique_name, with_store
 
 PATIENCE = 20.0
 
@@ -78,15 +78,6 @@ async def work_through(
     finally:
         await broker.close()
     return metrics
-
-
-async def with_store(postgres_dsn: str, work: Callable[[Store], Awaitable[None]]) -> None:
-    async with aio.open_loop(lambda: None):
-        store = await open_store(PostgresConfig(dsn=postgres_dsn), window=10)
-        try:
-            await work(store)
-        finally:
-            await store.close()
 
 
 async def count(store: Store, table: str) -> int:

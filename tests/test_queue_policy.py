@@ -4,7 +4,6 @@ NOT_FOUND for a queue that does not exist."""
 
 from __future__ import annotations
 
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -12,23 +11,13 @@ import grpc
 import pytest
 
 from tests.bus_client import BusClient, status_of
-from tests.servers import unique_name
+from tests.servers import connections, unique_name
 
 
 def channels_of_daemon(vhost: str) -> int:
     """Channels of the daemon's connections to vhost (named "eventbus"), as RabbitMQ counts."""
-    listed = subprocess.run(
-        ["rabbitmqctl", "-q", "list_connections", "-p", vhost, "client_properties", "channels"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
-    return sum(
-        int(line.rsplit("\t", 1)[1])
-        for line in listed.splitlines()
-        if '"eventbus"' in line or '<<"eventbus">>' in line
-    )
+    rows = connections(vhost, "client_properties", "channels")
+    return sum(int(channels) for properties, channels in rows if '"eventbus"' in properties)
 
 
 @pytest.mark.own_vhost
