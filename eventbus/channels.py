@@ -17,6 +17,7 @@ import aio_pika.abc
 import aiormq
 import aiormq.exceptions
 
+from . import broker
 from .broker import BROKER_ERRORS, Broker
 from .errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from .retry import describe
@@ -29,13 +30,11 @@ PUBLISH_TIMEOUT = 5.0
 DECLARED_MAX = 10_000  # declarations remembered at once; the least recently used is forgotten
 DECLARING_CHANNELS = 4
 # RabbitMQ closes a channel with these when a command on it was refused (a message it does not
-# take, say); the other messages in flight on that channel are lost with it, through no fault of
-# their own.
+# take, a target that is missing, say); the other messages in flight on that channel are lost
+# with it, through no fault of their own.
 REFUSALS: tuple[type[BaseException], ...] = (
-    aiormq.exceptions.ChannelAccessRefused,
+    *broker.REFUSALS,
     aiormq.exceptions.ChannelNotFoundEntity,
-    aiormq.exceptions.ChannelLockedResource,
-    aiormq.exceptions.ChannelPreconditionFailed,
 )
 
 
@@ -76,8 +75,7 @@ class ChannelPool:
             self._generation = self._broker.generation
         for i, channel in enumerate(self._channels):
             if channel is None or channel.is_closed:
-                opening = connection.channel(publisher_confirms=True)
-                channel = await bounded("opening a channel", opening)
+                channel = await open_channel(connection)
                 underlay = await channel.get_underlay_channel()
                 self._channels[i], self._underlays[i] = channel, cast(aiormq.Channel, underlay)
 
@@ -96,8 +94,7 @@ class Declarer:
             generation = self._broker.generation
             channel = self._take(generation)
             if channel is None:
-                opening = self._broker.connection.channel(publisher_confirms=True)
-                channel = await bounded("opening a channel", opening)
+                channel = await open_channel(self._broker.connection)
             try:
                 yield channel
             finally:
@@ -141,6 +138,18 @@ class Declared:
 
     def __len__(self) -> int:
         return len(self._known)
+
+
+async def open_channel(
+    connection: aio_pika.abc.AbstractConnection,
+) -> aio_pika.abc.AbstractChannel:
+    """(asyncio side) A new confirm channel, within PUBLISH_TIMEOUT; Unavailable also for the
+    bare RuntimeError aiormq raises when the connection closed before its callback ran."""
+    try:
+        return await bounded("opening a channel", connection.channel(publisher_confirms=True))
+    except RuntimeError as error:
+        reason = describe(error)
+        raise Unavailable(f"RabbitMQ is unavailable (opening a channel): {reason}") from None
 
 
 async def bounded(what: str, call: Awaitable[T], seconds: float = PUBLISH_TIMEOUT) -> T:

@@ -11,16 +11,23 @@ from contextlib import asynccontextmanager
 from typing import Any, cast
 
 import aio_pika
+import aio_pika.abc
 import aiormq
 import pytest
 import trio
 
 from eventbus import aio
 from eventbus.broker import Broker
-from eventbus.channels import DECLARED_MAX, DECLARING_CHANNELS, PUBLISH_TIMEOUT, Declared
+from eventbus.channels import (
+    DECLARED_MAX,
+    DECLARING_CHANNELS,
+    PUBLISH_TIMEOUT,
+    Declared,
+    open_channel,
+)
 from eventbus.config import AmqpConfig
 from eventbus.envelope import Envelope, Outgoing
-from eventbus.errors import FailedPrecondition, InvalidArgument, NotFound
+from eventbus.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from eventbus.publisher import Outcome, Publisher, Target
 from tests.servers import unique_name
 
@@ -314,3 +321,18 @@ async def test_a_declaration_whose_caller_leaves_fails_no_one_else(amqp_url: str
             for i, queue in enumerate(queues):  # every other caller gives up midway
                 nursery.start_soon(declare, queue, 0.0005 * i if i % 2 else 30)
         assert failures == []
+
+
+def test_a_channel_asked_of_a_connection_that_just_closed_is_unavailable() -> None:
+    class ClosedConnection:
+        """What aiormq does when the connection closed before its close callback ran."""
+
+        def channel(self, **_: Any) -> Any:
+            async def opening() -> None:
+                raise RuntimeError("<Connection> closed")
+
+            return opening()
+
+    connection = cast(aio_pika.abc.AbstractConnection, ClosedConnection())
+    with pytest.raises(Unavailable, match="opening a channel"):
+        asyncio.run(open_channel(connection))
