@@ -6,6 +6,7 @@ every message accepted before, during and after was delivered exactly once."""
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import threading
 import time
@@ -216,11 +217,21 @@ def test_floods_of_queues_subscribers_and_a_dropped_connection_leave_it_serving(
         _close_connections(vhost)
         for future in waiting:
             future.exception()  # any answer will do, as long as there is one
+    _wait_reconnected(daemon)
     daemon.wait_ready(timeout=30)
     honest.publish("after the floods")
     received = honest.drain(patience=60)
     assert received == honest.accepted
     _assert_still_serving(daemon, client)
+
+
+def _wait_reconnected(daemon: Any, timeout: float = 30) -> None:
+    """Until the daemon has noticed the dropped connection and made a new one (before that,
+    /readyz may still say ready on the old one)."""
+    deadline = time.monotonic() + timeout
+    while not json.loads(daemon.http_get("/stats")[1])["rabbitmq"]["reconnects"]:
+        assert time.monotonic() < deadline, "the daemon never reconnected"
+        time.sleep(0.2)
 
 
 def _channels(vhost: str) -> int:
