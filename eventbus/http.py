@@ -1,9 +1,14 @@
-"""HTTP for operators: /healthz, /readyz, /metrics and /stats, served by hypercorn on trio."""
+"""HTTP for operators: /healthz, /readyz, /metrics and /stats, served by hypercorn on trio.
+
+/readyz is 200 while no check raises; a check may instead report its part degraded (working,
+but with a reason operators should see), which keeps the node ready and names the reason.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -23,27 +28,49 @@ logger = logging.getLogger(__name__)
 CHECK_TIMEOUT = 2.0
 GRACEFUL_TIMEOUT = 3.0
 
-Check = Callable[[], Awaitable[None]]
+Check = Callable[[], Awaitable[str | None]]
+"""A readiness check: raises when its part is down (/readyz 503); returns a reason when its
+part works but is degraded (/readyz still 200, the reason under "degraded"); None when well."""
 
 
-async def check_all(checks: Mapping[str, Check]) -> dict[str, str]:
-    """Run every readiness check at once; returns {name: why it failed} for those that failed.
+@dataclass(frozen=True)
+class Readiness:
+    """What the checks found: {name: why} for the parts down, and for those degraded."""
 
-    Waits at most CHECK_TIMEOUT seconds on each check.
-    """
-    failures: dict[str, str] = {}
+    down: dict[str, str]
+    degraded: dict[str, str]
+
+    def body(self) -> dict[str, Any]:
+        """/readyz's JSON; "degraded" only appears when a part is."""
+        body: dict[str, Any] = {"ready": not self.down, "down": self.down}
+        if self.degraded:
+            body["degraded"] = self.degraded
+        return body
+
+
+async def check_readiness(checks: Mapping[str, Check]) -> Readiness:
+    """Run every readiness check at once, each for at most CHECK_TIMEOUT seconds."""
+    readiness = Readiness({}, {})
 
     async def run_one(name: str, check: Check) -> None:
         try:
             with trio.fail_after(CHECK_TIMEOUT):
-                await check()
+                reason = await check()
         except Exception as error:
-            failures[name] = describe(error)
+            readiness.down[name] = describe(error)
+            return
+        if reason:
+            readiness.degraded[name] = reason
 
     async with trio.open_nursery() as nursery:
         for name, check in checks.items():
             nursery.start_soon(run_one, name, check)
-    return failures
+    return readiness
+
+
+async def check_all(checks: Mapping[str, Check]) -> dict[str, str]:
+    """Run every readiness check at once; returns {name: why it failed} for those that failed."""
+    return (await check_readiness(checks)).down
 
 
 def make_app(
@@ -55,12 +82,10 @@ def make_app(
         return PlainTextResponse("ok\n")
 
     async def readyz(_: Request) -> Response:
-        failures = await check_all(checks)
+        readiness = await check_readiness(checks)
         for name in checks:
-            metrics.dependency_up.labels(name).set(0 if name in failures else 1)
-        if failures:
-            return JSONResponse({"ready": False, "down": failures}, status_code=503)
-        return JSONResponse({"ready": True, "down": {}})
+            metrics.dependency_up.labels(name).set(0 if name in readiness.down else 1)
+        return JSONResponse(readiness.body(), status_code=503 if readiness.down else 200)
 
     async def metrics_page(_: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
