@@ -110,6 +110,7 @@ class AmqpConfig:
     publish_channels: int = _setting(8, _int(1, 256))
     queue_idle_expiry_seconds: int = _setting(0, _int(0, 365 * 86400))
     max_consumed_queues: int = _setting(200, _int(1, 1000))
+    buffer_max_bytes: int = _setting(64 * 1024 * 1024, _int(1024 * 1024, 16 * 1024**3))
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,11 @@
 """Consuming a queue into a bounded local buffer that subscribe calls take from.
 
 Each subscribed queue gets amqp.consumers_per_queue channels whose prefetch adds up to
-amqp.prefetch_count, so the buffer never holds more than that. Prefetched messages nobody takes
+amqp.prefetch_count, so the buffer never holds more than that. The buffers of a node together
+hold at most amqp.buffer_max_bytes (ByteBudget; RabbitMQ ignores a byte prefetch): once full, the
+consumers cancel their AMQP consumers and hand back what still arrives, except one message for a
+queue with nothing buffered, and consume again, with a prefetch that fits the room, once the
+buffers are down to half the cap. Prefetched messages nobody takes
 go back to RabbitMQ after amqp.buffer_hold_seconds, long before RabbitMQ's consumer_timeout (30
 min by default) could close the channel; a queue nobody has pulled from for
 amqp.consumer_idle_seconds stops being
@@ -11,6 +15,7 @@ consumed altogether. A consumer that loses its connection starts again on the ne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -50,6 +55,7 @@ ROOM_TIMEOUT = 10.0  # at most this long waiting for a retired consumer to close
 # A hand-out (record published, at most twice under PUBLISH_TIMEOUT, then the AMQP ack) ends
 # within this long of its take, even if its settling was never reported.
 HAND_OUT = 20.0
+RESUME_FRACTION = 0.5  # a full ByteBudget takes messages again once below this share of its cap
 
 
 class Declare(Protocol):
@@ -63,6 +69,7 @@ class Buffered:
     message: aio_pika.abc.AbstractIncomingMessage
     received_at: float
     on_settled: Callable[[], None] = lambda: None
+    size: int = 0  # body bytes, counted against the ByteBudget while buffered
 
     async def settle(self, *, ack: bool) -> bool:
         """(asyncio side) Ack or requeue the delivery (module settle), then tell its consumer
@@ -73,14 +80,63 @@ class Buffered:
             self.on_settled()
 
 
+class ByteBudget:
+    """The bytes buffered by all of a node's queues, against a cap: full once they reach it (or a
+    message did not fit), free again once below RESUME_FRACTION of it. Plain calls, from either
+    side of the seam; wait_changed() is trio."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.resume_below = int(cap * RESUME_FRACTION)
+        self.used = 0
+        self.full = False
+        self._changed = trio.Event()
+
+    def admits(self, size: int, *, alone: bool) -> bool:
+        """Whether a message of size bytes may be buffered; one that would be alone in its
+        queue's buffer always may, so no queue stalls behind the others or its own size."""
+        return alone or self.used + size <= self.cap
+
+    def add(self, size: int) -> None:
+        self.used += size
+        if self.used >= self.cap:
+            self._set_full(True)
+
+    def remove(self, size: int) -> None:
+        self.used -= size
+        if self.used < self.resume_below:
+            self._set_full(False)
+
+    def refused(self) -> None:
+        """A message did not fit: stop taking more until the buffers drain."""
+        self._set_full(True)
+
+    @property
+    def room(self) -> int:
+        return max(0, self.cap - self.used)
+
+    def _set_full(self, full: bool) -> None:
+        if full != self.full:
+            self.full = full
+            self._changed.set()
+            self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        """Wait until the budget turns full or free again."""
+        await self._changed.wait()
+
+
 class Buffer:
     """A FIFO of prefetched messages. take() (asyncio side) waits until one is there; the other
-    methods are plain calls, usable from either side of the seam."""
+    methods are plain calls, usable from either side of the seam. The bytes it holds count
+    against budget."""
 
-    def __init__(self) -> None:
+    def __init__(self, budget: ByteBudget | None = None) -> None:
         self._items: deque[Buffered] = deque()
         self._waiters: deque[asyncio.Future[Buffered]] = deque()
         self._waiting_since = 0.0
+        self._budget = budget or ByteBudget(2**63)
+        self.bytes = 0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -99,11 +155,23 @@ class Buffer:
     def put(self, item: Buffered) -> None:
         if not self._hand_to_waiter(item):
             self._items.append(item)
+            self._count(item.size)
 
     def put_back(self, item: Buffered) -> None:
         """Return an item a cancelled taker got; it is next in line again."""
         if not self._hand_to_waiter(item):
             self._items.appendleft(item)
+            self._count(item.size)
+
+    def _count(self, size: int) -> None:
+        self.bytes += size
+        self._budget.add(size)
+
+    def _popleft(self) -> Buffered:
+        item = self._items.popleft()
+        self.bytes -= item.size
+        self._budget.remove(item.size)
+        return item
 
     def _hand_to_waiter(self, item: Buffered) -> bool:
         while self._waiters:
@@ -116,7 +184,7 @@ class Buffer:
     async def take(self) -> Buffered:
         """(asyncio side) The oldest item; waits until there is one."""
         if self._items:
-            return self._items.popleft()
+            return self._popleft()
         if not self.waiting:
             self._waiting_since = time.monotonic()
         waiter: asyncio.Future[Buffered] = asyncio.get_running_loop().create_future()
@@ -140,15 +208,25 @@ class Buffer:
     def take_older_than(self, cutoff: float) -> list[Buffered]:
         old = []
         while self._items and self._items[0].received_at < cutoff:
-            old.append(self._items.popleft())
+            old.append(self._popleft())
         return old
 
     def clear(self) -> None:
-        self._items.clear()
+        while self._items:
+            self._popleft()
 
 
 class ConsumerStopped(Exception):
     """The consumer stopped (idle); ask the registry for a new one."""
+
+
+@dataclass
+class Lane:
+    """One channel consuming the queue; tag is None while its consumer is cancelled."""
+
+    channel: Channel
+    queue: aio_pika.abc.AbstractQueue
+    tag: str | None = None
 
 
 class QueueConsumer:
@@ -162,11 +240,15 @@ class QueueConsumer:
         metrics: Metrics,
         supervisor: Supervisor,
         declare: Declare,
+        budget: ByteBudget | None = None,
     ) -> None:
         self.broker = broker
         self.queue = queue
         self._declare = declare
-        self.buffer = Buffer()
+        self._budget = budget or ByteBudget(config.buffer_max_bytes)
+        self.buffer = Buffer(self._budget)
+        self._in_session = False
+        self._typical_size = 0  # a running average of the bodies received, in bytes
         self._supervisor = supervisor
         self._channels_wanted = config.consumers_per_queue
         self._per_channel = max(1, math.ceil(config.prefetch_count / config.consumers_per_queue))
@@ -212,6 +294,8 @@ class QueueConsumer:
         finally:
             self.stopped = True
             self.buffer.fail_waiters(ConsumerStopped(self.queue))
+            with contextlib.suppress(KeyError):
+                self._metrics.buffered_bytes.remove(self.queue)
             self.finished.set()
 
     async def _consume_while_wanted(self) -> None:
@@ -267,33 +351,45 @@ class QueueConsumer:
         # Declared anew each session (the queue may have been deleted meanwhile), by the
         # publisher's rules: arguments, and whether the bus may create it at all.
         await self._declare(self.queue, again=True)
-        channels: list[Channel] = []
+        lanes: list[Lane] = []
+        self._in_session = True
         try:
             for _ in range(self._channels_wanted):
-                channels.append(await self._consume_on_new_channel())
-            logger.debug("consumer %s: consuming on %d channels", self.queue, len(channels))
-            await self._watch(channels)
+                lanes.append(await self._consume_on_new_channel())
+            logger.debug("consumer %s: consuming on %d channels", self.queue, len(lanes))
+            await self._watch(lanes)
         finally:
+            self._in_session = False  # what still arrives dies with its channel
             self.buffer.clear()  # closing the channels hands their messages back to RabbitMQ
             with trio.CancelScope(shield=True):  # each close is bounded by itself
                 async with trio.open_nursery() as nursery:
-                    for channel in channels:
-                        nursery.start_soon(channel.close)
+                    for lane in lanes:
+                        nursery.start_soon(lane.channel.close)
+            self.buffer.clear()
 
-    async def _consume_on_new_channel(self) -> Channel:
-        channel = await self.broker.channel(prefetch=self._per_channel)
+    async def _consume_on_new_channel(self) -> Lane:
+        channel = await self.broker.channel(prefetch=self._prefetch())
         try:
             with trio.fail_after(SETTLE_TIMEOUT):
                 underlay = await aio.call(channel.amqp.get_underlay_channel)
                 underlay.on_consumer_cancel_callbacks.add(self._on_cancelled_by_broker)
                 queue = await aio.call(channel.amqp.get_queue, self.queue, ensure=False)
-                await aio.call(queue.consume, self._on_message)
+                lane = Lane(channel, queue)
+                lane.tag = await aio.call(queue.consume, self._on_message)
         except BaseException:
             # The consume may have reached RabbitMQ: a channel left open would keep
             # prefetching into a buffer nobody sweeps.
             await channel.close()
             raise
-        return channel
+        return lane
+
+    def _prefetch(self) -> int:
+        """Per channel: amqp.prefetch_count's share, lowered so that as many messages of the
+        typical size as all channels may then hold fit in the byte budget's room."""
+        if not self._typical_size:
+            return self._per_channel
+        fitting = self._budget.room // (self._typical_size * self._channels_wanted)
+        return max(1, min(self._per_channel, fitting))
 
     def _on_cancelled_by_broker(self, _frame: object) -> None:
         # asyncio side: RabbitMQ cancelled a consumer (its queue was deleted, say).
@@ -310,22 +406,75 @@ class QueueConsumer:
         self.interrupt(reason)
 
     async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        # asyncio side (one task per message, made by aio-pika): hand over to the trio buffer.
-        self.buffer.put(Buffered(message, time.monotonic()))
+        # asyncio side (one task per message, made by aio-pika): hand over to the trio buffer,
+        # or back to RabbitMQ when the node's buffers are full.
+        if not self._in_session:
+            return  # the session ended: its channel is closing and RabbitMQ requeues the message
+        size = len(message.body)
+        self._typical_size = (
+            size if not self._typical_size else (self._typical_size * 7 + size) // 8
+        )
+        alone = self.buffer.waiting > 0 or len(self.buffer) == 0
+        if not self._budget.admits(size, alone=alone):
+            self._budget.refused()
+            await settle(message, ack=False)
+            return
+        self.buffer.put(Buffered(message, time.monotonic(), size=size))
 
-    async def _watch(self, channels: list[Channel]) -> None:
-        """Return when idle or when a channel dies; meanwhile give back what was held too long."""
+    async def _watch(self, lanes: list[Lane]) -> None:
+        """Return when idle or when a channel dies; meanwhile follow the byte budget and give
+        back what was held too long."""
         while not self._idle():
-            if any(c.amqp.is_closed or c.generation != self.broker.generation for c in channels):
+            if any(
+                lane.channel.amqp.is_closed or lane.channel.generation != self.broker.generation
+                for lane in lanes
+            ):
                 logger.info("consumer %s: channel lost", self.queue)
                 return
             if self._interrupted:
                 logger.info("consumer %s: %s", self.queue, self._interrupted)
                 return
+            await self._follow_budget(lanes)
             for item in self.buffer.take_older_than(time.monotonic() - self._hold_seconds):
                 await aio.call(settle, item.message, ack=False)
                 self._metrics.given_back.labels(self.queue).inc()
-            await trio.sleep(SWEEP_SECONDS)
+            self._metrics.buffered_bytes.labels(self.queue).set(self.buffer.bytes)
+            with trio.move_on_after(SWEEP_SECONDS):
+                await self._budget.wait_changed()
+
+    async def _follow_budget(self, lanes: list[Lane]) -> None:
+        """While the node's buffers are full, consume nothing (fetching one message at a time
+        for takers that wait on an empty buffer); once they have room, consume again."""
+        with trio.fail_after(SETTLE_TIMEOUT):
+            if self._budget.full:
+                for lane in lanes:
+                    await self._pause(lane)
+                await self._fetch_for_takers(lanes[0])
+            else:
+                for lane in lanes:
+                    await self._resume(lane)
+
+    async def _pause(self, lane: Lane) -> None:
+        """Cancel the lane's consumer; what RabbitMQ sent before the cancel still arrives (and
+        is handed back), nothing after."""
+        if lane.tag is not None:
+            tag, lane.tag = lane.tag, None
+            await aio.call(lane.queue.cancel, tag)
+
+    async def _resume(self, lane: Lane) -> None:
+        """Consume again, with a prefetch that fits the room left (basic.qos applies to the
+        consumers started after it)."""
+        if lane.tag is None:
+            await aio.call(lane.channel.amqp.set_qos, prefetch_count=self._prefetch())
+            lane.tag = await aio.call(lane.queue.consume, self._on_message)
+
+    async def _fetch_for_takers(self, lane: Lane) -> None:
+        """Take messages one by one (basic.get) while takers wait and nothing is buffered."""
+        while self.buffer.waiting and not len(self.buffer):
+            message = await aio.call(lane.queue.get, no_ack=False, fail=False)
+            if message is None:
+                return
+            self.buffer.put(Buffered(message, time.monotonic(), size=len(message.body)))
 
     def _idle(self) -> bool:
         now = time.monotonic()
@@ -376,6 +525,7 @@ class Consumers:
         self._supervisor = supervisor
         self._nursery = nursery
         self._running: dict[str, QueueConsumer] = {}
+        self._budget = ByteBudget(config.buffer_max_bytes)
         self._refused: dict[str, tuple[float, CallError]] = {}  # queue -> (when, refusal)
         self._starting = trio.Lock()
 
@@ -404,6 +554,11 @@ class Consumers:
         """Messages held in the local buffer, per queue."""
         return {queue: len(c.buffer) for queue, c in self._running.items()}
 
+    def buffered_bytes(self) -> dict[str, int]:
+        """Body bytes held in the local buffer, per queue (all of them together at most
+        amqp.buffer_max_bytes, plus one message per queue)."""
+        return {queue: c.buffer.bytes for queue, c in self._running.items()}
+
     async def _start(self, queue: str) -> QueueConsumer:
         """Start consuming queue: declared first (so a refusal retires nothing), then, at
         amqp.max_consumed_queues, once a retired queue's channels are closed."""
@@ -427,7 +582,13 @@ class Consumers:
 
     async def _start_now(self, queue: str) -> QueueConsumer:
         consumer = self._running[queue] = QueueConsumer(
-            self._broker, queue, self._config, self._metrics, self._supervisor, self._declare
+            self._broker,
+            queue,
+            self._config,
+            self._metrics,
+            self._supervisor,
+            self._declare,
+            self._budget,
         )
         await self._nursery.start(self._run, consumer)
         return consumer

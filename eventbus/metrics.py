@@ -140,6 +140,13 @@ class Metrics:
             ["queue"],
             registry=self.registry,
         )
+        self.buffered_bytes = Gauge(
+            "eventbus_buffered_bytes",
+            "Body bytes of the prefetched messages in this node's local buffer (all queues "
+            "together at most amqp.buffer_max_bytes, plus one message per queue)",
+            ["queue"],
+            registry=self.registry,
+        )
         self.backlog = Gauge(
             "eventbus_background_backlog",
             "Bookkeeping messages waiting in the internal queues (cluster-wide)",
