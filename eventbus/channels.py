@@ -1,5 +1,11 @@
-"""The channels publishing uses: one shared pool of confirm channels, a few channels for
-declarations and probes, and what has been declared on the current connection.
+"""The channels publishing uses: one shared pool of confirm channels and a few channels for
+probes, on the connection that publishes; a few channels for declarations on the one that never
+does (so declaring goes on while RabbitMQ blocks publishers); and what has been declared on the
+current connections.
+
+A declaring or probing channel serves one call at a time, and one whose call failed (refused,
+timed out, its AMQP method cancelled midway) is closed and never handed out again: aiormq may be
+closing it still, and a frame sent on it then would make RabbitMQ close the whole connection.
 
 Every call here is on the asyncio side of the seam and bounded by PUBLISH_TIMEOUT.
 """
@@ -11,14 +17,14 @@ import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import aio_pika.abc
 import aiormq
 import aiormq.exceptions
 
 from . import broker
-from .broker import BROKER_ERRORS, Broker
+from .broker import BROKER_ERRORS, CLOSE_TIMEOUT, Broker, check_channel_count
 from .errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from .retry import describe
 
@@ -38,6 +44,10 @@ REFUSALS: tuple[type[BaseException], ...] = (
 )
 
 
+# Closing a channel that failed: it may be closed already, or its connection gone or stuck.
+CLOSE_ERRORS: tuple[type[BaseException], ...] = (*BROKER_ERRORS, TimeoutError, RuntimeError)
+
+
 class Returned(Exception):
     """RabbitMQ returned a mandatory message: no queue of that name (any more)."""
 
@@ -47,8 +57,9 @@ class ChannelRefused(Exception):
 
 
 class ChannelPool:
-    """The shared confirm channels of one connection generation, as aiormq channels (asyncio
-    side). A channel that closed is replaced in its place, so a target keeps its channels."""
+    """The shared confirm channels of one connection generation, on the connection that
+    publishes, as aiormq channels (asyncio side). A channel that closed is replaced in its
+    place, so a target keeps its channels."""
 
     def __init__(self, broker: Broker, size: int) -> None:
         self._broker = broker
@@ -69,7 +80,7 @@ class ChannelPool:
         return all(c is not None and not c.is_closed for c in self._channels)
 
     async def _refill(self) -> None:
-        connection = self._broker.connection  # BrokerUnavailable while there is none
+        connection = self._broker.publishing  # BrokerUnavailable while there is none
         if self._generation != self._broker.generation:
             self._channels = [None] * self.size
             self._generation = self._broker.generation
@@ -81,25 +92,33 @@ class ChannelPool:
 
 
 class Declarer:
-    """Channels for declarations and probes, each used by one at a time (asyncio side)."""
+    """Channels for declarations (on the connection that never publishes) or for probes (on the
+    one that does), each used by one call at a time (asyncio side)."""
 
-    def __init__(self, broker: Broker, size: int) -> None:
+    def __init__(self, broker: Broker, size: int, *, publishing: bool = False) -> None:
         self._broker = broker
+        self._publishing = publishing
         self._idle: list[tuple[int, aio_pika.abc.AbstractChannel]] = []
         self._slots = asyncio.Semaphore(size)
 
     @contextlib.asynccontextmanager
     async def channel(self) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
+        """A channel for one call; should the call fail, the channel is closed, not reused."""
         async with self._slots:
             generation = self._broker.generation
             channel = self._take(generation)
             if channel is None:
-                channel = await open_channel(self._broker.connection)
+                channel = await open_channel(self._connection())
             try:
                 yield channel
-            finally:
-                if not channel.is_closed and generation == self._broker.generation:
-                    self._idle.append((generation, channel))
+            except BaseException:
+                close_soon(channel)
+                raise
+            if not channel.is_closed and generation == self._broker.generation:
+                self._idle.append((generation, channel))
+
+    def _connection(self) -> aio_pika.abc.AbstractConnection:
+        return self._broker.publishing if self._publishing else self._broker.connection
 
     def _take(self, generation: int) -> aio_pika.abc.AbstractChannel | None:
         while self._idle:
@@ -140,11 +159,31 @@ class Declared:
         return len(self._known)
 
 
+_closing: set[asyncio.Task[Any]] = set()  # channels being closed, kept from the collector
+
+
+def close_soon(channel: aio_pika.abc.AbstractChannel) -> None:
+    """(asyncio side) Close a channel in the background, within CLOSE_TIMEOUT."""
+    task = asyncio.ensure_future(_close_quietly(channel))
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
+async def _close_quietly(channel: aio_pika.abc.AbstractChannel) -> None:
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await channel.close()
+    except CLOSE_ERRORS as error:
+        logger.debug("closing a failed channel: %s", describe(error))
+
+
 async def open_channel(
     connection: aio_pika.abc.AbstractConnection,
 ) -> aio_pika.abc.AbstractChannel:
     """(asyncio side) A new confirm channel, within PUBLISH_TIMEOUT; Unavailable also for the
-    bare RuntimeError aiormq raises when the connection closed before its callback ran."""
+    bare RuntimeError aiormq raises when the connection closed before its callback ran,
+    ResourceExhausted near RabbitMQ's channel_max."""
+    check_channel_count(connection)
     try:
         return await bounded("opening a channel", connection.channel(publisher_confirms=True))
     except RuntimeError as error:

@@ -171,6 +171,16 @@ class Metrics:
             ["dependency"],
             registry=self.registry,
         )
+        self.broker_blocked = Gauge(
+            "eventbus_broker_blocked",
+            "1 while RabbitMQ blocks publishers (a memory or disk alarm), else 0",
+            registry=self.registry,
+        )
+        self.broker_blocks = Counter(
+            "eventbus_broker_blocks",
+            "Times RabbitMQ started blocking publishers (memory or disk alarms)",
+            registry=self.registry,
+        )
 
 
 def label_values(metric: Any) -> dict[str, float]:

@@ -15,6 +15,11 @@ cannot go (refused by the client library while marshalling, or by RabbitMQ, whic
 the channel) is reported refused, and the others of its batch are confirmed all the same. A
 target that cannot take messages now (missing, full, declared otherwise) makes them unavailable,
 not refused: they may go once it is put right.
+
+While RabbitMQ blocks publishers (a memory or disk alarm), every publish fails at once with
+Unavailable, before anything is written: the message was not stored. A message written before
+the block began, or whose confirm does not come in time, may have been stored or not: the single
+path says so in its Unavailable; the bulk path's Outcome carries the pending confirmation.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import contextlib
 import itertools
 import logging
 import zlib
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, cast
 
@@ -65,10 +70,19 @@ Target = tuple[Kind, str]  # ("queue", name) or ("topic", name)
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What became of one message of a bulk publish: confirmed; unavailable (RabbitMQ could not
-    take it now: try again later); or refused (it will never go as it is: error says why)."""
+    take it now: try again later); or refused (it will never go as it is: error says why).
+
+    pending is set for an unavailable message that was written on a connection still open but
+    whose confirm did not come in time (RabbitMQ blocked publishers meanwhile, or is slow): it
+    may yet be stored. The future resolves when RabbitMQ confirms it (to Basic.Ack, or to the
+    message when returned as unroutable), and fails when its channel or connection closes (then
+    it may or may not have been stored). A caller that must not publish a second copy waits on
+    it before trying again; it is never cancelled here.
+    """
 
     status: Literal["confirmed", "unavailable", "refused"]
     error: CallError | None = None
+    pending: asyncio.Future[Any] | None = None
 
     @property
     def reason(self) -> str:
@@ -95,6 +109,7 @@ class Publisher:
         self._pool = ChannelPool(broker, config.publish_channels)
         self._spread = min(config.producers_per_queue, config.publish_channels)
         self._declarer = Declarer(broker, DECLARING_CHANNELS)
+        self._prober = Declarer(broker, DECLARING_CHANNELS, publishing=True)
         self._declared = Declared(broker)
         self._namespace = config.namespace
         self._auto_create = auto_create_queues
@@ -120,11 +135,15 @@ class Publisher:
         confirm. A message RabbitMQ returns as unroutable (its queue was deleted behind our
         back) is declared and published once more; so is one whose channel RabbitMQ closed
         (another message on it may have been the one refused). Twice refused: FailedPrecondition.
+
+        Unavailable at once, nothing written, while RabbitMQ blocks publishers; Unavailable
+        saying the message may have been stored when it was written but its confirm did not
+        come within PUBLISH_TIMEOUT, or RabbitMQ began blocking publishers meanwhile.
         """
         what = f"publishing to {target[1]!r}"
         for last in (False, True):
             try:
-                await bounded(what, self._confirm(target, message))
+                await self._publish_once(target, message, what)
                 return
             except Returned:
                 self._declared.discard(target)
@@ -135,21 +154,29 @@ class Publisher:
                 if last:
                     raise FailedPrecondition(f"RabbitMQ refused {what}: {error}") from None
 
-    async def _confirm(self, target: Target, message: Outgoing) -> None:
-        """Publish on one of the target's channels and wait for RabbitMQ's confirm."""
+    async def _publish_once(self, target: Target, message: Outgoing, what: str) -> None:
+        """Write the message and wait for its confirm, PUBLISH_TIMEOUT in all."""
+        self._broker.refuse_while_blocked()
+        started = asyncio.get_running_loop().time()
+        confirmation = await bounded(what, self._send(target, message))
+        left = PUBLISH_TIMEOUT - (asyncio.get_running_loop().time() - started)
+        await until_confirmed([confirmation], left, self._broker)
+        if not confirmation.done():
+            raise may_have_been_stored(what, self._broker.blocked)
+        await bounded(what, _confirmed(confirmation, target))
+
+    async def _send(self, target: Target, message: Outgoing) -> asyncio.Future[Any]:
+        """Declare the target (once) and write the message on one of its channels; returns its
+        confirmation."""
         await self._declare_target(target)
         options = self._channels_of(target[1], await self._pool.channels())
         channel = options[next(self._turn) % len(options)]
+        self._broker.refuse_while_blocked()  # a block may have begun while declaring
         try:
             (confirmation,) = await bulk.send(channel, [_publish_of(target, message)])
-            result = await confirmation
         except REFUSALS as error:
             raise ChannelRefused(describe(error)) from None
-        except bulk.Unmarshallable as error:
-            raise InvalidArgument(f"the message to {target[1]!r} cannot be sent: {error}") from None
-        if isinstance(result, Basic.Ack):
-            return
-        raise Returned(target[1])
+        return confirmation
 
     async def _declare_target(self, target: Target) -> None:
         kind, name = target
@@ -226,7 +253,11 @@ class Publisher:
         self._declared.add(("binding", queue, topic))
 
     async def message_count(self, queue: str) -> int:
-        """(asyncio side) How many messages wait in an existing queue."""
+        """(asyncio side) How many messages wait in an existing queue (a passive declare on a
+        declaring channel, which nothing publishes on; a caller that leaves does not cut it)."""
+        return await finish_anyway(self._message_count(queue))
+
+    async def _message_count(self, queue: str) -> int:
         async with self._declarer.channel() as channel:
             declared = await bounded(
                 f"inspecting queue {queue!r}", channel.declare_queue(queue, passive=True)
@@ -256,7 +287,12 @@ class Publisher:
         """(asyncio side) The bulk path: each target declared once, then every message sent in
         one write per channel, under one deadline that grows with the batch. What RabbitMQ
         returns as unroutable, or lost when RabbitMQ closed its channel over another message,
-        goes again, one by one, through the single path."""
+        goes again, one by one, through the single path. While RabbitMQ blocks publishers,
+        every message is unavailable at once."""
+        try:
+            self._broker.refuse_while_blocked()
+        except Unavailable as error:
+            return [Outcome("unavailable", error)] * len(messages)
         outcomes: list[Outcome | None] = [None] * len(messages)
         refused = await self._declare_targets(dict.fromkeys(t for t, _ in messages))
         for i, (target, _) in enumerate(messages):
@@ -286,6 +322,7 @@ class Publisher:
     ) -> None:
         try:
             channels = await self._pool.channels()
+            self._broker.refuse_while_blocked()
         except CallError as error:
             for i in indexes:
                 outcomes[i] = outcome_of(error)
@@ -294,7 +331,7 @@ class Publisher:
         for n, i in enumerate(indexes):
             options = self._channels_of(messages[i][0][1], channels)
             per_channel.setdefault(options[n % len(options)], []).append(i)
-        results = await _send_and_confirm(per_channel, messages)
+        results = await _send_and_confirm(per_channel, messages, self._broker)
         for indexes in per_channel.values():
             lost = []
             for i in indexes:
@@ -340,17 +377,19 @@ class Publisher:
 
     async def _probe(self, message: Outgoing) -> Outcome:
         """Publish a copy of message that no queue receives (mandatory, to no queue), on a
-        channel of its own: refused when RabbitMQ refuses the message itself."""
+        channel of its own on the connection that publishes: refused when RabbitMQ refuses the
+        message itself. A channel whose probe failed is closed, never used again."""
         probe = bulk.Publish("", "", True, message.body, message.properties)
-        async with self._declarer.channel() as channel:
-            underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
-            try:
+        try:
+            self._broker.refuse_while_blocked()
+            async with self._prober.channel() as channel:
+                underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
                 (confirmation,) = await bulk.send(underlay, [probe])
                 await bounded("probing a message", confirmation)
-            except FailedPrecondition as error:
-                return Outcome("refused", error)
-            except CallError as error:
-                return outcome_of(error)
+        except FailedPrecondition as error:
+            return Outcome("refused", error)
+        except CallError as error:
+            return outcome_of(error)
         return CONFIRMED
 
     async def _publish_alone(self, target: Target, message: Outgoing) -> Outcome:
@@ -367,21 +406,80 @@ class Publisher:
 
 
 async def _send_and_confirm(
-    per_channel: dict[aiormq.Channel, list[int]], messages: Sequence[tuple[Target, Outgoing]]
+    per_channel: dict[aiormq.Channel, list[int]],
+    messages: Sequence[tuple[Target, Outgoing]],
+    broker: Broker,
 ) -> dict[int, Any]:
     """Send each channel's messages in one write and wait for their confirms, all under one
-    deadline (a broker that stops reading blocks the sends themselves). Returns, per message
-    index, what its confirmation resolved to, or the error."""
+    deadline (a broker that stops reading blocks the sends themselves); once RabbitMQ blocks
+    publishers nothing more is sent, nor waited for. Returns, per message index, what its
+    confirmation resolved to, the error, or Pending."""
     futures: dict[int, asyncio.Future[Any]] = {}
     indexes = [i for sent in per_channel.values() for i in sent]
     seconds = PUBLISH_TIMEOUT * (1 + len(indexes) // BULK_PER_DEADLINE)
+    deadline = asyncio.get_running_loop().time() + seconds
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(seconds):
+        async with asyncio.timeout_at(deadline):
             for channel, sent in per_channel.items():
+                if broker.blocked:
+                    break
                 futures.update(zip(sent, await _send(channel, sent, messages), strict=True))
-            if futures:
-                await asyncio.wait(futures.values())
-    return {i: _result_of(futures.get(i), seconds) for i in indexes}
+    await until_confirmed(futures.values(), deadline - asyncio.get_running_loop().time(), broker)
+    return {i: _result_of(futures.get(i), seconds, broker.blocked) for i in indexes}
+
+
+async def until_confirmed(
+    confirmations: Collection[asyncio.Future[Any]], seconds: float, broker: Broker
+) -> None:
+    """(asyncio side) Wait until every confirmation is done, for at most seconds, and no longer
+    once RabbitMQ blocks publishers (the rest would come only after the block). The
+    confirmations themselves are left as they are, never cancelled."""
+    waiting = [c for c in confirmations if not c.done()]
+    if not waiting or broker.blocked or seconds <= 0:
+        return
+    all_done = asyncio.ensure_future(asyncio.wait(waiting))
+    blocked = asyncio.ensure_future(broker.until_blocked())
+    try:
+        await asyncio.wait(
+            [all_done, blocked], timeout=seconds, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        all_done.cancel()  # cancels the waiting, not the confirmations
+        blocked.cancel()
+
+
+async def _confirmed(confirmation: asyncio.Future[Any], target: Target) -> None:
+    """A done confirmation's result: returns for an ack, else raises what it means."""
+    try:
+        result = await confirmation
+    except REFUSALS as error:
+        raise ChannelRefused(describe(error)) from None
+    except bulk.Unmarshallable as error:
+        raise InvalidArgument(f"the message to {target[1]!r} cannot be sent: {error}") from None
+    if not isinstance(result, Basic.Ack):
+        raise Returned(target[1])
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A message written whose confirm had not come when the publisher stopped waiting."""
+
+    confirmation: asyncio.Future[Any]
+    error: Unavailable
+
+
+def may_have_been_stored(
+    what: str, blocked: str | None, seconds: float = PUBLISH_TIMEOUT
+) -> Unavailable:
+    """The error for a message written but not confirmed: RabbitMQ may store it yet, or not."""
+    if blocked:
+        why = f"RabbitMQ began blocking publishers ({blocked}) before confirming {what}"
+    else:
+        why = f"RabbitMQ did not confirm {what} within {seconds:g} s"
+    return Unavailable(
+        f"{why}: the message may have been stored; retry with the same data only if "
+        "duplicates are acceptable"
+    )
 
 
 async def _send(
@@ -404,12 +502,15 @@ def _failed(error: BaseException) -> asyncio.Future[Any]:
     return future
 
 
-def _result_of(future: asyncio.Future[Any] | None, seconds: float) -> Any:
+def _result_of(future: asyncio.Future[Any] | None, seconds: float, blocked: str | None) -> Any:
+    if future is None and blocked:  # not sent: RabbitMQ began blocking first
+        return Unavailable(
+            f"RabbitMQ is blocking publishers ({blocked}); the message was not stored, try again"
+        )
     if future is None:  # never handed to the connection: not sent
         return TimeoutError(f"RabbitMQ did not take the message within {seconds:g} s")
     if not future.done():
-        future.cancel()
-        return TimeoutError(f"RabbitMQ did not confirm within {seconds:g} s")
+        return Pending(future, may_have_been_stored("publishing", blocked, seconds))
     if future.cancelled():
         return asyncio.CancelledError()
     return future.exception() or future.result()
@@ -422,6 +523,10 @@ def _outcome_of_result(result: Any) -> Outcome | None:
         return CONFIRMED
     if isinstance(result, bulk.Unmarshallable):
         return Outcome("refused", InvalidArgument(f"the message cannot be sent: {result}"))
+    if isinstance(result, Pending):
+        return Outcome("unavailable", result.error, result.confirmation)
+    if isinstance(result, Unavailable):
+        return Outcome("unavailable", result)
     if isinstance(result, REFUSALS) or not isinstance(result, BaseException):
         return None
     if isinstance(result, TimeoutError):
