@@ -6,23 +6,32 @@ to BATCH_SIZE messages (or what arrived within BATCH_WAIT seconds of the first);
 ack their messages. While PostgreSQL is down the messages wait, unacked and durable, in RabbitMQ.
 A batch PostgreSQL refuses because of some of its rows is split until those are found: they are
 quarantined (the `quarantine` table) and every other row is stored.
+
+The ack queue is applied in order: one node at a time consumes it (an exclusive consumer; the
+others stand by and take over when it goes), and records in `ledger_progress` the publishing
+time up to which every settlement has been applied. The republish cron waits for that time to
+pass a deadline before it acts on it, so an ack stored late (PostgreSQL stalled, say) still
+beats its redelivery.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import aio_pika.abc
+import aiormq.exceptions
 import asyncpg
 import trio
 
 from . import aio, delay, ledger, quarantine
 from .broker import BROKER_ERRORS, Broker, Channel
 from .delivery import InternalQueues
-from .envelope import DelayedMessage, DeliveryRecord, Settlement
+from .envelope import DelayedMessage, DeliveryRecord, Marker, Settlement, decode_settlement
 from .errors import Unavailable
 from .metrics import Metrics
 from .ratelog import RateLimitedLog
@@ -36,6 +45,7 @@ BATCH_SIZE = 500
 BATCH_BYTES = 16 << 20  # a batch ends once its messages hold this many bytes
 BATCH_WAIT = 0.02
 PING_TIMEOUT = 2.0
+STANDBY_SECONDS = 1.0  # between two tries of a standing-by node to take over an in-order queue
 WRITE_RETRY_MAX = 5.0
 SESSION_ERRORS: tuple[type[BaseException], ...] = (Unavailable, trio.TooSlowError, *BROKER_ERRORS)
 
@@ -86,6 +96,7 @@ class Worker(Generic[Item]):
         decode: Callable[[bytes], Item],
         writer: Writer[Item],
         writers: int,
+        in_order: InOrder | None = None,
     ) -> None:
         self._broker = broker
         self._store = store
@@ -94,6 +105,8 @@ class Worker(Generic[Item]):
         self._decode = decode
         self._writer = writer
         self._writers = writers
+        self._in_order = in_order
+        self._progress = Progress()
 
     async def run(self) -> None:
         """Consume and write forever; a lost connection starts a new session on the next one."""
@@ -110,14 +123,32 @@ class Worker(Generic[Item]):
 
         channel = await self._broker.channel(prefetch=prefetch)
         try:
-            with trio.fail_after(5):
-                queue = await aio.call(channel.amqp.declare_queue, self.queue, durable=True)
-                await aio.call(queue.consume, on_message)
+            if not await self._consume(channel, on_message):
+                await trio.sleep(STANDBY_SECONDS)
+                return
+            self._progress = Progress()
             await self._write_batches(channel, receive)
         finally:
             with trio.move_on_after(5, shield=True):
                 if not channel.amqp.is_closed:
                     await aio.call(channel.amqp.close)
+
+    async def _consume(self, channel: Channel, on_message: Callable[..., Awaitable[None]]) -> bool:
+        """Declare the queue and consume it; False when it is in order and another node's
+        consumer has it (RabbitMQ refuses a second exclusive consumer)."""
+        exclusive = self._in_order is not None
+        with trio.fail_after(5):
+            queue = await aio.call(channel.amqp.declare_queue, self.queue, durable=True)
+            try:
+                await aio.call(queue.consume, on_message, exclusive=exclusive)
+            except aiormq.exceptions.ChannelAccessRefused:
+                if not exclusive:
+                    raise
+                logger.debug("bookkeeping %s: another node applies it; standing by", self.queue)
+                return False
+        if exclusive:
+            logger.info("bookkeeping %s: this node applies it, in order", self.queue)
+        return True
 
     async def _write_batches(
         self, channel: Channel, receive: trio.MemoryReceiveChannel[Any]
@@ -131,7 +162,10 @@ class Worker(Generic[Item]):
                 batch = await _gather(receive)
                 if batch:
                     await in_flight.acquire_on_behalf_of(batch[0])
-                    nursery.start_soon(self._write_and_ack, batch, in_flight, failed, nursery)
+                    ticket = self._progress.take()
+                    nursery.start_soon(
+                        self._write_and_ack, batch, ticket, in_flight, failed, nursery
+                    )
             nursery.cancel_scope.cancel()
         if failed:
             raise Unavailable(f"acking a written batch failed: {describe(failed[0])}")
@@ -139,13 +173,15 @@ class Worker(Generic[Item]):
     async def _write_and_ack(
         self,
         batch: list[aio_pika.abc.AbstractIncomingMessage],
+        ticket: int,
         in_flight: trio.CapacityLimiter,
         failed: list[BaseException],
         session: trio.Nursery,
     ) -> None:
         """Write a batch, then ack it; an ack that fails ends the session, not the worker."""
         try:
-            await self._write(batch)
+            newest = await self._write(batch)
+            await self._record_progress(ticket, newest)
             with trio.fail_after(5):
                 await aio.call(_ack_each, batch)
         except SESSION_ERRORS as error:
@@ -154,9 +190,10 @@ class Worker(Generic[Item]):
         finally:
             in_flight.release_on_behalf_of(batch[0])
 
-    async def _write(self, batch: list[aio_pika.abc.AbstractIncomingMessage]) -> None:
+    async def _write(self, batch: list[aio_pika.abc.AbstractIncomingMessage]) -> float | None:
         """Store the batch, retrying it whole with back-off while PostgreSQL is unreachable;
-        what PostgreSQL refuses, or what cannot be read, is quarantined instead."""
+        what PostgreSQL refuses, or what cannot be read, is quarantined instead. Returns the
+        newest publishing time among its items, for a queue applied in order."""
         items, bad = self._decode_all(batch)
         attempts = itertools.count()
         counts, refused = await self._retrying(
@@ -167,6 +204,16 @@ class Worker(Generic[Item]):
             await self._retrying(len(bad), lambda: quarantine.keep(self._store, self.queue, bad))
             self._report(bad)
         self._count(counts)
+        if self._in_order is None or not items:
+            return None
+        return max(self._in_order.published_at(item) for _, item in items)
+
+    async def _record_progress(self, ticket: int, newest: float | None) -> None:
+        """Mark a batch applied; when that extends the applied prefix, store how far it goes."""
+        through = self._progress.finish(ticket, newest)
+        if self._in_order is not None and through is not None:
+            name = self._in_order.progress
+            await self._retrying(1, lambda: ledger.advance(self._store, name, through))
 
     async def _retrying(self, rows: int, write: Callable[[], Awaitable[T]]) -> T:
         pause = 0.2
@@ -249,6 +296,47 @@ class Worker(Generic[Item]):
             counter.labels(queue).inc(count)
 
 
+@dataclass(frozen=True)
+class InOrder:
+    """A queue applied in order: its progress row, and when each item was published."""
+
+    progress: str
+    published_at: Callable[[Any], float]
+
+
+class Progress:
+    """How far an in-order queue is applied: batches are taken in queue order and finish in any
+    order; the applied prefix ends before the first unfinished one."""
+
+    def __init__(self) -> None:
+        self._batches: OrderedDict[int, tuple[bool, float | None]] = OrderedDict()
+        self._tickets = itertools.count()
+        self.through: float | None = None
+
+    def take(self) -> int:
+        """A ticket for the next batch, in queue order."""
+        ticket = next(self._tickets)
+        self._batches[ticket] = (False, None)
+        return ticket
+
+    def finish(self, ticket: int, newest: float | None) -> float | None:
+        """Mark a batch applied; returns the newest publishing time of the applied prefix when
+        this moved it forward, else None."""
+        self._batches[ticket] = (True, newest)
+        moved = False
+        while self._batches and next(iter(self._batches.values()))[0]:
+            _, (_, stamp) = self._batches.popitem(last=False)
+            if stamp is not None and (self.through is None or stamp > self.through):
+                self.through, moved = stamp, True
+        return self.through if moved else None
+
+
+async def write_settlements(store: Store, items: Sequence[Settlement | Marker]) -> Counts:
+    """Settlements stored; markers only mark progress."""
+    settlements = [item for item in items if isinstance(item, Settlement)]
+    return await ledger.write_settlements(store, settlements) if settlements else []
+
+
 async def _ack_each(batch: list[aio_pika.abc.AbstractIncomingMessage]) -> None:
     """(asyncio side) Ack every message of a batch; batches finish out of order, so one
     multiple-ack could cover messages another writer still holds."""
@@ -276,11 +364,13 @@ async def run(
     broker: Broker, store: Store, metrics: Metrics, internal: InternalQueues, workers: int
 ) -> None:
     """Write the internal queues to PostgreSQL forever, up to `workers` batches at a time each."""
-    writers: list[tuple[str, Callable[[bytes], Any], Writer[Any]]] = [
-        (internal.confirm, DeliveryRecord.decode, ledger.write_records),
-        (internal.ack, Settlement.decode, ledger.write_settlements),
-        (internal.delay, DelayedMessage.decode, delay.write),
+    settlements_in_order = InOrder(ledger.SETTLEMENTS_PROGRESS, lambda item: item.at)
+    writers: list[tuple[str, Callable[[bytes], Any], Writer[Any], InOrder | None]] = [
+        (internal.confirm, DeliveryRecord.decode, ledger.write_records, None),
+        (internal.ack, decode_settlement, write_settlements, settlements_in_order),
+        (internal.delay, DelayedMessage.decode, delay.write, None),
     ]
     async with trio.open_nursery() as nursery:
-        for queue, decode, writer in writers:
-            nursery.start_soon(Worker(broker, store, metrics, queue, decode, writer, workers).run)
+        for queue, decode, writer, in_order in writers:
+            worker = Worker(broker, store, metrics, queue, decode, writer, workers, in_order)
+            nursery.start_soon(worker.run)

@@ -156,7 +156,12 @@ class Daemon:
                 "republish",
                 cfg.cron.republish_enabled,
                 Republisher(
-                    self.store, self.publisher, cfg.delivery, self.metrics, cfg.cron.claim_seconds
+                    self.store,
+                    self.publisher,
+                    cfg.delivery,
+                    self.metrics,
+                    cfg.cron.claim_seconds,
+                    settlements_queue=internal.ack,
                 ).tick,
             ),
             (

@@ -15,7 +15,7 @@ PERSISTENT = 2  # AMQP delivery mode: written to disk
 ATTEMPT_HEADER = "x-eventbus-attempt"
 EXPIRES_AT_HEADER = "x-eventbus-expires-at"  # epoch milliseconds
 
-Outcome = Literal["ack", "nack"]
+Outcome = Literal["ack", "nack", "returned"]
 Kind = Literal["queue", "topic"]
 
 
@@ -128,6 +128,25 @@ class Settlement:
     @classmethod
     def decode(cls, raw: bytes) -> Settlement:
         return cls(**json.loads(raw))
+
+
+@dataclass(frozen=True)
+class Marker:
+    """A point in the settlements queue, published at `at`: once it is applied, so is every
+    settlement published before it (the queue is applied in order)."""
+
+    at: float
+
+    def encode(self) -> bytes:
+        return json.dumps({"marker": self.at}).encode()
+
+
+def decode_settlement(raw: bytes) -> Settlement | Marker:
+    """A message of the settlements queue: a settlement, or a marker."""
+    fields = json.loads(raw)
+    if isinstance(fields, dict) and set(fields) == {"marker"}:
+        return Marker(float(fields["marker"]))
+    return Settlement(**fields)
 
 
 def with_body(fields: dict[str, Any]) -> bytes:

@@ -21,37 +21,50 @@ FINISH_TIMEOUT = 10.0  # recording a batch's fate, connection included: a silent
 CLEAN_BUDGET = 10.0  # seconds one clean may take
 
 INSERT_RECORDS = """
-WITH added AS (
-    INSERT INTO deliveries (id, message_id, queue, body, attempt, delivered_at, deadline,
-                            expires_at)
-    SELECT r.id, r.message_id, r.queue, r.body, r.attempt, to_timestamp(r.delivered_at),
-           to_timestamp(r.deadline), to_timestamp(r.expires_at)
-    FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bytea[], $5::int[], $6::float8[],
-                $7::float8[], $8::float8[])
-         AS r(id, message_id, queue, body, attempt, delivered_at, deadline, expires_at)
-    ON CONFLICT (id) DO NOTHING
-    RETURNING id, queue
-)
-SELECT added.queue, s.outcome, count(*) AS settled
-FROM added JOIN settlements s ON s.delivery_id = added.id
-GROUP BY added.queue, s.outcome
+INSERT INTO deliveries (id, message_id, queue, body, attempt, delivered_at, deadline, expires_at)
+SELECT r.id, r.message_id, r.queue, r.body, r.attempt, to_timestamp(r.delivered_at),
+       to_timestamp(r.deadline), to_timestamp(r.expires_at)
+FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bytea[], $5::int[], $6::float8[],
+            $7::float8[], $8::float8[])
+     AS r(id, message_id, queue, body, attempt, delivered_at, deadline, expires_at)
+ON CONFLICT (id) DO NOTHING
 """
 
-# An ack overrides an earlier nack of the same delivery; anything else keeps the first word.
+# An ack overrides an earlier nack of the same delivery (and is counted anew); anything else
+# keeps the first word.
 INSERT_SETTLEMENTS = """
-WITH added AS (
-    INSERT INTO settlements (delivery_id, outcome, settled_at)
-    SELECT s.id, s.outcome, to_timestamp(s.at)
-    FROM unnest($1::uuid[], $2::text[], $3::float8[]) AS s(id, outcome, at)
-    ON CONFLICT (delivery_id) DO UPDATE
-        SET outcome = EXCLUDED.outcome, settled_at = EXCLUDED.settled_at
-        WHERE settlements.outcome = 'nack' AND EXCLUDED.outcome = 'ack'
-    RETURNING delivery_id, outcome
-)
-SELECT d.queue, added.outcome, count(*) AS settled
-FROM added JOIN deliveries d ON d.id = added.delivery_id
-GROUP BY d.queue, added.outcome
+INSERT INTO settlements (delivery_id, outcome, settled_at)
+SELECT s.id, s.outcome, to_timestamp(s.at)
+FROM unnest($1::uuid[], $2::text[], $3::float8[]) AS s(id, outcome, at)
+ON CONFLICT (delivery_id) DO UPDATE
+    SET outcome = EXCLUDED.outcome, settled_at = EXCLUDED.settled_at, counted = false
+    WHERE settlements.outcome = 'nack' AND EXCLUDED.outcome = 'ack'
 """
+
+# Run by both writers once their rows are committed, so whichever of a delivery's record and
+# settlement is stored second sees both; the row lock on the settlement makes one of two
+# concurrent runs count it, the other skip it.
+COUNT_SETTLED = """
+WITH counted AS (
+    UPDATE settlements s SET counted = true
+    FROM deliveries d
+    WHERE s.delivery_id = d.id AND s.delivery_id = ANY($1::uuid[]) AND NOT s.counted
+      AND s.outcome IN ('ack', 'nack')
+    RETURNING d.queue, s.outcome
+)
+SELECT queue, outcome, count(*) AS settled FROM counted GROUP BY queue, outcome
+"""
+
+# Settlements are applied in the order they were published; how far that has come only grows.
+ADVANCE = """
+INSERT INTO ledger_progress (name, applied_through) VALUES ($1, to_timestamp($2))
+ON CONFLICT (name) DO UPDATE
+    SET applied_through = greatest(ledger_progress.applied_through, EXCLUDED.applied_through)
+"""
+SETTLEMENTS_PROGRESS = "settlements"
+# How far the nodes' clocks may differ: a deadline is acted on only once the settlements
+# published this long after it are applied.
+CLOCK_SKEW = 1.0
 
 
 def columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
@@ -71,8 +84,8 @@ def settled_counts(rows: Sequence[Any]) -> list[tuple[str, str, int]]:
 async def write_records(
     store: Store, records: Sequence[DeliveryRecord]
 ) -> list[tuple[str, str, int]]:
-    """Insert delivery records (repeats are ignored); returns (queue, outcome, count) of those
-    whose settlement had arrived first."""
+    """Insert delivery records (repeats are ignored); returns (queue, outcome, count) of the
+    settlements this made countable, taken once each."""
     columns = list(
         zip(
             *[
@@ -91,16 +104,26 @@ async def write_records(
             strict=True,
         )
     )
-    return settled_counts(await store.fetch(INSERT_RECORDS, *columns))
+    await store.execute(INSERT_RECORDS, *columns)
+    return settled_counts(await store.fetch(COUNT_SETTLED, list(columns[0])))
 
 
 async def write_settlements(
     store: Store, settlements: Sequence[Settlement]
 ) -> list[tuple[str, str, int]]:
-    """Record acks and nacks; returns (queue, outcome, count) of those whose record is known."""
+    """Record acks and nacks (and hand-outs returned); returns (queue, outcome, count) of the
+    acks and nacks whose record is known, taken once each."""
     unique = merge_settlements(settlements)
     rows = [(s.delivery_id, s.outcome, s.at) for s in unique]
-    return settled_counts(await store.fetch(INSERT_SETTLEMENTS, *columns(rows, 3)))
+    ids, outcomes, times = columns(rows, 3)
+    await store.execute(INSERT_SETTLEMENTS, ids, outcomes, times)
+    return settled_counts(await store.fetch(COUNT_SETTLED, ids))
+
+
+async def advance(store: Store, name: str, applied_through: float) -> None:
+    """Record that every message of an in-order internal queue published up to
+    applied_through has been applied."""
+    await store.execute(ADVANCE, name, applied_through)
 
 
 def merge_settlements(settlements: Sequence[Settlement]) -> list[Settlement]:
@@ -127,9 +150,12 @@ class DueDelivery:
 
 
 CLAIM_DUE = """
-WITH timed_out AS (
+WITH applied AS (
+    SELECT coalesce(max(applied_through), '-infinity') - make_interval(secs => $5) AS through
+    FROM ledger_progress WHERE name = $6
+), timed_out AS (
     SELECT d.id FROM deliveries d
-    WHERE NOT d.done AND d.deadline <= now()
+    WHERE NOT d.done AND d.deadline <= least(now(), (SELECT through FROM applied))
       AND (d.claimed_until IS NULL OR d.claimed_until < now())
       AND NOT EXISTS (SELECT 1 FROM settlements s WHERE s.delivery_id = d.id)
     ORDER BY d.deadline
@@ -155,8 +181,12 @@ RETURNING d.id, d.message_id, d.queue, d.body, d.attempt, extract(epoch FROM d.e
 async def claim_due(
     store: Store, token: str, limit: int, nack_delay: float, claim_seconds: float
 ) -> list[DueDelivery]:
-    """Claim up to limit due deliveries for this token, so no other node acts on them."""
-    rows = await store.fetch(CLAIM_DUE, token, limit, nack_delay, claim_seconds)
+    """Claim up to limit due deliveries for this token, so no other node acts on them. A missed
+    deadline counts only once the settlements published up to CLOCK_SKEW after it have been
+    applied: an ack that answered OK before the deadline is then in the table."""
+    rows = await store.fetch(
+        CLAIM_DUE, token, limit, nack_delay, claim_seconds, CLOCK_SKEW, SETTLEMENTS_PROGRESS
+    )
     return [
         DueDelivery(
             str(r["id"]),
@@ -248,7 +278,7 @@ def _printable(why: str | None) -> str | None:
 CLEAN_ACKED = """
 WITH pairs AS (
     SELECT d.id FROM deliveries d JOIN settlements s ON s.delivery_id = d.id
-    WHERE s.outcome = 'ack' LIMIT $1
+    WHERE s.outcome IN ('ack', 'returned') LIMIT $1
 ), gone AS (
     DELETE FROM deliveries WHERE id IN (SELECT id FROM pairs) RETURNING id
 )

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 from . import ledger
 from .config import DeliveryConfig
-from .envelope import Envelope, Outgoing
-from .errors import Unavailable
+from .envelope import Envelope, Marker, Outgoing, internal_message
+from .errors import CallError, Unavailable
 from .ledger import DueDelivery, text
 from .metrics import Metrics
 from .publisher import Outcome, Publisher, Target
@@ -99,7 +99,9 @@ class Republisher:
         config: DeliveryConfig,
         metrics: Metrics,
         claim_seconds: float,
+        settlements_queue: str,
     ) -> None:
+        self._settlements_queue = settlements_queue
         self._store = store
         self._publisher = publisher
         self._config = config
@@ -109,11 +111,21 @@ class Republisher:
 
     async def tick(self) -> None:
         """Move every due delivery, batch by batch; now and then forget finished ones."""
+        await self._mark_settlements()
         while await self._move_batch() == BATCH:
             pass
         if time.monotonic() - self._last_clean > CLEAN_EVERY_SECONDS:
             await ledger.clean(self._store, CLEAN_LIMIT, KEEP_DONE_SECONDS)
             self._last_clean = time.monotonic()
+
+    async def _mark_settlements(self) -> None:
+        """Publish a marker into the settlements queue: once it is applied, the deadlines up to
+        now may be acted on, also when no ack came meanwhile to show that the queue moved."""
+        marker = internal_message(Marker(time.time()).encode())
+        try:
+            await self._publisher.to_queue(self._settlements_queue, marker)
+        except CallError as error:
+            ratelog.info("settlements marker", "republish: no marker this tick (%s)", error.message)
 
     async def _move_batch(self) -> int:
         token = ledger.new_token()

@@ -15,7 +15,7 @@ from typing import Any
 import aio_pika
 import pytest
 
-from eventbus import aio, deadletters, delay
+from eventbus import aio, deadletters, delay, ledger
 from eventbus.broker import Broker
 from eventbus.config import AmqpConfig, DeliveryConfig, PostgresConfig
 from eventbus.errors import Unavailable
@@ -112,11 +112,17 @@ async def add_due_delivery(store: Store, queue: str, body: str, expires_in: floa
         ago(60),
         expires_at,
     )
+    # every settlement published up to now has been applied: the deadline counts as missed
+    await ledger.advance(store, ledger.SETTLEMENTS_PROGRESS, time.time())
     return message_id
 
 
+def republisher(store: Store, publisher: Publisher, metrics: Metrics, marks: str) -> Republisher:
+    return Republisher(store, publisher, DeliveryConfig(), metrics, 60, settlements_queue=marks)
+
+
 async def test_a_republish_batch_with_a_refused_retry(amqp_url: str, postgres_dsn: str) -> None:
-    queue = unique_name("retried")
+    queue, marks = unique_name("retried"), unique_name("ns.marks")
     async with backends(amqp_url, postgres_dsn) as (store, publisher):
         for i in range(15):
             await add_due_delivery(store, queue, f"r{i}", None)
@@ -124,10 +130,11 @@ async def test_a_republish_batch_with_a_refused_retry(amqp_url: str, postgres_ds
         for i in range(15, 30):
             await add_due_delivery(store, queue, f"r{i}", 3600)
         metrics = Metrics("test")
-        job = Republisher(store, publisher, DeliveryConfig(), metrics, claim_seconds=60)
+        job = republisher(store, publisher, metrics, marks)
         for _ in range(3):
             await job.tick()
         seen = await aio.call(drain, amqp_url, queue)
+        await aio.call(delete_queue, amqp_url, marks)
         letters = await deadletters.list_letters(store, deadletters.Selection(), 10)
         open_rows = await store.fetchval("SELECT count(*) FROM deliveries WHERE NOT done")
     assert set(seen) == {f"r{i}" for i in range(30)} and max(seen.values()) <= 2
@@ -184,7 +191,7 @@ async def delete_queue(amqp_url: str, queue: str) -> None:
 async def test_retries_to_a_full_queue_wait_and_the_others_go(
     amqp_url: str, postgres_dsn: str
 ) -> None:
-    full, fine = unique_name("full"), unique_name("fine")
+    full, fine, marks = unique_name("full"), unique_name("fine"), unique_name("ns.marks")
     config = AmqpConfig(url=amqp_url, namespace="ns", publish_channels=2)
     async with aio.open_loop(lambda: None):
         store = await open_store(PostgresConfig(dsn=postgres_dsn), window=10)
@@ -198,7 +205,7 @@ async def test_retries_to_a_full_queue_wait_and_the_others_go(
             for i in range(10):
                 await add_due_delivery(store, fine, f"r{i}", None)
             publisher = Publisher(broker, config, auto_create_queues=False)
-            job = Republisher(store, publisher, DeliveryConfig(), Metrics("test"), 60)
+            job = republisher(store, publisher, Metrics("test"), marks)
             await job.tick()  # RabbitMQ nacks the three: they wait, the tick goes on
             waiting = await store.fetch(
                 "SELECT queue, claim_token, claimed_until > now() AS later FROM deliveries "
@@ -206,6 +213,7 @@ async def test_retries_to_a_full_queue_wait_and_the_others_go(
             )
             seen = await aio.call(drain, amqp_url, fine)
             await aio.call(delete_queue, amqp_url, full)
+            await aio.call(delete_queue, amqp_url, marks)
         finally:
             await broker.close()
             await store.close()
