@@ -171,7 +171,7 @@ class Broker:
             "RabbitMQ", self.address, self._open_pair, window, TRANSIENT_ERRORS
         )
         self.generation += 1
-        self._end_block("the connection was replaced")
+        self._end_block("blocking ended with the connection")
         for connection in pair.values():
             connection.close_callbacks.add(partial(self._on_close, self.generation))
         watch_blocking(pair[PUBLISH], self._on_blocked, self._on_unblocked)
@@ -220,7 +220,7 @@ class Broker:
         self._wake_block_waiters()
 
     def _on_unblocked(self) -> None:
-        self._end_block("RabbitMQ unblocked publishers")
+        self._end_block("no longer blocking publishers")
 
     def _end_block(self, how: str) -> None:
         if self.blocked is None:

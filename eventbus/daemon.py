@@ -260,6 +260,8 @@ class Daemon:
             },
             "rabbitmq": {
                 "connected": self.broker.connected,
+                "connections": self.broker.connection_states(),
+                "blocked": self.broker.blocked,
                 "reconnects": label_values(self.metrics.reconnects),
             },
             "stray_asyncio_errors": sum(label_values(self.metrics.stray_asyncio_errors).values()),
