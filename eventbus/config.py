@@ -125,6 +125,7 @@ class RedisConfig:
         "redis://127.0.0.1:6379/0", _text(r"(redis|rediss|unix)://\S+", "a redis:// URL")
     )
     key_prefix: str = _setting("event_bus:", ANY_TEXT)
+    lock_timeout_seconds: float = _setting(0.25, _float(0.01, 5))
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,11 @@
 """Periodic jobs under a Redis lock: one node runs each tick of a job, as an optimisation.
 
 The guarantee that no row is moved twice lives in PostgreSQL (row claims); the lock only keeps
-the other nodes from competing for them. While Redis is unreachable every node runs its jobs on
-the claims alone, so delayed messages and retries stay on time through a Redis outage.
+the other nodes from competing for them. While Redis is unreachable or slow every node runs its
+jobs on the claims alone, so delayed messages and retries stay on time through a Redis outage or
+hang: once a lock call has missed its short deadline, the ticks leave the lock alone until the
+background probe (lock.RedisHealth.watch) finds Redis quick again, and renewing or releasing the
+lock never waits longer than that deadline.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from .retry import describe
 
 logger = logging.getLogger(__name__)
 
-RELEASE_TIMEOUT = 2.0
+RELEASE_TIMEOUT = 2.0  # a bound of its own on the shielded release; the lock's is shorter
 SHORTEST_WAIT = 0.05  # between two ticks, however soon the job asks to run again
 
 # A job may return in how many seconds it wants to run again (the next delayed message falls due
@@ -49,7 +52,8 @@ class Cron:
             if await self._may_run():
                 try:
                     async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._keep_renewing)
+                        if self.holding:
+                            nursery.start_soon(self._keep_renewing)
                         wanted_in = await self._run_job()
                         nursery.cancel_scope.cancel()
                 finally:
@@ -60,21 +64,30 @@ class Cron:
             await trio.sleep_until(next_tick)
 
     async def _may_run(self) -> bool:
+        """Whether to run the next tick: while holding the lock, or at once on row claims alone
+        when Redis is slow or down (then without waiting for it)."""
+        trouble = self._lock.trouble()
+        if trouble is not None:
+            self._note_redis_trouble(trouble)
+            return True
         try:
             self.holding = await self._lock.hold()
         except Exception as error:
-            if not self._redis_down:
-                logger.warning(
-                    "cron %s: Redis unreachable (%s); running on row claims alone",
-                    self.name,
-                    describe(error),
-                )
-            self._redis_down = True
+            self._note_redis_trouble(describe(error))
             return True
         if self._redis_down:
             logger.info("cron %s: Redis is back", self.name)
             self._redis_down = False
         return self.holding
+
+    def _note_redis_trouble(self, reason: str) -> None:
+        if not self._redis_down:
+            logger.warning(
+                "cron %s: Redis unreachable or slow (%s); running on row claims alone",
+                self.name,
+                reason,
+            )
+        self._redis_down = True
 
     async def _run_job(self) -> float | None:
         """Run the job once; a failure (PostgreSQL down, say) skips this tick only."""
@@ -85,18 +98,25 @@ class Cron:
             return None
 
     async def _keep_renewing(self) -> None:
-        """Renew the lock during a job, which may outlast the lock's TTL."""
+        """Renew the lock during a job, which may outlast the lock's TTL; beside the job, so a
+        slow renewal never delays it, and not at all while Redis is known to be slow."""
         while True:
             await trio.sleep(self._renew_every)
+            if self._lock.trouble() is not None:
+                continue
             try:
                 await self._lock.hold()
             except Exception as error:
                 logger.debug("cron %s: renewing the lock failed: %s", self.name, describe(error))
 
     async def _release(self) -> None:
+        """Give the lock up after a tick that held it; not tried once Redis is known to be slow
+        (the lock then expires, or goes with the next tick that holds it)."""
         if not self.holding:
             return
         self.holding = False
+        if self._lock.trouble() is not None:
+            return
         try:
             await self._lock.release()
         except Exception as error:

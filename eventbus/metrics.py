@@ -83,6 +83,11 @@ class Metrics:
             ["dependency"],
             registry=self.registry,
         )
+        self.redis_degraded = Gauge(
+            "eventbus_redis_degraded",
+            "1 while Redis is slow or down (the crons run on row claims alone), else 0",
+            registry=self.registry,
+        )
         self.grpc_requests = Counter(
             "eventbus_grpc_requests",
             "gRPC calls finished, by method and status code",

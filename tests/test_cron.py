@@ -23,6 +23,9 @@ class FakeLock:
         self.holds: list[float] = []
         self.releases: list[float] = []
 
+    def trouble(self) -> str | None:
+        return None  # never known slow ahead of a call (tests/test_redis_hang.py covers that)
+
     async def hold(self) -> bool:
         self.holds.append(trio.current_time())
         if self.error is not None:
@@ -228,6 +231,9 @@ class SlowLock:
     def __init__(self) -> None:
         self.holds: list[float] = []
         self.releases: list[float] = []
+
+    def trouble(self) -> str | None:
+        return None
 
     async def hold(self) -> bool:
         self.holds.append(trio.current_time())
