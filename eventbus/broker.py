@@ -120,6 +120,7 @@ class Broker:
 
     @property
     def connected(self) -> bool:
+        """Both connections are up."""
         return self._up
 
     @property
@@ -141,10 +142,11 @@ class Broker:
 
     def connection_states(self) -> dict[str, str]:
         """{role: "open" | "closed"} for /stats."""
-        return {
-            role: "open" if self._up and role in self._connections else "closed"
-            for role in (PUBLISH, CONSUME)
-        }
+        states = {}
+        for role in (PUBLISH, CONSUME):
+            connection = self._connections.get(role)
+            states[role] = "closed" if connection is None or connection.is_closed else "open"
+        return states
 
     async def ping(self) -> str | None:
         """Raise BrokerUnavailable unless both connections are up; while RabbitMQ blocks
@@ -185,7 +187,8 @@ class Broker:
             for role in (CONSUME, PUBLISH):
                 pair[role] = await self._open(role)
         except BaseException:
-            await _close_all(list(pair.values()))
+            with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                await aio.call(_close_all, list(pair.values()))
             raise
         return pair
 

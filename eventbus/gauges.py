@@ -79,6 +79,9 @@ class Gauges:
             self._metrics.dead_letters.labels(label).inc(row["n"])
 
     async def _refresh_backlog(self) -> None:
+        """Messages waiting in each internal queue: passive declares on a declaring channel of
+        the connection that never publishes, so they go on while RabbitMQ blocks publishers,
+        and one that times out closes a channel nobody else writes on."""
         for queue in self._internal:
             count = await aio.call(self._publisher.message_count, queue)
             self.backlog[queue] = count
