@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -22,6 +23,7 @@ import redis
 import trio
 import trio.testing
 
+from eventbus.config import Config, ConfigError, load
 from eventbus.cron import Cron
 from eventbus.lock import HOLD, PROBE, PROBE_INTERVAL, RELEASE, Redis, RedisHealth, RedisLock
 from tests.bus_client import BusClient
@@ -208,6 +210,20 @@ async def test_a_redis_that_turns_from_slow_to_refusing_is_down_since_then(
         await run_crons(fake, {"delay": RecordingJob()}, 2.0)
     assert fake.health.state == "down"
     assert fake.health.trouble() is not None
+
+
+def test_the_lock_timeout_is_a_redis_key_with_a_short_default(tmp_path: Path) -> None:
+    assert Config().redis.lock_timeout_seconds == TIMEOUT
+    path = tmp_path / "config.toml"
+    path.write_text("[redis]\nlock_timeout_seconds = 0.5\n")
+    assert load(str(path), {}).redis.lock_timeout_seconds == 0.5
+    for too_far in ("0", "6"):
+        path.write_text(f"[redis]\nlock_timeout_seconds = {too_far}\n")
+        with pytest.raises(ConfigError) as caught:
+            load(str(path), {})
+        assert str(caught.value) == (
+            f"config.toml: redis.lock_timeout_seconds: expected a number 0.01-5, got {too_far}"
+        )
 
 
 # The real daemon and the real Redis, paused.
