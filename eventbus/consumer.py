@@ -56,6 +56,10 @@ ROOM_TIMEOUT = 10.0  # at most this long waiting for a retired consumer to close
 # within this long of its take, even if its settling was never reported.
 HAND_OUT = 20.0
 RESUME_FRACTION = 0.5  # a full ByteBudget takes messages again once below this share of its cap
+# Until a queue's first message shows their size, its prefetch assumes messages this large, so a
+# backlog of large messages is not handed back by the hundred (which RabbitMQ answers by slowing
+# the whole connection).
+ASSUMED_SIZE = 1024 * 1024
 
 
 class Declare(Protocol):
@@ -227,6 +231,7 @@ class Lane:
     channel: Channel
     queue: aio_pika.abc.AbstractQueue
     tag: str | None = None
+    prefetch: int = 0  # the prefetch of the consumer tag names
 
 
 class QueueConsumer:
@@ -368,13 +373,14 @@ class QueueConsumer:
             self.buffer.clear()
 
     async def _consume_on_new_channel(self) -> Lane:
-        channel = await self.broker.channel(prefetch=self._prefetch())
+        prefetch = self._prefetch()
+        channel = await self.broker.channel(prefetch=prefetch)
         try:
             with trio.fail_after(SETTLE_TIMEOUT):
                 underlay = await aio.call(channel.amqp.get_underlay_channel)
                 underlay.on_consumer_cancel_callbacks.add(self._on_cancelled_by_broker)
                 queue = await aio.call(channel.amqp.get_queue, self.queue, ensure=False)
-                lane = Lane(channel, queue)
+                lane = Lane(channel, queue, prefetch=prefetch)
                 lane.tag = await aio.call(queue.consume, self._on_message)
         except BaseException:
             # The consume may have reached RabbitMQ: a channel left open would keep
@@ -386,9 +392,8 @@ class QueueConsumer:
     def _prefetch(self) -> int:
         """Per channel: amqp.prefetch_count's share, lowered so that as many messages of the
         typical size as all channels may then hold fit in the byte budget's room."""
-        if not self._typical_size:
-            return self._per_channel
-        fitting = self._budget.room // (self._typical_size * self._channels_wanted)
+        size = self._typical_size or ASSUMED_SIZE
+        fitting = self._budget.room // (size * self._channels_wanted)
         return max(1, min(self._per_channel, fitting))
 
     def _on_cancelled_by_broker(self, _frame: object) -> None:
@@ -453,6 +458,7 @@ class QueueConsumer:
             else:
                 for lane in lanes:
                     await self._resume(lane)
+                    await self._widen(lane)
 
     async def _pause(self, lane: Lane) -> None:
         """Cancel the lane's consumer; what RabbitMQ sent before the cancel still arrives (and
@@ -465,8 +471,16 @@ class QueueConsumer:
         """Consume again, with a prefetch that fits the room left (basic.qos applies to the
         consumers started after it)."""
         if lane.tag is None:
-            await aio.call(lane.channel.amqp.set_qos, prefetch_count=self._prefetch())
+            lane.prefetch = self._prefetch()
+            await aio.call(lane.channel.amqp.set_qos, prefetch_count=lane.prefetch)
             lane.tag = await aio.call(lane.queue.consume, self._on_message)
+
+    async def _widen(self, lane: Lane) -> None:
+        """Consume anew with twice the prefetch or more once the messages turn out smaller
+        than the prefetch assumed."""
+        if lane.tag is not None and self._prefetch() >= 2 * lane.prefetch:
+            await self._pause(lane)
+            await self._resume(lane)
 
     async def _fetch_for_takers(self, lane: Lane) -> None:
         """Take messages one by one (basic.get) while takers wait and nothing is buffered."""

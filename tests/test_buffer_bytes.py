@@ -271,7 +271,7 @@ async def test_buffered_bytes_stay_within_the_cap_plus_one_message(amqp_url: str
                     await trio.sleep(1)  # the buffer fills to the cap meanwhile
                     waiting = await aio.call(ready_in, amqp_url, queue)
         assert most <= cap + size
-        assert most >= cap - size  # it did fill up
+        assert most >= cap // 2  # it did fill up (the prefetch fits the cap, less what is in hand)
         assert waiting > 0  # the rest stayed in RabbitMQ rather than in flight to the node
         assert sorted(got) == sorted(bodies)  # each exactly once, the huge one included
         assert consumers.buffered_bytes() == {queue: 0}
