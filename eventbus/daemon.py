@@ -30,7 +30,7 @@ from .config import Config
 from .consumer import Consumers
 from .cron import Cron
 from .delay import Dispatcher
-from .delivery import Delivery
+from .delivery import LEDGER_TIMEOUT, Delivery
 from .errors import Unavailable
 from .gauges import Gauges
 from .h2limits import limits_of
@@ -116,7 +116,13 @@ class Daemon:
         )
         delivery_ids = await DeliveryIds.load(self.store)
         self.delivery = Delivery(
-            cfg, self.broker, self.publisher, self.consumers, self.metrics, delivery_ids
+            cfg,
+            self.broker,
+            self.publisher,
+            self.consumers,
+            self.metrics,
+            delivery_ids,
+            self.store.asyncio_side(LEDGER_TIMEOUT),
         )
         for queue in self.delivery.internal.all():
             await self.publisher.declare_queue(queue)

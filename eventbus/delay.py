@@ -7,9 +7,11 @@ dies midway leaves rows whose claim expires and that another node moves (at leas
 Each row of a batch settles on its own: confirmed ones are deleted even when others failed (so
 none is published twice); those RabbitMQ could not take now (away, the target missing, full or
 refusing its declaration) wait a back-off of their own and stay listed with the reason; those
-refused for what they are (by RabbitMQ or its client library) are quarantined in place: kept
-with the reason, never claimed again, listed by `eventbus delayed list`, cancellable, and put
-back by `eventbus delayed release`.
+sent but not confirmed in time on a connection still open stay claimed, never sent twice, until
+their confirmation resolves (eventbus.unconfirmed); those refused for what they are (by
+RabbitMQ or its client library) are quarantined in place: kept with the reason, never claimed
+again, listed by `eventbus delayed list`, cancellable, and put back by `eventbus delayed
+release`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from .quarantine import printable
 from .ratelog import RateLimitedLog
 from .retry import describe
 from .store import Store
+from .unconfirmed import Unconfirmed
 
 logger = logging.getLogger(__name__)
 ratelog = RateLimitedLog(logger)
@@ -100,6 +103,12 @@ SET claim_token = NULL, claimed_until = NULL, quarantined_at = now(), quarantine
 FROM unnest($2::uuid[], $3::text[]) AS q(id, reason)
 WHERE d.id = q.id AND d.claim_token = $1
 """
+# Rows whose message may still be stored (sent, not yet confirmed): claimed anew, under token $2.
+HOLD = """
+UPDATE delayed_messages SET claim_token = $2, claimed_until = now() + make_interval(secs => $4)
+WHERE claim_token = $1 AND id = ANY($3::uuid[])
+"""
+FORGET_CONFIRMED = FORGET + " RETURNING target"
 GIVE_BACK_TIMEOUT = 2.0
 # Seconds until the next row falls due, from the due_at index alone.
 NEXT_DUE = """
@@ -176,11 +185,13 @@ class Dispatcher:
         self._store = store
         self._publisher = publisher
         self._metrics = metrics
+        self._unconfirmed = Unconfirmed()
 
     async def tick(self) -> float | None:
         """Move every due delayed message, batch by batch. While one batch is published the
         next one is claimed, so the database round trips cost no publishing time. Returns in
         how many seconds the next delayed message falls due (None: there is none)."""
+        await self._settle_unconfirmed()
         claim = await self._claim(ledger.new_token())
         while claim.messages:
             claim = await self._move_claiming_next(claim)
@@ -245,6 +256,7 @@ class Dispatcher:
             reasons = [printable(o.reason) for _, o in refused]
             await self._store.execute(QUARANTINE, claim.token, [m.id for m, _ in refused], reasons)
             self._report(refused)
+        await self._hold_unconfirmed(claim, outcomes)
         await self._back_off(claim, outcomes)
         for message, outcome in zip(claim.messages, outcomes, strict=True):
             if outcome.status == "confirmed":
@@ -257,13 +269,52 @@ class Dispatcher:
         waiting = [
             (m.id, printable(o.reason))
             for m, o in zip(claim.messages, outcomes, strict=True)
-            if o.status == "unavailable"
+            if o.status == "unavailable" and o.pending is None
         ]
         if waiting:
             ids, reasons = [i for i, _ in waiting], [r for _, r in waiting]
             await self._store.execute(
                 BACK_OFF, claim.token, ids, BACK_OFF_MIN, BACK_OFF_MAX, reasons
             )
+
+    async def _hold_unconfirmed(self, claim: Claim, outcomes: list[Outcome]) -> None:
+        """Keep the rows whose message may yet be stored claimed under a token of their own,
+        so neither this batch's failure nor a later tick sends them again."""
+        held = [
+            (m, o.pending)
+            for m, o in zip(claim.messages, outcomes, strict=True)
+            if o.status == "unavailable" and o.pending is not None
+        ]
+        if not held:
+            return
+        token = ledger.new_token()
+        ids = [m.id for m, _ in held]
+        await self._store.execute(HOLD, claim.token, token, ids, self._claim_seconds)
+        for message, confirmation in held:
+            self._unconfirmed.add(token, message.id, confirmation)
+        ratelog.info(
+            "delay unconfirmed",
+            "delay: %d delayed message(s) sent but not confirmed yet; not sent again meanwhile",
+            len(held),
+        )
+
+    async def _settle_unconfirmed(self) -> None:
+        """Forget the held rows RabbitMQ confirmed meanwhile, back off those whose connection
+        closed first (they go again), and keep holding the rest."""
+        for resolved in self._unconfirmed.resolve():
+            if resolved.confirmed:
+                rows = await self._store.fetch(FORGET_CONFIRMED, resolved.token, resolved.confirmed)
+                for row in rows:
+                    self._metrics.delay_dispatched.labels(row["target"]).inc()
+            if resolved.failed:
+                reasons = ["its confirm never came: the connection closed"] * len(resolved.failed)
+                await self._store.execute(
+                    BACK_OFF, resolved.token, resolved.failed, BACK_OFF_MIN, BACK_OFF_MAX, reasons
+                )
+            if resolved.waiting:
+                await self._store.execute(
+                    HOLD, resolved.token, resolved.token, resolved.waiting, self._claim_seconds
+                )
 
     def _report(self, refused: list[tuple[DueMessage, Outcome]]) -> None:
         for message, _ in refused:

@@ -6,6 +6,12 @@ envelope). subscribe hands a message out only after its delivery record (id, que
 attempt, deadline) is confirmed in the internal confirm queue; only then is the AMQP delivery
 acked. From then on the bookkeeping in PostgreSQL and the republish cron own the message until
 it is acked.
+
+While RabbitMQ blocks publishers (a memory or disk alarm) records and settlements cannot travel
+through the internal queues: they are written straight to PostgreSQL instead, so pulls and acks
+of messages already queued go on. A hand-out whose record may have been sent but was never
+confirmed is marked returned in PostgreSQL before its message goes back to the queue, so the
+record, should it arrive, brings no second copy.
 """
 
 from __future__ import annotations
@@ -15,9 +21,12 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
-from . import validate
-from .broker import Broker
+import asyncpg
+
+from . import ledger, validate
+from .broker import Blocked, Broker
 from .config import Config
 from .consumer import Buffered, Consumers
 from .envelope import (
@@ -34,8 +43,11 @@ from .ids import DeliveryIds
 from .metrics import Metrics
 from .publisher import Publisher, Target
 from .retry import describe
+from .store import Queries
 
 logger = logging.getLogger(__name__)
+
+LEDGER_TIMEOUT = 2.0  # a record or settlement written straight to PostgreSQL
 
 
 @dataclass(frozen=True)
@@ -65,8 +77,10 @@ class Delivery:
         consumers: Consumers,
         metrics: Metrics,
         ids: DeliveryIds,
+        ledger_direct: Queries,
     ) -> None:
         self.config = config
+        self._ledger = ledger_direct
         self._ids = ids
         self.namespace = config.amqp.namespace
         self.internal = InternalQueues.of(self.namespace)
@@ -175,14 +189,49 @@ class Delivery:
 
     async def _record(self, item: Buffered, record: DeliveryRecord, attempt: int) -> None:
         try:
-            await self._publisher.publish(self.internal.confirm, internal_message(record.encode()))
+            await self._keep_record(record)
         except BaseException:
+            await self._mark_returned(record)
             await item.settle(ack=False)
             raise
         await item.settle(ack=True)
         self._metrics.delivered.labels(record.queue).inc()
         if attempt > 1:
             self._metrics.redelivered.labels(record.queue).inc()
+
+    async def _keep_record(self, record: DeliveryRecord) -> None:
+        """Send the record through the confirm queue, or while RabbitMQ blocks publishers,
+        write it to PostgreSQL."""
+        try:
+            await self._publisher.publish(self.internal.confirm, internal_message(record.encode()))
+        except Blocked as blocked:
+            await self._write_directly(blocked, ledger.write_records, [record])
+
+    async def _mark_returned(self, record: DeliveryRecord) -> None:
+        """The record may have been sent although the hand-out failed: settle it as returned,
+        so it is never retried; best effort (PostgreSQL may be away too)."""
+        returned = Settlement(record.id, "returned", time.time())
+        try:
+            await ledger.write_settlements(self._ledger, [returned])
+        except Exception as error:
+            logger.info(
+                "a failed hand-out of %s could not be marked returned (%s); it may come twice",
+                record.message_id,
+                describe(error),
+            )
+
+    async def _write_directly(self, blocked: Blocked, write: Any, rows: list[Any]) -> None:
+        """Write bookkeeping rows straight to PostgreSQL while RabbitMQ blocks publishers, and
+        count the acks and nacks that settles."""
+        try:
+            for queue, outcome, count in await write(self._ledger, rows):
+                counter = self._metrics.acked if outcome == "ack" else self._metrics.nacked
+                counter.labels(queue).inc(count)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            raise Unavailable(
+                f"{blocked.message}; PostgreSQL could not take the bookkeeping instead: "
+                f"{describe(error)}"
+            ) from None
 
     async def ack(self, delivery_id: str) -> None:
         await self._settle(delivery_id, "ack")
@@ -193,7 +242,10 @@ class Delivery:
     async def _settle(self, delivery_id: str, outcome: Outcome) -> None:
         issued = self._ids.check(validate.delivery_id(delivery_id))
         settlement = Settlement(issued, outcome, time.time())
-        await self._publisher.publish(self.internal.ack, internal_message(settlement.encode()))
+        try:
+            await self._publisher.publish(self.internal.ack, internal_message(settlement.encode()))
+        except Blocked as blocked:
+            await self._write_directly(blocked, ledger.write_settlements, [settlement])
         self._metrics.settlements_received.labels(outcome).inc()
 
 

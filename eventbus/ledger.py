@@ -15,7 +15,7 @@ import trio
 
 from .envelope import DeliveryRecord, Settlement
 from .quarantine import printable
-from .store import Store
+from .store import Queries, Store
 
 FINISH_TIMEOUT = 10.0  # recording a batch's fate, connection included: a silent PostgreSQL
 CLEAN_BUDGET = 10.0  # seconds one clean may take
@@ -82,7 +82,7 @@ def settled_counts(rows: Sequence[Any]) -> list[tuple[str, str, int]]:
 
 
 async def write_records(
-    store: Store, records: Sequence[DeliveryRecord]
+    store: Queries, records: Sequence[DeliveryRecord]
 ) -> list[tuple[str, str, int]]:
     """Insert delivery records (repeats are ignored); returns (queue, outcome, count) of the
     settlements this made countable, taken once each."""
@@ -109,7 +109,7 @@ async def write_records(
 
 
 async def write_settlements(
-    store: Store, settlements: Sequence[Settlement]
+    store: Queries, settlements: Sequence[Settlement]
 ) -> list[tuple[str, str, int]]:
     """Record acks and nacks (and hand-outs returned); returns (queue, outcome, count) of the
     acks and nacks whose record is known, taken once each."""
@@ -225,6 +225,33 @@ UPDATE deliveries SET claim_token = NULL, claimed_until = now() + make_interval(
 WHERE id = ANY($2::uuid[]) AND claim_token = $1
 """
 RETRY_BACK_OFF = 10.0
+
+# Retries confirmed after their tick (RabbitMQ blocked publishers meanwhile): done, as retried.
+FINISH_RETRIED = """
+UPDATE deliveries SET done = true, outcome = 'retried', claim_token = NULL, claimed_until = NULL
+WHERE id = ANY($2::uuid[]) AND claim_token = $1
+RETURNING queue
+"""
+# Retries still waiting for their confirm: claimed for another claim_seconds.
+HOLD = """
+UPDATE deliveries SET claimed_until = now() + make_interval(secs => $3)
+WHERE id = ANY($2::uuid[]) AND claim_token = $1
+"""
+
+
+async def finish_retried(store: Store, token: str, ids: Sequence[str]) -> list[str]:
+    """Mark claimed deliveries done as retried; returns the queue of each."""
+    return [row["queue"] for row in await store.fetch(FINISH_RETRIED, token, list(ids))]
+
+
+async def hold(store: Store, token: str, ids: Sequence[str], seconds: float) -> None:
+    """Keep claimed deliveries claimed for seconds more."""
+    await store.execute(HOLD, token, list(ids), seconds)
+
+
+async def release(store: Store, token: str, ids: Sequence[str]) -> None:
+    """Give claimed deliveries back, due again after RETRY_BACK_OFF seconds."""
+    await store.execute(RELEASE, token, list(ids), RETRY_BACK_OFF)
 
 
 async def finish(

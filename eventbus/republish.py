@@ -4,15 +4,19 @@ Each due delivery is published again to its own queue as a new attempt, or, past
 delivery.max_retries, kept as a dead letter; a message past its TTL is dropped. A retry that
 RabbitMQ (or its client library) refuses becomes a dead letter with the reason; one RabbitMQ
 cannot take now (its queue full, say) is due again after a back-off; the others of the batch, and
-the next batches, go on. Only a batch RabbitMQ took none of ends the tick.
+the next batches, go on. Only a batch RabbitMQ took none of ends the tick. A retry sent but not
+confirmed in time on a connection still open stays claimed, never sent twice, until its
+confirmation resolves (eventbus.unconfirmed).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import ledger
 from .config import DeliveryConfig
@@ -23,6 +27,7 @@ from .metrics import Metrics
 from .publisher import Outcome, Publisher, Target
 from .ratelog import RateLimitedLog
 from .store import Store
+from .unconfirmed import Unconfirmed
 
 logger = logging.getLogger(__name__)
 ratelog = RateLimitedLog(logger)
@@ -71,6 +76,8 @@ class Settled:
     released: list[str]  # delivery ids RabbitMQ could not take now: due again after a back-off
     republished: list[str]  # queue of each confirmed retry
     waiting: str = ""  # why some were released
+    # retries sent but not confirmed yet, with their confirmation: they stay claimed
+    unconfirmed: list[tuple[str, asyncio.Future[Any]]] = field(default_factory=list)
 
 
 def settle(decided: Plan, published: list[Outcome]) -> Settled:
@@ -82,6 +89,10 @@ def settle(decided: Plan, published: list[Outcome]) -> Settled:
         elif outcome.status == "refused":
             result.outcomes[delivery.id] = "dead"
             result.dead.append((delivery, f"RabbitMQ refused its retry: {outcome.reason}"))
+        elif outcome.pending is not None:
+            del result.outcomes[delivery.id]
+            result.unconfirmed.append((delivery.id, outcome.pending))
+            result.waiting = outcome.reason
         else:
             del result.outcomes[delivery.id]
             result.released.append(delivery.id)
@@ -108,10 +119,12 @@ class Republisher:
         self._metrics = metrics
         self._last_clean = 0.0
         self._claim_seconds = claim_seconds
+        self._unconfirmed = Unconfirmed()
 
     async def tick(self) -> None:
         """Move every due delivery, batch by batch; now and then forget finished ones."""
         await self._mark_settlements()
+        await self._settle_unconfirmed()
         while await self._move_batch() == BATCH:
             pass
         if time.monotonic() - self._last_clean > CLEAN_EVERY_SECONDS:
@@ -140,11 +153,30 @@ class Republisher:
         ]
         settled = settle(decided, await self._publisher.to_targets(messages))
         await ledger.finish(self._store, token, settled.outcomes, settled.dead, settled.released)
+        for delivery_id, confirmation in settled.unconfirmed:
+            self._unconfirmed.add(token, delivery_id, confirmation)
         self._count(settled)
-        if settled.released and len(settled.released) == len(decided.retried):
+        waiting = len(settled.released) + len(settled.unconfirmed)
+        if waiting and waiting == len(decided.retried):
             # RabbitMQ took none of them: it is away, and would take no more this tick
-            raise Unavailable(f"{len(settled.released)} retries wait: {settled.waiting}")
+            raise Unavailable(f"{waiting} retries wait: {settled.waiting}")
         return len(due)
+
+    async def _settle_unconfirmed(self) -> None:
+        """Finish the retries RabbitMQ confirmed meanwhile, give back those whose connection
+        closed first (they go again), and keep holding the rest."""
+        for resolved in self._unconfirmed.resolve():
+            if resolved.confirmed:
+                for queue in await ledger.finish_retried(
+                    self._store, resolved.token, resolved.confirmed
+                ):
+                    self._metrics.republished.labels(queue).inc()
+            if resolved.failed:
+                await ledger.release(self._store, resolved.token, resolved.failed)
+            if resolved.waiting:
+                await ledger.hold(
+                    self._store, resolved.token, resolved.waiting, self._claim_seconds
+                )
 
     def _count(self, settled: Settled) -> None:
         for queue in settled.republished:

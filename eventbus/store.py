@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 import trio
@@ -26,6 +26,14 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.TooManyConnectionsError,
     asyncpg.ConnectionDoesNotExistError,
 )
+
+
+class Queries(Protocol):
+    """What the ledger's writers need: a Store (trio side), or a Store's asyncio side."""
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]: ...
+
+    async def execute(self, sql: str, *args: Any) -> str: ...
 
 
 class Store:
@@ -66,6 +74,10 @@ class Store:
 
         return await aio.call(in_transaction)
 
+    def asyncio_side(self, timeout: float) -> AsyncioSide:
+        """The same pool for code on the asyncio side of the seam, each call under timeout."""
+        return AsyncioSide(self._pool, timeout)
+
     async def ping(self) -> None:
         """Raise unless the database answers a trivial query."""
         await self.fetchval("SELECT 1")
@@ -75,6 +87,20 @@ class Store:
             await aio.call(self._pool.close)
         if scope.cancelled_caught:
             self._pool.terminate()
+
+
+class AsyncioSide:
+    """Queries from the asyncio side of the seam (the request path), each under a timeout."""
+
+    def __init__(self, pool: asyncpg.Pool, timeout: float) -> None:
+        self._pool = pool
+        self._timeout = timeout
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        return await self._pool.fetch(sql, *args, timeout=self._timeout)  # type: ignore[no-any-return]
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        return await self._pool.execute(sql, *args, timeout=self._timeout)  # type: ignore[no-any-return]
 
 
 async def open_store(config: PostgresConfig, window: float) -> Store:
