@@ -2,14 +2,16 @@
 
 Each subscribed queue gets amqp.consumers_per_queue channels whose prefetch adds up to
 amqp.prefetch_count, so the buffer never holds more than that. The buffers of a node together
-hold at most amqp.buffer_max_bytes (ByteBudget; RabbitMQ ignores a byte prefetch): once full, the
-consumers cancel their AMQP consumers and hand back what still arrives, except one message for a
-queue with nothing buffered, and consume again, with a prefetch that fits the room, once the
-buffers are down to half the cap. Prefetched messages nobody takes
-go back to RabbitMQ after amqp.buffer_hold_seconds, long before RabbitMQ's consumer_timeout (30
-min by default) could close the channel; a queue nobody has pulled from for
-amqp.consumer_idle_seconds stops being
-consumed altogether. A consumer that loses its connection starts again on the next one.
+hold at most amqp.buffer_max_bytes (ByteBudget; RabbitMQ ignores a byte prefetch), plus one message
+per queue whose buffer is empty: each session's prefetch is sized so that messages of the queue's
+typical size fit the room left, and a delivery that does not fit is parked: its body is let go,
+its unacked tag keeps its prefetch slot (so RabbitMQ sends that channel nothing more), and it is
+handed back to RabbitMQ once there is room for it, to come again. After consuming starts, the
+channels see no call that waits for a reply, only acks, nacks and their close. Prefetched
+messages nobody takes go back to RabbitMQ after amqp.buffer_hold_seconds, long before RabbitMQ's
+consumer_timeout (30 min by default) could close the channel; a queue nobody has pulled from for
+amqp.consumer_idle_seconds stops being consumed altogether. A consumer that loses its connection
+starts again on the next one.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 import aio_pika.abc
+import aiormq.abc
 import trio
 
 from . import aio
-from .broker import BROKER_ERRORS, REFUSALS, Broker, Channel
+from .broker import BROKER_ERRORS, CLOSE_TIMEOUT, REFUSALS, Broker, Channel
 from .config import AmqpConfig
 from .errors import CallError, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from .metrics import Metrics
@@ -55,10 +58,8 @@ ROOM_TIMEOUT = 10.0  # at most this long waiting for a retired consumer to close
 # A hand-out (record published, at most twice under PUBLISH_TIMEOUT, then the AMQP ack) ends
 # within this long of its take, even if its settling was never reported.
 HAND_OUT = 20.0
-RESUME_FRACTION = 0.5  # a full ByteBudget takes messages again once below this share of its cap
 # Until a queue's first message shows their size, its prefetch assumes messages this large, so a
-# backlog of large messages is not handed back by the hundred (which RabbitMQ answers by slowing
-# the whole connection).
+# backlog of large messages is not parked by the hundred (each comes twice).
 ASSUMED_SIZE = 1024 * 1024
 
 
@@ -85,16 +86,13 @@ class Buffered:
 
 
 class ByteBudget:
-    """The bytes buffered by all of a node's queues, against a cap: full once they reach it (or a
-    message did not fit), free again once below RESUME_FRACTION of it. Plain calls, from either
-    side of the seam; wait_changed() is trio."""
+    """The bytes buffered by all of a node's queues, against a cap. Plain calls, from either side
+    of the seam; wait_freed() is trio."""
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
-        self.resume_below = int(cap * RESUME_FRACTION)
         self.used = 0
-        self.full = False
-        self._changed = trio.Event()
+        self._freed = trio.Event()
 
     def admits(self, size: int, *, alone: bool) -> bool:
         """Whether a message of size bytes may be buffered; one that would be alone in its
@@ -103,31 +101,39 @@ class ByteBudget:
 
     def add(self, size: int) -> None:
         self.used += size
-        if self.used >= self.cap:
-            self._set_full(True)
 
     def remove(self, size: int) -> None:
         self.used -= size
-        if self.used < self.resume_below:
-            self._set_full(False)
-
-    def refused(self) -> None:
-        """A message did not fit: stop taking more until the buffers drain."""
-        self._set_full(True)
+        self._freed.set()
+        self._freed = trio.Event()
 
     @property
     def room(self) -> int:
         return max(0, self.cap - self.used)
 
-    def _set_full(self, full: bool) -> None:
-        if full != self.full:
-            self.full = full
-            self._changed.set()
-            self._changed = trio.Event()
+    async def wait_freed(self) -> None:
+        """Wait until some buffered bytes leave."""
+        await self._freed.wait()
 
-    async def wait_changed(self) -> None:
-        """Wait until the budget turns full or free again."""
-        await self._changed.wait()
+
+@dataclass(frozen=True)
+class Parked:
+    """A delivery that did not fit the budget: its tag only, the body let go. Unacked, it keeps
+    its prefetch slot until handed back (give_back) or its channel closes."""
+
+    channel: aiormq.abc.AbstractChannel
+    delivery_tag: int
+    size: int
+    parked_at: float
+
+    async def give_back(self) -> None:
+        """(asyncio side) Requeue the delivery; RabbitMQ sends it again at once to a consumer
+        with a free slot (this one, usually). A channel already gone has requeued it."""
+        try:
+            async with asyncio.timeout(SETTLE_TIMEOUT):
+                await self.channel.basic_nack(self.delivery_tag, requeue=True)
+        except SETTLE_ERRORS as error:
+            logger.debug("handing back a parked delivery failed: %s", describe(error))
 
 
 class Buffer:
@@ -224,16 +230,6 @@ class ConsumerStopped(Exception):
     """The consumer stopped (idle); ask the registry for a new one."""
 
 
-@dataclass
-class Lane:
-    """One channel consuming the queue; tag is None while its consumer is cancelled."""
-
-    channel: Channel
-    queue: aio_pika.abc.AbstractQueue
-    tag: str | None = None
-    prefetch: int = 0  # the prefetch of the consumer tag names
-
-
 class QueueConsumer:
     """The consumers of one queue and their buffer."""
 
@@ -254,6 +250,7 @@ class QueueConsumer:
         self.buffer = Buffer(self._budget)
         self._in_session = False
         self._typical_size = 0  # a running average of the bodies received, in bytes
+        self._parked: deque[Parked] = deque()
         self._supervisor = supervisor
         self._channels_wanted = config.consumers_per_queue
         self._per_channel = max(1, math.ceil(config.prefetch_count / config.consumers_per_queue))
@@ -356,42 +353,50 @@ class QueueConsumer:
         # Declared anew each session (the queue may have been deleted meanwhile), by the
         # publisher's rules: arguments, and whether the bus may create it at all.
         await self._declare(self.queue, again=True)
-        lanes: list[Lane] = []
+        channels: list[Channel] = []
         self._in_session = True
         try:
+            prefetch = self._prefetch()
             for _ in range(self._channels_wanted):
-                lanes.append(await self._consume_on_new_channel())
-            logger.debug("consumer %s: consuming on %d channels", self.queue, len(lanes))
-            await self._watch(lanes)
+                channels.append(await self._consume_on_new_channel(prefetch))
+            logger.debug(
+                "consumer %s: consuming on %d channels, prefetch %d each",
+                self.queue,
+                len(channels),
+                prefetch,
+            )
+            await self._watch(channels)
         finally:
             self._in_session = False  # what still arrives dies with its channel
             self.buffer.clear()  # closing the channels hands their messages back to RabbitMQ
+            self._parked.clear()
             with trio.CancelScope(shield=True):  # each close is bounded by itself
                 async with trio.open_nursery() as nursery:
-                    for lane in lanes:
-                        nursery.start_soon(lane.channel.close)
+                    for channel in channels:
+                        nursery.start_soon(channel.close)
             self.buffer.clear()
+            self._parked.clear()
 
-    async def _consume_on_new_channel(self) -> Lane:
-        prefetch = self._prefetch()
+    async def _consume_on_new_channel(self, prefetch: int) -> Channel:
         channel = await self.broker.channel(prefetch=prefetch)
+        consuming = False
         try:
             with trio.fail_after(SETTLE_TIMEOUT):
                 underlay = await aio.call(channel.amqp.get_underlay_channel)
                 underlay.on_consumer_cancel_callbacks.add(self._on_cancelled_by_broker)
                 queue = await aio.call(channel.amqp.get_queue, self.queue, ensure=False)
-                lane = Lane(channel, queue, prefetch=prefetch)
-                lane.tag = await aio.call(queue.consume, self._on_message)
+                consuming = True
+                await aio.call(queue.consume, self._on_message)
         except BaseException:
             # The consume may have reached RabbitMQ: a channel left open would keep
             # prefetching into a buffer nobody sweeps.
-            await channel.close()
+            await (close_after_failed_call(channel) if consuming else channel.close())
             raise
-        return lane
+        return channel
 
     def _prefetch(self) -> int:
         """Per channel: amqp.prefetch_count's share, lowered so that as many messages of the
-        typical size as all channels may then hold fit in the byte budget's room."""
+        typical size as all channels may hold fit in the byte budget's room."""
         size = self._typical_size or ASSUMED_SIZE
         fitting = self._budget.room // (size * self._channels_wanted)
         return max(1, min(self._per_channel, fitting))
@@ -412,7 +417,7 @@ class QueueConsumer:
 
     async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         # asyncio side (one task per message, made by aio-pika): hand over to the trio buffer,
-        # or back to RabbitMQ when the node's buffers are full.
+        # or park the delivery when it does not fit the node's buffers.
         if not self._in_session:
             return  # the session ended: its channel is closing and RabbitMQ requeues the message
         size = len(message.body)
@@ -420,75 +425,50 @@ class QueueConsumer:
             size if not self._typical_size else (self._typical_size * 7 + size) // 8
         )
         alone = self.buffer.waiting > 0 or len(self.buffer) == 0
-        if not self._budget.admits(size, alone=alone):
-            self._budget.refused()
-            await settle(message, ack=False)
-            return
-        self.buffer.put(Buffered(message, time.monotonic(), size=size))
+        if self._budget.admits(size, alone=alone):
+            self.buffer.put(Buffered(message, time.monotonic(), size=size))
+        elif message.delivery_tag is not None:
+            self._parked.append(
+                Parked(message.channel, message.delivery_tag, size, time.monotonic())
+            )
 
-    async def _watch(self, lanes: list[Lane]) -> None:
-        """Return when idle or when a channel dies; meanwhile follow the byte budget and give
-        back what was held too long."""
+    async def _watch(self, channels: list[Channel]) -> None:
+        """Return when idle or when a channel dies; meanwhile give back what was held too long,
+        and hand back parked deliveries once they fit."""
         while not self._idle():
-            if any(
-                lane.channel.amqp.is_closed or lane.channel.generation != self.broker.generation
-                for lane in lanes
-            ):
+            if any(c.amqp.is_closed or c.generation != self.broker.generation for c in channels):
                 logger.info("consumer %s: channel lost", self.queue)
                 return
             if self._interrupted:
                 logger.info("consumer %s: %s", self.queue, self._interrupted)
                 return
-            await self._follow_budget(lanes)
-            for item in self.buffer.take_older_than(time.monotonic() - self._hold_seconds):
+            cutoff = time.monotonic() - self._hold_seconds
+            for item in self.buffer.take_older_than(cutoff):
                 await aio.call(settle, item.message, ack=False)
                 self._metrics.given_back.labels(self.queue).inc()
+            if self._parked:
+                await aio.call(give_back, self._unpark(cutoff))
             self._metrics.buffered_bytes.labels(self.queue).set(self.buffer.bytes)
             with trio.move_on_after(SWEEP_SECONDS):
-                await self._budget.wait_changed()
+                if self._parked:
+                    await self._budget.wait_freed()
+                else:
+                    await trio.sleep_forever()
 
-    async def _follow_budget(self, lanes: list[Lane]) -> None:
-        """While the node's buffers are full, consume nothing (fetching one message at a time
-        for takers that wait on an empty buffer); once they have room, consume again."""
-        with trio.fail_after(SETTLE_TIMEOUT):
-            if self._budget.full:
-                for lane in lanes:
-                    await self._pause(lane)
-                await self._fetch_for_takers(lanes[0])
-            else:
-                for lane in lanes:
-                    await self._resume(lane)
-                    await self._widen(lane)
-
-    async def _pause(self, lane: Lane) -> None:
-        """Cancel the lane's consumer; what RabbitMQ sent before the cancel still arrives (and
-        is handed back), nothing after."""
-        if lane.tag is not None:
-            tag, lane.tag = lane.tag, None
-            await aio.call(lane.queue.cancel, tag)
-
-    async def _resume(self, lane: Lane) -> None:
-        """Consume again, with a prefetch that fits the room left (basic.qos applies to the
-        consumers started after it)."""
-        if lane.tag is None:
-            lane.prefetch = self._prefetch()
-            await aio.call(lane.channel.amqp.set_qos, prefetch_count=lane.prefetch)
-            lane.tag = await aio.call(lane.queue.consume, self._on_message)
-
-    async def _widen(self, lane: Lane) -> None:
-        """Consume anew with twice the prefetch or more once the messages turn out smaller
-        than the prefetch assumed."""
-        if lane.tag is not None and self._prefetch() >= 2 * lane.prefetch:
-            await self._pause(lane)
-            await self._resume(lane)
-
-    async def _fetch_for_takers(self, lane: Lane) -> None:
-        """Take messages one by one (basic.get) while takers wait and nothing is buffered."""
-        while self.buffer.waiting and not len(self.buffer):
-            message = await aio.call(lane.queue.get, no_ack=False, fail=False)
-            if message is None:
-                return
-            self.buffer.put(Buffered(message, time.monotonic(), size=len(message.body)))
+    def _unpark(self, cutoff: float) -> list[Parked]:
+        """The parked deliveries to hand back now, oldest first: those the room left fits, one
+        more when this queue's buffer is empty (it comes back alone), and any parked before
+        cutoff (so RabbitMQ's consumer_timeout never sees it)."""
+        room = self._budget.room
+        leaving: list[Parked] = []
+        while self._parked:
+            oldest = self._parked[0]
+            alone = not leaving and not len(self.buffer)
+            if oldest.size > room and not alone and oldest.parked_at >= cutoff:
+                break
+            leaving.append(self._parked.popleft())
+            room -= oldest.size
+        return leaving
 
     def _idle(self) -> bool:
         now = time.monotonic()
@@ -517,6 +497,28 @@ async def settle(message: aio_pika.abc.AbstractIncomingMessage, *, ack: bool) ->
     except SETTLE_ERRORS as error:
         logger.debug("settling a delivery failed: %s", describe(error))
         return False
+
+
+async def give_back(parked: list[Parked]) -> None:
+    """(asyncio side) Hand parked deliveries back to RabbitMQ, in order."""
+    for delivery in parked:
+        await delivery.give_back()
+
+
+async def close_after_failed_call(channel: Channel) -> None:
+    """Close a channel whose basic.consume failed. A call that timed out or was cancelled
+    makes aiormq send Channel.Close itself; closing the channel at once would then stop its
+    frame reader before RabbitMQ's Close-Ok, and the deliveries still on their way would fill
+    the channel's frame queue and block the connection's one reader for good (no reply, no
+    heartbeat, on any channel). So wait for that Close-Ok first, then close what is still open."""
+    with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+        await aio.call(_wait_closed, channel.amqp)
+    await channel.close()
+
+
+async def _wait_closed(channel: aio_pika.abc.AbstractChannel) -> None:
+    """(asyncio side) Wait until the channel has closed, however it ends."""
+    await channel.closed()
 
 
 class Consumers:

@@ -1,19 +1,22 @@
-"""The byte cap on a node's consumer buffers (amqp.buffer_max_bytes): the accounting and the
-pause/resume decisions with fakes, then real RabbitMQ, in-process and through a daemon."""
+"""The byte cap on a node's consumer buffers (amqp.buffer_max_bytes): the accounting, parking and
+the prefetch with fakes, then real RabbitMQ, in-process and through a daemon."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
+import pytest
 import trio
 
-from eventbus import aio
-from eventbus.broker import Channel
+from eventbus import aio, broker, consumer
 from eventbus.config import AmqpConfig
-from eventbus.consumer import Buffer, Buffered, ByteBudget, Lane, QueueConsumer
+from eventbus.consumer import Buffer, Buffered, ByteBudget, QueueConsumer, close_after_failed_call
 from eventbus.metrics import Metrics
 from eventbus.supervise import Supervisor
 from tests.bus_client import BusClient
@@ -31,26 +34,15 @@ def sized(name: str, size: int) -> Buffered:
 # --- ByteBudget and Buffer: plain accounting ---------------------------------------------------
 
 
-def test_the_budget_is_full_at_the_cap_and_free_again_below_half_of_it() -> None:
-    budget = ByteBudget(100)
-    budget.add(60)
-    assert not budget.full and budget.room == 40
-    budget.add(40)
-    assert budget.full and budget.room == 0
-    budget.remove(40)
-    assert budget.full  # 60 is not below half the cap
-    budget.remove(11)
-    assert not budget.full and budget.used == 49
-
-
 def test_a_message_that_does_not_fit_is_refused_unless_its_queue_buffers_nothing() -> None:
     budget = ByteBudget(100)
     budget.add(90)
+    assert budget.room == 10
     assert budget.admits(10, alone=False)
     assert not budget.admits(11, alone=False)
     assert budget.admits(1000, alone=True)  # larger than the cap, and alone: never a stall
-    budget.refused()
-    assert budget.full
+    budget.add(1000)
+    assert budget.room == 0
 
 
 def test_buffers_count_their_bytes_in_the_shared_budget() -> None:
@@ -87,12 +79,25 @@ def test_a_message_handed_straight_to_a_waiting_taker_is_not_counted() -> None:
     assert asyncio.run(scenario()) == (0, 0)
 
 
-# --- QueueConsumer's pause and resume, with fakes of aio-pika ----------------------------------
+# --- QueueConsumer's parking and prefetch, with fakes of aio-pika ------------------------------
+
+
+@dataclass
+class FakeChannel:
+    """An aiormq channel: what parked deliveries are handed back through."""
+
+    nacked: list[int] = field(default_factory=list)
+
+    async def basic_nack(self, delivery_tag: int, *, requeue: bool) -> None:
+        assert requeue
+        self.nacked.append(delivery_tag)
 
 
 @dataclass
 class FakeMessage:
     body: bytes
+    delivery_tag: int = 1
+    channel: FakeChannel = field(default_factory=FakeChannel)
     settled: list[str] = field(default_factory=list)
 
     async def nack(self, requeue: bool) -> None:
@@ -102,36 +107,6 @@ class FakeMessage:
         self.settled.append("acked")
 
 
-@dataclass
-class FakeQueue:
-    """What the consumer calls on an aio-pika queue: consume, cancel, get."""
-
-    ready: list[FakeMessage] = field(default_factory=list)
-    calls: list[str] = field(default_factory=list)
-    consumers: int = 0
-
-    async def consume(self, _callback: Any) -> str:
-        self.consumers += 1
-        self.calls.append("consume")
-        return f"tag{self.consumers}"
-
-    async def cancel(self, tag: str) -> None:
-        self.calls.append(f"cancel {tag}")
-
-    async def get(self, *, no_ack: bool, fail: bool) -> FakeMessage | None:
-        self.calls.append("get")
-        return self.ready.pop(0) if self.ready else None
-
-
-@dataclass
-class FakeAmqpChannel:
-    qos: list[int] = field(default_factory=list)
-    is_closed: bool = False
-
-    async def set_qos(self, *, prefetch_count: int) -> None:
-        self.qos.append(prefetch_count)
-
-
 def consumer_with(budget: ByteBudget, channels: int = 2, prefetch: int = 100) -> QueueConsumer:
     config = AmqpConfig(consumers_per_queue=channels, prefetch_count=prefetch)
     metrics = Metrics("test")
@@ -139,8 +114,8 @@ def consumer_with(budget: ByteBudget, channels: int = 2, prefetch: int = 100) ->
     async def declare(queue: str, *, again: bool = False) -> None:
         pass
 
-    consumer = QueueConsumer(
-        None,  # type: ignore[arg-type] # never reached: the lanes are given
+    queue_consumer = QueueConsumer(
+        None,  # type: ignore[arg-type] # never reached: no session is run
         "q",
         config,
         metrics,
@@ -148,73 +123,82 @@ def consumer_with(budget: ByteBudget, channels: int = 2, prefetch: int = 100) ->
         declare,
         budget,
     )
-    consumer._in_session = True
-    return consumer
+    queue_consumer._in_session = True
+    return queue_consumer
 
 
-def fake_lanes(count: int) -> list[Lane]:
-    return [
-        Lane(Channel(FakeAmqpChannel(), 1), FakeQueue(), f"tag{i}")  # type: ignore[arg-type]
-        for i in range(count)
-    ]
-
-
-async def test_arrivals_past_the_cap_go_back_to_rabbitmq_and_fill_the_budget() -> None:
-    budget = ByteBudget(1000)
-    consumer = consumer_with(budget)
-    messages = [FakeMessage(b"x" * 400) for _ in range(4)]
+async def arrive(queue_consumer: QueueConsumer, messages: list[FakeMessage]) -> None:
     async with aio.open_loop(lambda: None):
         for message in messages:
-            await aio.call(consumer._on_message, message)  # type: ignore[arg-type]
-    assert [m.settled for m in messages] == [[], [], ["requeued"], ["requeued"]]
-    assert consumer.buffer.bytes == budget.used == 800
-    assert budget.full
+            await aio.call(queue_consumer._on_message, message)  # type: ignore[arg-type]
+
+
+async def test_arrivals_past_the_cap_are_parked_without_their_bodies() -> None:
+    budget = ByteBudget(1000)
+    queue_consumer = consumer_with(budget)
+    channel = FakeChannel()
+    messages = [FakeMessage(b"x" * 400, tag, channel) for tag in range(1, 5)]
+    await arrive(queue_consumer, messages)
+    assert queue_consumer.buffer.bytes == budget.used == 800
+    assert [(p.delivery_tag, p.size) for p in queue_consumer._parked] == [(3, 400), (4, 400)]
+    assert [m.settled for m in messages] == [[], [], [], []]  # nothing handed back yet
+    assert channel.nacked == []
+    parked = weakref.ref(messages[3])
+    del messages
+    gc.collect()
+    assert parked() is None  # nothing holds a parked message, nor its body
 
 
 async def test_a_message_larger_than_the_cap_is_buffered_when_its_queue_holds_nothing() -> None:
     budget = ByteBudget(1000)
-    consumer, other = consumer_with(budget), consumer_with(budget)
+    queue_consumer, other = consumer_with(budget), consumer_with(budget)
     other.buffer.put(sized("elsewhere", 900))
     huge = FakeMessage(b"x" * 5000)
-    async with aio.open_loop(lambda: None):
-        await aio.call(consumer._on_message, huge)  # type: ignore[arg-type]
-    assert huge.settled == [] and consumer.buffer.bytes == 5000
+    await arrive(queue_consumer, [huge])
+    assert huge.settled == [] and queue_consumer.buffer.bytes == 5000
+    assert not queue_consumer._parked
 
 
-async def test_a_full_budget_cancels_every_consumer_and_fetches_only_for_waiting_takers() -> None:
+async def test_parked_deliveries_go_back_once_they_fit_or_their_queue_buffers_nothing() -> None:
     budget = ByteBudget(1000)
-    consumer = consumer_with(budget)
-    consumer.buffer.put(sized("held", 1000))
-    lanes = fake_lanes(2)
-    first: FakeQueue = lanes[0].queue  # type: ignore[assignment]
-    first.ready.append(FakeMessage(b"fetched"))
+    queue_consumer, other = consumer_with(budget), consumer_with(budget)
+    other.buffer.put(sized("elsewhere", 600))
+    channel = FakeChannel()
+    await arrive(queue_consumer, [FakeMessage(b"x" * 300, tag, channel) for tag in range(1, 5)])
+    assert [p.delivery_tag for p in queue_consumer._parked] == [2, 3, 4]  # 1 came alone
+    assert queue_consumer._unpark(cutoff=0.0) == []  # room for 100 bytes: none fits
+    other.buffer.clear()  # room for 700: two fit, in order
+    assert [p.delivery_tag for p in queue_consumer._unpark(cutoff=0.0)] == [2, 3]
+    queue_consumer.buffer.clear()
+    budget.add(1000)  # no room at all, but the queue's buffer is empty: one comes back alone
+    leaving = queue_consumer._unpark(cutoff=0.0)
+    assert [p.delivery_tag for p in leaving] == [4]
     async with aio.open_loop(lambda: None):
-        await consumer._follow_budget(lanes)
-        assert [lane.tag for lane in lanes] == [None, None]
-        assert first.calls == ["cancel tag0"]  # a message is buffered: nothing fetched
-        await aio.call(consumer.buffer.take)  # the buffer is empty now, and then a taker waits
-        waiting = asyncio.ensure_future(consumer.buffer.take())
-        await trio.sleep(0.01)
-        budget.refused()  # full again (another queue's messages, say)
-        await consumer._follow_budget(lanes)
-        got = await aio.call(lambda: waiting)
-    assert first.calls == ["cancel tag0", "get"]
-    assert got.message.body == b"fetched"
+        await aio.call(consumer.give_back, leaving)
+    assert channel.nacked == [4]
 
 
-async def test_a_budget_with_room_again_consumes_with_a_prefetch_that_fits_it() -> None:
+async def test_a_delivery_parked_for_the_hold_time_goes_back_even_without_room() -> None:
     budget = ByteBudget(1000)
-    consumer = consumer_with(budget, channels=2, prefetch=100)
-    async with aio.open_loop(lambda: None):
-        await aio.call(consumer._on_message, FakeMessage(b"x" * 50))  # type: ignore[arg-type]
-    budget.add(700)  # another queue holds 700: room for 250, 2 channels of 50-byte messages
-    lanes = fake_lanes(2)
-    for lane in lanes:
-        lane.tag = None
-    async with aio.open_loop(lambda: None):
-        await consumer._follow_budget(lanes)
-    assert [lane.tag for lane in lanes] == ["tag1", "tag1"]
-    assert [lane.channel.amqp.qos for lane in lanes] == [[2], [2]]  # type: ignore[attr-defined]
+    queue_consumer = consumer_with(budget)
+    await arrive(queue_consumer, [FakeMessage(b"x" * 600, tag) for tag in (1, 2)])
+    assert queue_consumer._unpark(cutoff=0.0) == []
+    assert [p.delivery_tag for p in queue_consumer._unpark(cutoff=float("inf"))] == [2]
+
+
+async def test_the_prefetch_fits_the_room_for_the_typical_size_within_the_configured_share() -> (
+    None
+):
+    budget = ByteBudget(1000 * KIB)
+    queue_consumer = consumer_with(budget, channels=2, prefetch=100)
+    assert queue_consumer._prefetch() == 1  # sizes unknown: 1 MiB assumed
+    await arrive(queue_consumer, [FakeMessage(b"x" * 50 * KIB)])
+    budget.add(750 * KIB)  # another queue holds 750 KiB: 200 KiB left, 2 channels of 50 KiB
+    assert queue_consumer._prefetch() == 2
+    budget.remove(800 * KIB)
+    assert queue_consumer._prefetch() == 10
+    queue_consumer._typical_size = 10
+    assert queue_consumer._prefetch() == 50  # small messages: the configured share
 
 
 # --- Real RabbitMQ ------------------------------------------------------------------------------
@@ -243,7 +227,12 @@ def body(number: int, size: int) -> bytes:
     return number.to_bytes(4, "big") * (size // 4)
 
 
-async def test_buffered_bytes_stay_within_the_cap_plus_one_message(amqp_url: str) -> None:
+@pytest.mark.parametrize("assumed_size", [MIB, KIB], ids=["prefetch-fits", "parking"])
+async def test_buffered_bytes_stay_within_the_cap_plus_one_message(
+    amqp_url: str, assumed_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Assuming 1 KiB messages, the first session prefetches them all and parks most.
+    monkeypatch.setattr(consumer, "ASSUMED_SIZE", assumed_size)
     cap, size, count = 2 * MIB, 256 * KIB, 40
     queue = unique_name("big")
     config = AmqpConfig(url=amqp_url, consumers_per_queue=2, buffer_max_bytes=cap)
@@ -261,21 +250,63 @@ async def test_buffered_bytes_stay_within_the_cap_plus_one_message(amqp_url: str
             most = max(most, consumers._budget.used)
 
         consumers._budget.add = add  # type: ignore[method-assign]
-        got = []
+        got, parked = [], 0
         with trio.fail_after(60):
             for _ in range(count + 1):
                 item = await aio.call(consumers.take, queue)
                 got.append(item.message.body)
                 assert await aio.call(item.settle, ack=True)
                 if len(got) == 5:
-                    await trio.sleep(1)  # the buffer fills to the cap meanwhile
+                    await trio.sleep(1)  # the buffer fills meanwhile
                     waiting = await aio.call(ready_in, amqp_url, queue)
-        assert most <= cap + size
-        assert most >= cap // 2  # it did fill up (the prefetch fits the cap, less what is in hand)
-        assert waiting > 0  # the rest stayed in RabbitMQ rather than in flight to the node
+                    parked = len(consumers._running[queue]._parked)
+        assert most <= max(cap, len(huge))  # at most the cap, or one message alone
         assert sorted(got) == sorted(bodies)  # each exactly once, the huge one included
         assert consumers.buffered_bytes() == {queue: 0}
         assert await aio.call(ready_in, amqp_url, queue) == 0
+    if assumed_size == KIB:
+        assert most >= cap - size and parked > 0  # filled up; the rest waited parked
+    else:
+        assert parked == 0 and waiting > 0  # the rest stayed in RabbitMQ, not in flight
+
+
+async def consume_into_nothing(channel: aio_pika.abc.AbstractChannel, queue: str) -> None:
+    """(asyncio side) Consume queue on channel, leaving every delivery unacked."""
+
+    async def ignore(_message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        pass
+
+    declared = await channel.get_queue(queue, ensure=False)
+    await declared.consume(ignore)
+
+
+async def fail_a_call(channel: aio_pika.abc.AbstractChannel) -> None:
+    """(asyncio side) A call on channel that times out before RabbitMQ can answer."""
+    underlay = await channel.get_underlay_channel()
+    with contextlib.suppress(TimeoutError):
+        await underlay.basic_qos(prefetch_count=1, timeout=0.0001)
+
+
+async def test_a_consuming_channel_closed_after_a_failed_call_leaves_the_connection_working(
+    amqp_url: str,
+) -> None:
+    # aiormq sends Channel.Close itself after the failed call; closing the channel before the
+    # Close-Ok would block the connection's reader behind the deliveries still arriving.
+    queue = unique_name("inflight")
+    config = AmqpConfig(url=amqp_url)
+    async with aio.open_loop(lambda: None), trio.open_nursery() as nursery:
+        await aio.call(publish_bodies, amqp_url, queue, [body(i, 256 * KIB) for i in range(100)])
+        bus_broker = await nursery.start(broker.run, config, Metrics("test"))
+        channel = await bus_broker.channel(prefetch=100)
+        await aio.call(consume_into_nothing, channel.amqp, queue)
+        await trio.sleep(0.05)
+        await aio.call(fail_a_call, channel.amqp)
+        await close_after_failed_call(channel)
+        with trio.fail_after(10):
+            other = await bus_broker.channel()
+            await aio.call(other.amqp.declare_queue, queue, durable=True)
+            await other.close()
+        nursery.cancel_scope.cancel()
 
 
 def test_a_daemon_delivers_every_large_message_once_under_a_small_cap(make_daemon: Any) -> None:
