@@ -93,7 +93,7 @@ class Gauges:
         for name in PER_QUEUE_COUNTERS:
             for queue, value in label_values(getattr(self._metrics, name)).items():
                 queues.setdefault(queue, {})[name] = int(value)
-        for name in ("buffered", "dead_letters"):
+        for name in ("buffered", "buffered_bytes", "dead_letters"):
             for queue, value in label_values(getattr(self._metrics, name)).items():
                 queues.setdefault(queue, {})[name] = int(value)
         return queues
