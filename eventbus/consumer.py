@@ -356,15 +356,9 @@ class QueueConsumer:
         channels: list[Channel] = []
         self._in_session = True
         try:
-            prefetch = self._prefetch()
             for _ in range(self._channels_wanted):
-                channels.append(await self._consume_on_new_channel(prefetch))
-            logger.debug(
-                "consumer %s: consuming on %d channels, prefetch %d each",
-                self.queue,
-                len(channels),
-                prefetch,
-            )
+                channels.append(await self._consume_on_new_channel())
+            logger.debug("consumer %s: consuming on %d channels", self.queue, len(channels))
             await self._watch(channels)
         finally:
             self._in_session = False  # what still arrives dies with its channel
@@ -377,8 +371,8 @@ class QueueConsumer:
             self.buffer.clear()
             self._parked.clear()
 
-    async def _consume_on_new_channel(self, prefetch: int) -> Channel:
-        channel = await self.broker.channel(prefetch=prefetch)
+    async def _consume_on_new_channel(self) -> Channel:
+        channel = await self.broker.channel(prefetch=self._prefetch())
         consuming = False
         try:
             with trio.fail_after(SETTLE_TIMEOUT):
