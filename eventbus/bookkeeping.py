@@ -8,8 +8,9 @@ A batch PostgreSQL refuses because of some of its rows is split until those are 
 quarantined (the `quarantine` table) and every other row is stored.
 
 The ack queue is applied in order: one node at a time consumes it (an exclusive consumer; the
-others stand by and take over when it goes), and records in `ledger_progress` the publishing
-time up to which every settlement has been applied. The republish cron waits for that time to
+others stand by and take over when it goes, or when it cannot write for IN_ORDER_GIVE_UP
+seconds), and records in `ledger_progress` the time up to which every settlement confirmed in
+the queue has been applied. The republish cron waits for that time to
 pass a deadline before it acts on it, so an ack stored late (PostgreSQL stalled, say) still
 beats its redelivery.
 """
@@ -30,6 +31,7 @@ import trio
 
 from . import aio, delay, ledger, quarantine
 from .broker import BROKER_ERRORS, Broker, Channel
+from .consumer import close_after_failed_call
 from .delivery import InternalQueues
 from .envelope import DelayedMessage, DeliveryRecord, Marker, Settlement, decode_settlement
 from .errors import Unavailable
@@ -46,6 +48,8 @@ BATCH_BYTES = 16 << 20  # a batch ends once its messages hold this many bytes
 BATCH_WAIT = 0.02
 PING_TIMEOUT = 2.0
 STANDBY_SECONDS = 1.0  # between two tries of a standing-by node to take over an in-order queue
+IN_ORDER_GIVE_UP = 30.0  # writing that long in vain, a node hands an in-order queue over
+HANDED_OVER_SECONDS = 10.0  # and leaves it to the others for that long
 WRITE_RETRY_MAX = 5.0
 SESSION_ERRORS: tuple[type[BaseException], ...] = (Unavailable, trio.TooSlowError, *BROKER_ERRORS)
 
@@ -122,16 +126,20 @@ class Worker(Generic[Item]):
             send.send_nowait(message)
 
         channel = await self._broker.channel(prefetch=prefetch)
+        consuming = False
         try:
             if not await self._consume(channel, on_message):
                 await trio.sleep(STANDBY_SECONDS)
                 return
+            consuming = True
             self._progress = Progress()
             await self._write_batches(channel, receive)
+        except HandOver as handing:
+            logger.warning("bookkeeping %s: %s", self.queue, handing)
+            await channel.close()
+            await trio.sleep(HANDED_OVER_SECONDS)
         finally:
-            with trio.move_on_after(5, shield=True):
-                if not channel.amqp.is_closed:
-                    await aio.call(channel.amqp.close)
+            await (channel.close() if consuming else close_after_failed_call(channel))
 
     async def _consume(self, channel: Channel, on_message: Callable[..., Awaitable[None]]) -> bool:
         """Declare the queue and consume it; False when it is in order and another node's
@@ -139,6 +147,8 @@ class Worker(Generic[Item]):
         exclusive = self._in_order is not None
         with trio.fail_after(5):
             queue = await aio.call(channel.amqp.declare_queue, self.queue, durable=True)
+            if exclusive and queue.declaration_result.consumer_count:
+                return False  # another node's consumer has it
             try:
                 await aio.call(queue.consume, on_message, exclusive=exclusive)
             except aiormq.exceptions.ChannelAccessRefused:
@@ -167,6 +177,8 @@ class Worker(Generic[Item]):
                         self._write_and_ack, batch, ticket, in_flight, failed, nursery
                     )
             nursery.cancel_scope.cancel()
+        if failed and isinstance(failed[0], HandOver):
+            raise failed[0]
         if failed:
             raise Unavailable(f"acking a written batch failed: {describe(failed[0])}")
 
@@ -184,7 +196,7 @@ class Worker(Generic[Item]):
             await self._record_progress(ticket, newest)
             with trio.fail_after(5):
                 await aio.call(_ack_each, batch)
-        except SESSION_ERRORS as error:
+        except ENDS_SESSION as error:
             failed.append(error)
             session.cancel_scope.cancel()
         finally:
@@ -216,11 +228,16 @@ class Worker(Generic[Item]):
             await self._retrying(1, lambda: ledger.advance(self._store, name, through))
 
     async def _retrying(self, rows: int, write: Callable[[], Awaitable[T]]) -> T:
-        pause = 0.2
+        pause, started = 0.2, trio.current_time()
         while True:
             try:
                 return await write()
             except NOT_THE_ROWS as error:
+                if self._in_order and trio.current_time() - started > IN_ORDER_GIVE_UP:
+                    raise HandOver(
+                        f"writing failed for {IN_ORDER_GIVE_UP:g} s ({describe(error)}); "
+                        "another node may take the queue over"
+                    ) from None
                 logger.warning(
                     "bookkeeping %s: writing %d rows failed (%s); retrying in %.1f s",
                     self.queue,
@@ -294,6 +311,13 @@ class Worker(Generic[Item]):
         for queue, outcome, count in counts:
             counter = self._metrics.acked if outcome == "ack" else self._metrics.nacked
             counter.labels(queue).inc(count)
+
+
+class HandOver(Exception):
+    """This node cannot write an in-order queue: it lets another node's consumer take it."""
+
+
+ENDS_SESSION: tuple[type[BaseException], ...] = (*SESSION_ERRORS, HandOver)
 
 
 @dataclass(frozen=True)

@@ -176,7 +176,12 @@ class Broker:
         self._end_block("blocking ended with the connection")
         for connection in pair.values():
             connection.close_callbacks.add(partial(self._on_close, self.generation))
-        watch_blocking(pair[PUBLISH], self._on_blocked, self._on_unblocked)
+        generation = self.generation
+        watch_blocking(
+            pair[PUBLISH],
+            lambda reason: self._on_blocked(reason) if generation == self.generation else None,
+            lambda: self._on_unblocked() if generation == self.generation else None,
+        )
         self._connections = pair
         self._up = True
         self._up_event.set()

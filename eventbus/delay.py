@@ -195,6 +195,7 @@ class Dispatcher:
         claim = await self._claim(ledger.new_token())
         while claim.messages:
             claim = await self._move_claiming_next(claim)
+            await self._settle_unconfirmed()  # a long tick renews their claims too
         next_due = await self._store.fetchval(NEXT_DUE)
         return None if next_due is None else float(next_due)
 
@@ -229,10 +230,10 @@ class Dispatcher:
             async with trio.open_nursery() as nursery:
                 if len(claim.messages) == BATCH:
                     nursery.start_soon(claim_following)
-                published_at = time.time()
+                published_at, generation = time.time(), self._publisher.generation
                 outcomes = await self._publisher.to_targets(self._messages(claim, published_at))
                 confirmed = _ids(claim, outcomes, "confirmed")
-                await self._settle(claim, outcomes, published_at)
+                await self._settle(claim, outcomes, published_at, generation)
             _raise_unavailable(outcomes)
         except BaseException:
             # Confirmed rows are forgotten, so they go out once; the others are free again.
@@ -246,8 +247,13 @@ class Dispatcher:
     def _messages(self, claim: Claim, now: float) -> list[tuple[Target, Outgoing]]:
         return [message.to_amqp(now) for message in claim.messages]
 
-    async def _settle(self, claim: Claim, outcomes: list[Outcome], published_at: float) -> None:
-        """Forget the confirmed rows, quarantine the refused ones, back the rest off."""
+    async def _settle(
+        self, claim: Claim, outcomes: list[Outcome], published_at: float, generation: int
+    ) -> None:
+        """Hold the rows that may yet be stored, forget the confirmed ones, quarantine the
+        refused ones, back the rest off. The held ones first: should the rest fail, the batch's
+        claim is freed, and they must no longer be part of it."""
+        await self._hold_unconfirmed(claim, outcomes, generation)
         await self._store.execute(FORGET, claim.token, _ids(claim, outcomes, "confirmed"))
         refused = [
             (m, o) for m, o in zip(claim.messages, outcomes, strict=True) if o.status == "refused"
@@ -256,7 +262,6 @@ class Dispatcher:
             reasons = [printable(o.reason) for _, o in refused]
             await self._store.execute(QUARANTINE, claim.token, [m.id for m, _ in refused], reasons)
             self._report(refused)
-        await self._hold_unconfirmed(claim, outcomes)
         await self._back_off(claim, outcomes)
         for message, outcome in zip(claim.messages, outcomes, strict=True):
             if outcome.status == "confirmed":
@@ -277,7 +282,9 @@ class Dispatcher:
                 BACK_OFF, claim.token, ids, BACK_OFF_MIN, BACK_OFF_MAX, reasons
             )
 
-    async def _hold_unconfirmed(self, claim: Claim, outcomes: list[Outcome]) -> None:
+    async def _hold_unconfirmed(
+        self, claim: Claim, outcomes: list[Outcome], generation: int
+    ) -> None:
         """Keep the rows whose message may yet be stored claimed under a token of their own,
         so neither this batch's failure nor a later tick sends them again."""
         held = [
@@ -291,7 +298,7 @@ class Dispatcher:
         ids = [m.id for m, _ in held]
         await self._store.execute(HOLD, claim.token, token, ids, self._claim_seconds)
         for message, confirmation in held:
-            self._unconfirmed.add(token, message.id, confirmation)
+            self._unconfirmed.add(token, message.id, confirmation, generation)
         ratelog.info(
             "delay unconfirmed",
             "delay: %d delayed message(s) sent but not confirmed yet; not sent again meanwhile",
@@ -301,16 +308,19 @@ class Dispatcher:
     async def _settle_unconfirmed(self) -> None:
         """Forget the held rows RabbitMQ confirmed meanwhile, back off those whose connection
         closed first (they go again), and keep holding the rest."""
-        for resolved in self._unconfirmed.resolve():
+        for resolved in self._unconfirmed.resolve(self._publisher.generation):
+            token = resolved.token
             if resolved.confirmed:
-                rows = await self._store.fetch(FORGET_CONFIRMED, resolved.token, resolved.confirmed)
+                rows = await self._store.fetch(FORGET_CONFIRMED, token, resolved.confirmed)
+                self._unconfirmed.forget(token, resolved.confirmed)
                 for row in rows:
                     self._metrics.delay_dispatched.labels(row["target"]).inc()
             if resolved.failed:
                 reasons = ["its confirm never came: the connection closed"] * len(resolved.failed)
                 await self._store.execute(
-                    BACK_OFF, resolved.token, resolved.failed, BACK_OFF_MIN, BACK_OFF_MAX, reasons
+                    BACK_OFF, token, resolved.failed, BACK_OFF_MIN, BACK_OFF_MAX, reasons
                 )
+                self._unconfirmed.forget(token, resolved.failed)
             if resolved.waiting:
                 await self._store.execute(
                     HOLD, resolved.token, resolved.token, resolved.waiting, self._claim_seconds

@@ -26,7 +26,7 @@ from typing import Any
 import asyncpg
 
 from . import ledger, validate
-from .broker import Blocked, Broker
+from .broker import Blocked, Broker, BrokerUnavailable
 from .config import Config
 from .consumer import Buffered, Consumers
 from .envelope import (
@@ -191,7 +191,6 @@ class Delivery:
         try:
             await self._keep_record(record)
         except BaseException:
-            await self._mark_returned(record)
             await item.settle(ack=False)
             raise
         await item.settle(ack=True)
@@ -201,18 +200,24 @@ class Delivery:
 
     async def _keep_record(self, record: DeliveryRecord) -> None:
         """Send the record through the confirm queue, or while RabbitMQ blocks publishers,
-        write it to PostgreSQL."""
+        write it to PostgreSQL. A record that may have been sent although this failed is
+        settled as returned first, so it is never retried."""
         try:
             await self._publisher.publish(self.internal.confirm, internal_message(record.encode()))
-        except Blocked as blocked:
-            await self._write_directly(blocked, ledger.write_records, [record])
+        except Blocked:
+            await self._write_directly("delivery record", ledger.write_records, [record])
+        except BrokerUnavailable:
+            raise  # not connected: nothing was sent
+        except BaseException:
+            await self._mark_returned(record)
+            raise
 
     async def _mark_returned(self, record: DeliveryRecord) -> None:
-        """The record may have been sent although the hand-out failed: settle it as returned,
-        so it is never retried; best effort (PostgreSQL may be away too)."""
+        """Best effort, within LEDGER_TIMEOUT: PostgreSQL may be away too."""
         returned = Settlement(record.id, "returned", time.time())
         try:
-            await ledger.write_settlements(self._ledger, [returned])
+            async with asyncio.timeout(LEDGER_TIMEOUT):
+                await ledger.write_settlements(self._ledger, [returned])
         except Exception as error:
             logger.info(
                 "a failed hand-out of %s could not be marked returned (%s); it may come twice",
@@ -220,18 +225,20 @@ class Delivery:
                 describe(error),
             )
 
-    async def _write_directly(self, blocked: Blocked, write: Any, rows: list[Any]) -> None:
-        """Write bookkeeping rows straight to PostgreSQL while RabbitMQ blocks publishers, and
-        count the acks and nacks that settles."""
+    async def _write_directly(self, what: str, write: Any, rows: list[Any]) -> None:
+        """Write bookkeeping rows straight to PostgreSQL, within LEDGER_TIMEOUT, while RabbitMQ
+        blocks publishers, and count the acks and nacks that settles."""
         try:
-            for queue, outcome, count in await write(self._ledger, rows):
-                counter = self._metrics.acked if outcome == "ack" else self._metrics.nacked
-                counter.labels(queue).inc(count)
+            async with asyncio.timeout(LEDGER_TIMEOUT):
+                counts = await write(self._ledger, rows)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
             raise Unavailable(
-                f"{blocked.message}; PostgreSQL could not take the bookkeeping instead: "
-                f"{describe(error)}"
+                f"RabbitMQ is blocking publishers ({self._broker.blocked}) and PostgreSQL could "
+                f"not take the {what} instead: {describe(error)}"
             ) from None
+        for queue, outcome, count in counts:
+            counter = self._metrics.acked if outcome == "ack" else self._metrics.nacked
+            counter.labels(queue).inc(count)
 
     async def ack(self, delivery_id: str) -> None:
         await self._settle(delivery_id, "ack")
@@ -244,8 +251,8 @@ class Delivery:
         settlement = Settlement(issued, outcome, time.time())
         try:
             await self._publisher.publish(self.internal.ack, internal_message(settlement.encode()))
-        except Blocked as blocked:
-            await self._write_directly(blocked, ledger.write_settlements, [settlement])
+        except Blocked:
+            await self._write_directly(outcome, ledger.write_settlements, [settlement])
         self._metrics.settlements_received.labels(outcome).inc()
 
 

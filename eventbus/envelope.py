@@ -4,6 +4,7 @@ records and settlements for the bookkeeping queues. Plain data; no I/O."""
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -132,8 +133,9 @@ class Settlement:
 
 @dataclass(frozen=True)
 class Marker:
-    """A point in the settlements queue, published at `at`: once it is applied, so is every
-    settlement published before it (the queue is applied in order)."""
+    """A point in the settlements queue, stamped `at` before it was published: once it is
+    applied, so is every settlement confirmed before that time (the queue is applied in
+    order, and a confirmed message is in the queue)."""
 
     at: float
 
@@ -145,8 +147,17 @@ def decode_settlement(raw: bytes) -> Settlement | Marker:
     """A message of the settlements queue: a settlement, or a marker."""
     fields = json.loads(raw)
     if isinstance(fields, dict) and set(fields) == {"marker"}:
-        return Marker(float(fields["marker"]))
-    return Settlement(**fields)
+        return Marker(_time(fields["marker"]))
+    settlement = Settlement(**fields)
+    _time(settlement.at)
+    return settlement
+
+
+def _time(value: Any) -> float:
+    """A time stamp as epoch seconds (ValueError unless it is a finite number)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"not a time: {value!r}")
+    return float(value)
 
 
 def with_body(fields: dict[str, Any]) -> bytes:

@@ -116,6 +116,11 @@ class Publisher:
         self._expiry_ms = config.queue_idle_expiry_seconds * 1000
         self._turn: Iterator[int] = itertools.count()
 
+    @property
+    def generation(self) -> int:
+        """Which connection to RabbitMQ publishes now (see Broker.generation)."""
+        return self._broker.generation
+
     def _channels_of(self, name: str, channels: list[aiormq.Channel]) -> list[aiormq.Channel]:
         """The producers_per_queue channels of the pool a target publishes over."""
         first = zlib.crc32(name.encode())
@@ -468,6 +473,10 @@ class Pending:
     error: Unavailable
 
 
+class MaybeStored(Unavailable):
+    """A message written whose confirm did not come: RabbitMQ may store it yet, or not."""
+
+
 def may_have_been_stored(
     what: str, blocked: str | None, seconds: float = PUBLISH_TIMEOUT
 ) -> Unavailable:
@@ -476,7 +485,7 @@ def may_have_been_stored(
         why = f"RabbitMQ began blocking publishers ({blocked}) before confirming {what}"
     else:
         why = f"RabbitMQ did not confirm {what} within {seconds:g} s"
-    return Unavailable(
+    return MaybeStored(
         f"{why}: the message may have been stored; retry with the same data only if "
         "duplicates are acceptable"
     )

@@ -23,7 +23,7 @@ import trio
 
 from . import aio
 from .broker import Broker
-from .consumer import Consumers, QueueConsumer
+from .consumer import Consumers, QueueConsumer, close_after_failed_call
 from .envelope import internal_message
 from .metrics import Metrics
 from .publisher import Publisher
@@ -129,16 +129,18 @@ class Rebalancer:
                 send.send_nowait(message.body)
 
         channel = await self._broker.channel()
+        consuming = False
         try:
             with trio.fail_after(5):
                 queue = await aio.call(channel.amqp.declare_queue, exclusive=True, auto_delete=True)
                 await aio.call(queue.bind, self._exchange, routing_key="#")
                 await aio.call(queue.consume, on_message, no_ack=True)
+            consuming = True
             while not channel.amqp.is_closed:
                 with trio.move_on_after(1):
                     self.answer(await receive.receive())
         finally:
-            await channel.close()
+            await (channel.close() if consuming else close_after_failed_call(channel))
 
     def answer(self, raw: bytes) -> None:
         """Release the announced queue here if this node holds its messages idle."""

@@ -126,7 +126,7 @@ class Republisher:
         await self._mark_settlements()
         await self._settle_unconfirmed()
         while await self._move_batch() == BATCH:
-            pass
+            await self._settle_unconfirmed()  # a long tick renews their claims too
         if time.monotonic() - self._last_clean > CLEAN_EVERY_SECONDS:
             await ledger.clean(self._store, CLEAN_LIMIT, KEEP_DONE_SECONDS)
             self._last_clean = time.monotonic()
@@ -151,10 +151,11 @@ class Republisher:
         messages: list[tuple[Target, Outgoing]] = [
             (("queue", queue), envelope.to_amqp(now)) for queue, envelope in decided.retries
         ]
+        generation = self._publisher.generation
         settled = settle(decided, await self._publisher.to_targets(messages))
+        for delivery_id, confirmation in settled.unconfirmed:  # held even if finishing fails
+            self._unconfirmed.add(token, delivery_id, confirmation, generation)
         await ledger.finish(self._store, token, settled.outcomes, settled.dead, settled.released)
-        for delivery_id, confirmation in settled.unconfirmed:
-            self._unconfirmed.add(token, delivery_id, confirmation)
         self._count(settled)
         waiting = len(settled.released) + len(settled.unconfirmed)
         if waiting and waiting == len(decided.retried):
@@ -165,18 +166,18 @@ class Republisher:
     async def _settle_unconfirmed(self) -> None:
         """Finish the retries RabbitMQ confirmed meanwhile, give back those whose connection
         closed first (they go again), and keep holding the rest."""
-        for resolved in self._unconfirmed.resolve():
+        for resolved in self._unconfirmed.resolve(self._publisher.generation):
+            token = resolved.token
             if resolved.confirmed:
-                for queue in await ledger.finish_retried(
-                    self._store, resolved.token, resolved.confirmed
-                ):
+                queues = await ledger.finish_retried(self._store, token, resolved.confirmed)
+                self._unconfirmed.forget(token, resolved.confirmed)
+                for queue in queues:
                     self._metrics.republished.labels(queue).inc()
             if resolved.failed:
-                await ledger.release(self._store, resolved.token, resolved.failed)
+                await ledger.release(self._store, token, resolved.failed)
+                self._unconfirmed.forget(token, resolved.failed)
             if resolved.waiting:
-                await ledger.hold(
-                    self._store, resolved.token, resolved.waiting, self._claim_seconds
-                )
+                await ledger.hold(self._store, token, resolved.waiting, self._claim_seconds)
 
     def _count(self, settled: Settled) -> None:
         for queue in settled.republished:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
@@ -90,17 +91,20 @@ class Store:
 
 
 class AsyncioSide:
-    """Queries from the asyncio side of the seam (the request path), each under a timeout."""
+    """Queries from the asyncio side of the seam (the request path), each under a timeout that
+    includes waiting for a connection of the pool (asyncpg's own covers the query alone)."""
 
     def __init__(self, pool: asyncpg.Pool, timeout: float) -> None:
         self._pool = pool
         self._timeout = timeout
 
     async def fetch(self, sql: str, *args: Any) -> list[Any]:
-        return await self._pool.fetch(sql, *args, timeout=self._timeout)  # type: ignore[no-any-return]
+        async with asyncio.timeout(self._timeout):
+            return await self._pool.fetch(sql, *args)  # type: ignore[no-any-return]
 
     async def execute(self, sql: str, *args: Any) -> str:
-        return await self._pool.execute(sql, *args, timeout=self._timeout)  # type: ignore[no-any-return]
+        async with asyncio.timeout(self._timeout):
+            return await self._pool.execute(sql, *args)  # type: ignore[no-any-return]
 
 
 async def open_store(config: PostgresConfig, window: float) -> Store:

@@ -26,35 +26,50 @@ class Resolution:
     waiting: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Sent:
+    confirmation: asyncio.Future[Any]
+    generation: int  # the broker connection it was sent on
+
+
 class Unconfirmed:
-    """Rows waiting for their confirmation, by claim token (row id -> confirmation)."""
+    """Rows waiting for their confirmation, by claim token."""
 
     def __init__(self) -> None:
-        self._rows: dict[str, dict[str, asyncio.Future[Any]]] = {}
+        self._rows: dict[str, dict[str, Sent]] = {}
 
-    def add(self, token: str, row_id: str, confirmation: asyncio.Future[Any]) -> None:
-        self._rows.setdefault(token, {})[row_id] = confirmation
+    def add(
+        self, token: str, row_id: str, confirmation: asyncio.Future[Any], generation: int
+    ) -> None:
+        self._rows.setdefault(token, {})[row_id] = Sent(confirmation, generation)
 
     def __len__(self) -> int:
         return sum(len(rows) for rows in self._rows.values())
 
-    def resolve(self) -> list[Resolution]:
-        """What became of every tracked row; confirmed and failed ones are forgotten here, the
-        waiting ones stay tracked."""
+    def resolve(self, generation: int) -> list[Resolution]:
+        """What became of every tracked row. One sent on an older connection than generation
+        counts as failed even when its confirmation never resolved: that connection is gone.
+        Rows stay tracked until forgotten, once what became of them is recorded."""
         resolutions = []
-        for token, rows in list(self._rows.items()):
+        for token, rows in self._rows.items():
             resolution = Resolution(token)
-            for row_id, confirmation in list(rows.items()):
-                if not confirmation.done():
+            for row_id, sent in rows.items():
+                if sent.confirmation.done():
+                    confirmed = _confirmed(sent.confirmation)
+                    (resolution.confirmed if confirmed else resolution.failed).append(row_id)
+                elif sent.generation != generation:
+                    resolution.failed.append(row_id)
+                else:
                     resolution.waiting.append(row_id)
-                    continue
-                del rows[row_id]
-                kept = _confirmed(confirmation)
-                (resolution.confirmed if kept else resolution.failed).append(row_id)
-            if not rows:
-                del self._rows[token]
             resolutions.append(resolution)
         return resolutions
+
+    def forget(self, token: str, row_ids: list[str]) -> None:
+        rows = self._rows.get(token, {})
+        for row_id in row_ids:
+            rows.pop(row_id, None)
+        if not rows:
+            self._rows.pop(token, None)
 
 
 def _confirmed(confirmation: asyncio.Future[Any]) -> bool:

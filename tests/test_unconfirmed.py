@@ -16,21 +16,28 @@ from tests.test_plan_and_ledger import due as due_delivery
 def test_confirmed_failed_and_waiting_rows_are_told_apart() -> None:
     loop = asyncio.new_event_loop()
     try:
-        acked, returned, closed, waiting = (loop.create_future() for _ in range(4))
+        acked, returned, closed, waiting, old = (loop.create_future() for _ in range(5))
         unconfirmed = Unconfirmed()
         for row, confirmation in (("a", acked), ("r", returned), ("c", closed), ("w", waiting)):
-            unconfirmed.add("t1", row, confirmation)
-        assert unconfirmed.resolve() == [Resolution("t1", waiting=["a", "r", "c", "w"])]
+            unconfirmed.add("t1", row, confirmation, generation=2)
+        unconfirmed.add("t2", "o", old, generation=1)  # sent on a connection since replaced
+        assert unconfirmed.resolve(2) == [
+            Resolution("t1", waiting=["a", "r", "c", "w"]),
+            Resolution("t2", failed=["o"]),
+        ]
+        unconfirmed.forget("t2", ["o"])
         acked.set_result(Basic.Ack())
         returned.set_result(object())  # the message itself: returned as unroutable
         closed.set_exception(ConnectionError("closed"))
-        assert unconfirmed.resolve() == [
-            Resolution("t1", confirmed=["a"], failed=["r", "c"], waiting=["w"])
-        ]
+        resolved = Resolution("t1", confirmed=["a"], failed=["r", "c"], waiting=["w"])
+        assert unconfirmed.resolve(2) == [resolved]
+        assert unconfirmed.resolve(2) == [resolved]  # kept until what became of them is stored
+        unconfirmed.forget("t1", ["a", "r", "c"])
         assert len(unconfirmed) == 1
         waiting.set_result(Basic.Ack())
-        assert unconfirmed.resolve() == [Resolution("t1", confirmed=["w"])]
-        assert (len(unconfirmed), unconfirmed.resolve()) == (0, [])
+        assert unconfirmed.resolve(2) == [Resolution("t1", confirmed=["w"])]
+        unconfirmed.forget("t1", ["w"])
+        assert (len(unconfirmed), unconfirmed.resolve(2)) == (0, [])
     finally:
         loop.close()
 
