@@ -165,3 +165,31 @@ def test_no_acked_message_comes_back_after_postgresql_stalls(make_daemon: Any) -
     client.close()
     assert (set(sent) - acked, came_back) == (set(), [])
     assert received == Counter({data: 2 if data in to_nack else 1 for data in sent})
+
+
+APPLIES = "this node applies it, in order"
+
+
+def test_another_node_takes_the_ack_queue_over_when_its_node_dies(make_daemon: Any) -> None:
+    settings = {
+        "delivery": {"ack_deadline_seconds": 60, "nack_redelivery_delay_seconds": 1},
+        "cron": {"interval_seconds": 0.2},
+    }
+    nodes = [make_daemon(**settings), make_daemon(**settings)]
+    for node in nodes:
+        node.wait_ready()
+    deadline = time.monotonic() + 10
+    while not any(APPLIES in node.log for node in nodes):
+        assert time.monotonic() < deadline, "no node applies the ack queue"
+        time.sleep(0.2)
+    holder, other = nodes if APPLIES in nodes[0].log else nodes[::-1]
+    holder.kill()
+    client = BusClient(other.grpc_address)
+    client.publish("handed", "once")
+    first = client.subscribe("handed", timeout=10)
+    client.nack(first.id)  # applied only once the surviving node consumes the ack queue
+    again = client.subscribe("handed", timeout=20)
+    client.ack(again.id)
+    client.close()
+    assert (again.data, again.id != first.id) == ("once", True)
+    assert other.log.count(APPLIES) == 1
