@@ -422,9 +422,10 @@ class QueueConsumer:
         if self._budget.admits(size, alone=alone):
             self.buffer.put(Buffered(message, time.monotonic(), size=size))
         elif message.delivery_tag is not None:
-            self._parked.append(
-                Parked(message.channel, message.delivery_tag, size, time.monotonic())
-            )
+            with contextlib.suppress(*BROKER_ERRORS):  # its channel closed: it is requeued
+                self._parked.append(
+                    Parked(message.channel, message.delivery_tag, size, time.monotonic())
+                )
 
     async def _watch(self, channels: list[Channel]) -> None:
         """Return when idle or when a channel dies; meanwhile give back what was held too long,
