@@ -36,6 +36,7 @@ from .gauges import Gauges
 from .h2limits import limits_of
 from .ids import DeliveryIds
 from .lock import RedisLock
+from .memory import tune_allocator
 from .metrics import Metrics, label_values
 from .notify import Notifier
 from .publisher import Publisher
@@ -65,6 +66,7 @@ class Daemon:
 
     async def serve(self) -> None:
         """Run until SIGTERM/SIGINT (graceful stop) or a fatal error (raised)."""
+        tune_allocator()
         open_files = fdlimit.raise_open_file_limit()
         fdlimit.check_connection_budget(open_files, self.config.server.max_connections)
         async with (
