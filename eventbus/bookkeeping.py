@@ -126,12 +126,13 @@ class Worker(Generic[Item]):
             send.send_nowait(message)
 
         channel = await self._broker.channel(prefetch=prefetch)
-        consuming = False
+        failed_call = True
         try:
-            if not await self._consume(channel, on_message):
+            consuming = await self._consume(channel, on_message)
+            failed_call = False
+            if not consuming:
                 await trio.sleep(STANDBY_SECONDS)
                 return
-            consuming = True
             self._progress = Progress()
             await self._write_batches(channel, receive)
         except HandOver as handing:
@@ -139,7 +140,7 @@ class Worker(Generic[Item]):
             await channel.close()
             await trio.sleep(HANDED_OVER_SECONDS)
         finally:
-            await (channel.close() if consuming else close_after_failed_call(channel))
+            await (close_after_failed_call(channel) if failed_call else channel.close())
 
     async def _consume(self, channel: Channel, on_message: Callable[..., Awaitable[None]]) -> bool:
         """Declare the queue and consume it; False when it is in order and another node's

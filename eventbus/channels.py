@@ -170,6 +170,13 @@ def close_soon(channel: aio_pika.abc.AbstractChannel) -> None:
 
 
 async def _close_quietly(channel: aio_pika.abc.AbstractChannel) -> None:
+    """A call that timed out or was cancelled makes aiormq close the channel itself; closing it
+    again before RabbitMQ's Close-Ok would stop its frame reader while frames (a returned probe,
+    say) may still arrive, and a full frame queue blocks the connection's one reader. So give
+    that close its time first."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await channel.closed()
     try:
         async with asyncio.timeout(CLOSE_TIMEOUT):
             await channel.close()
