@@ -68,11 +68,6 @@ async def check_readiness(checks: Mapping[str, Check]) -> Readiness:
     return readiness
 
 
-async def check_all(checks: Mapping[str, Check]) -> dict[str, str]:
-    """Run every readiness check at once; returns {name: why it failed} for those that failed."""
-    return (await check_readiness(checks)).down
-
-
 def make_app(
     checks: Mapping[str, Check], metrics: Metrics, stats: Callable[[], Awaitable[dict[str, Any]]]
 ) -> Starlette:

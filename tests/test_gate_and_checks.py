@@ -7,7 +7,7 @@ import trio
 import trio.testing
 from grpclib.const import Status
 
-from eventbus.http import CHECK_TIMEOUT, check_all
+from eventbus.http import CHECK_TIMEOUT, check_readiness
 from eventbus.metrics import Metrics
 from eventbus.notify import Notifier
 from eventbus.rpc import Gate
@@ -46,7 +46,7 @@ async def test_drain_with_nothing_in_flight_is_immediate(
     assert trio.current_time() == 0
 
 
-async def test_check_all_names_what_is_down(autojump_clock: trio.testing.MockClock) -> None:
+async def test_readiness_names_what_is_down(autojump_clock: trio.testing.MockClock) -> None:
     async def up() -> None:
         await trio.sleep(0.1)
 
@@ -56,8 +56,8 @@ async def test_check_all_names_what_is_down(autojump_clock: trio.testing.MockClo
     async def silent() -> None:
         await trio.sleep_forever()
 
-    failures = await check_all({"rabbitmq": up, "postgresql": refused, "redis": silent})
-    assert failures == {
+    readiness = await check_readiness({"rabbitmq": up, "postgresql": refused, "redis": silent})
+    assert readiness.down == {
         "postgresql": "ConnectionRefusedError: [Errno 111] Connection refused",
         "redis": "timed out",
     }
