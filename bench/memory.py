@@ -2,7 +2,8 @@
 SIZE_KIB each to one queue through gRPC, then pulls one and waits 10 s (the consumers prefetch
 meanwhile), pulls and acks the rest (subscribe+ack, 16 at a time), and prints the daemon's RSS
 (VmRSS) before, after publishing, once prefetched, at its peak while the backlog drains, and 2 s
-and 20 s after the drain, beside amqp.buffer_max_bytes and the bytes the buffers held.
+and 20 s after the drain, beside amqp.buffer_max_bytes, the bytes the buffers held and how long
+publishing and draining took.
 
 Usage: python bench/memory.py [COUNT] [SIZE_KIB] [BUFFER_MAX_MIB] [VAR=VALUE ...]
 (defaults: 2000 256 64; VAR=VALUE pairs go to the daemon's environment, e.g.

@@ -36,7 +36,7 @@ from .gauges import Gauges
 from .h2limits import limits_of
 from .ids import DeliveryIds
 from .lock import RedisLock
-from .memory import tune_allocator
+from .memory import give_back_freed_memory
 from .metrics import Metrics, label_values
 from .notify import Notifier
 from .publisher import Publisher
@@ -66,7 +66,6 @@ class Daemon:
 
     async def serve(self) -> None:
         """Run until SIGTERM/SIGINT (graceful stop) or a fatal error (raised)."""
-        tune_allocator()
         open_files = fdlimit.raise_open_file_limit()
         fdlimit.check_connection_budget(open_files, self.config.server.max_connections)
         async with (
@@ -142,7 +141,8 @@ class Daemon:
         root.start_soon(supervise, "lag", partial(lag.watch, self.metrics))
 
     def _start_background(self, root: trio.Nursery) -> None:
-        """Bookkeeping workers, the crons and the gauges, as this node's configuration asks."""
+        """Bookkeeping workers, the crons, the gauges and the heap trimming, as this node's
+        configuration asks."""
         cfg = self.config
         internal = self.delivery.internal
         supervise = self.supervisor.forever
@@ -203,6 +203,7 @@ class Daemon:
             self.metrics, self.store, self.publisher, self.consumers, internal.all()
         )
         root.start_soon(supervise, "gauges", self.gauges.run)
+        root.start_soon(supervise, "memory", give_back_freed_memory)
 
     async def _serve_http(
         self, app: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
