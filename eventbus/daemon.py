@@ -11,7 +11,7 @@ serve
         ├── crons: republish, delay (Redis lock per tick, row claims in PostgreSQL)
         ├── gRPC server: mq.Mq, mq.MqTopic, health, reflection
         ├── HTTP server: /healthz /readyz /metrics /stats
-        └── gauges, node registration, watchdog keep-alive, loop-lag watch
+        └── gauges, heap trimming, node registration, watchdog keep-alive, loop-lag watch
 """
 
 from __future__ import annotations
