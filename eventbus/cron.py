@@ -26,16 +26,26 @@ SHORTEST_WAIT = 0.05  # between two ticks, however soon the job asks to run agai
 # A job may return in how many seconds it wants to run again (the next delayed message falls due
 # before the next tick, say); None means at the next tick.
 Job = Callable[[], Awaitable[float | None]]
+# Work a node does every interval whether it holds the lock or not: its own claims to keep.
+Upkeep = Callable[[], Awaitable[None]]
 
 
 class Cron:
     """Runs one job every interval seconds while this node holds the job's lock."""
 
     def __init__(
-        self, name: str, job: Job, lock: RedisLock, interval: float, lock_ttl: float
+        self,
+        name: str,
+        job: Job,
+        lock: RedisLock,
+        interval: float,
+        lock_ttl: float,
+        upkeep: Upkeep | None = None,
     ) -> None:
         self.name = name
         self._job = job
+        self._upkeep = upkeep
+        self._maybe_held = False  # a hold timed out, or a release was skipped: ours, perhaps
         self._lock = lock
         self._interval = interval
         self._renew_every = max(0.05, lock_ttl / 3)
@@ -46,9 +56,17 @@ class Cron:
         """Tick forever. The lock is held only during a tick, so a node that dies between
         ticks leaves nothing to wait for, and one that dies during a tick blocks the job for at
         most the lock's TTL."""
+        try:
+            await self._tick_forever()
+        finally:
+            with trio.move_on_after(RELEASE_TIMEOUT, shield=True):
+                await self._release_if_maybe_held()
+
+    async def _tick_forever(self) -> None:
         while True:
             next_tick = trio.current_time() + self._interval
             wanted_in = None
+            await self._run_upkeep()
             if await self._may_run():
                 try:
                     async with trio.open_nursery() as nursery:
@@ -73,8 +91,12 @@ class Cron:
         try:
             self.holding = await self._lock.hold()
         except Exception as error:
+            if isinstance(error, TimeoutError):
+                self._maybe_held = True  # it may have gone through before it timed out
             self._note_redis_trouble(describe(error))
             return True
+        if not self.holding:
+            self._maybe_held = False  # another node holds it
         if self._redis_down:
             logger.info("cron %s: Redis is back", self.name)
             self._redis_down = False
@@ -88,6 +110,14 @@ class Cron:
                 reason,
             )
         self._redis_down = True
+
+    async def _run_upkeep(self) -> None:
+        if self._upkeep is None:
+            return
+        try:
+            await self._upkeep()
+        except Exception as error:
+            logger.warning("cron %s: upkeep skipped: %s", self.name, describe(error))
 
     async def _run_job(self) -> float | None:
         """Run the job once; a failure (PostgreSQL down, say) skips this tick only."""
@@ -116,8 +146,18 @@ class Cron:
             return
         self.holding = False
         if self._lock.trouble() is not None:
+            self._maybe_held = True
+            return
+        await self._release_if_maybe_held(always=True)
+
+    async def _release_if_maybe_held(self, *, always: bool = False) -> None:
+        """Release the lock if this node may hold it (the script only deletes this token's),
+        so a node stopping after Redis was slow leaves no lock behind for its TTL."""
+        if not (always or self._maybe_held):
             return
         try:
             await self._lock.release()
+            self._maybe_held = False
         except Exception as error:
+            self._maybe_held = True
             logger.debug("cron %s: releasing the lock failed: %s", self.name, describe(error))

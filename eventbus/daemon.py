@@ -159,36 +159,37 @@ class Daemon:
                     cfg.background.workers,
                 ),
             )
-        jobs = [
-            (
-                "republish",
-                cfg.cron.republish_enabled,
-                Republisher(
-                    self.store,
-                    self.publisher,
-                    cfg.delivery,
-                    self.metrics,
-                    cfg.cron.claim_seconds,
-                    settlements_queue=internal.ack,
-                ).tick,
-            ),
-            (
-                "delay",
-                cfg.cron.delay_publish_enabled,
-                Dispatcher(
-                    self.store,
-                    self.publisher,
-                    self.metrics,
-                    cfg.cron.claim_seconds,
-                    cfg.cron.interval_seconds,
-                ).tick,
-            ),
+        republisher = Republisher(
+            self.store,
+            self.publisher,
+            cfg.delivery,
+            self.metrics,
+            cfg.cron.claim_seconds,
+            settlements_queue=internal.ack,
+        )
+        dispatcher = Dispatcher(
+            self.store,
+            self.publisher,
+            self.metrics,
+            cfg.cron.claim_seconds,
+            cfg.cron.interval_seconds,
+        )
+        jobs: list[tuple[str, bool, Republisher | Dispatcher]] = [
+            ("republish", cfg.cron.republish_enabled, republisher),
+            ("delay", cfg.cron.delay_publish_enabled, dispatcher),
         ]
         self.metrics.redis_degraded.set_function(lambda: 0.0 if self.redis.health.ok else 1.0)
         for name, enabled, job in jobs:
             if enabled:
                 lock_ = RedisLock(self.redis, name, cfg.cron.lock_ttl_seconds)
-                cron = Cron(name, job, lock_, cfg.cron.interval_seconds, cfg.cron.lock_ttl_seconds)
+                cron = Cron(
+                    name,
+                    job.tick,
+                    lock_,
+                    cfg.cron.interval_seconds,
+                    cfg.cron.lock_ttl_seconds,
+                    upkeep=job.settle_unconfirmed,
+                )
                 root.start_soon(supervise, f"cron {name}", cron.run)
         rebalancer = Rebalancer(
             self.node,

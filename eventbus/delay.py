@@ -191,11 +191,10 @@ class Dispatcher:
         """Move every due delayed message, batch by batch. While one batch is published the
         next one is claimed, so the database round trips cost no publishing time. Returns in
         how many seconds the next delayed message falls due (None: there is none)."""
-        await self._settle_unconfirmed()
         claim = await self._claim(ledger.new_token())
         while claim.messages:
             claim = await self._move_claiming_next(claim)
-            await self._settle_unconfirmed()  # a long tick renews their claims too
+            await self.settle_unconfirmed()  # a long tick renews their claims too
         next_due = await self._store.fetchval(NEXT_DUE)
         return None if next_due is None else float(next_due)
 
@@ -305,9 +304,10 @@ class Dispatcher:
             len(held),
         )
 
-    async def _settle_unconfirmed(self) -> None:
-        """Forget the held rows RabbitMQ confirmed meanwhile, back off those whose connection
-        closed first (they go again), and keep holding the rest."""
+    async def settle_unconfirmed(self) -> None:
+        """(Every interval, the lock held or not, and between batches.) Forget the held rows
+        RabbitMQ confirmed meanwhile, back off those whose connection closed first (they go
+        again), and keep holding the rest."""
         for resolved in self._unconfirmed.resolve(self._publisher.generation):
             token = resolved.token
             if resolved.confirmed:

@@ -193,6 +193,8 @@ class Delivery:
         except BaseException:
             await item.settle(ack=False)
             raise
+        # False: its channel failed meanwhile, and RabbitMQ may deliver the message again (or
+        # may have taken the ack: which, cannot be told, so it is handed out, at least once)
         await item.settle(ack=True)
         self._metrics.delivered.labels(record.queue).inc()
         if attempt > 1:
@@ -203,13 +205,16 @@ class Delivery:
         write it to PostgreSQL. A record that may have been sent although this failed is
         settled as returned first, so it is never retried."""
         try:
-            await self._publisher.publish(self.internal.confirm, internal_message(record.encode()))
-        except Blocked:
-            await self._write_directly("delivery record", ledger.write_records, [record])
+            try:
+                await self._publisher.publish(
+                    self.internal.confirm, internal_message(record.encode())
+                )
+            except Blocked:
+                await self._write_directly("delivery record", ledger.write_records, [record])
         except BrokerUnavailable:
             raise  # not connected: nothing was sent
         except BaseException:
-            await self._mark_returned(record)
+            await self._mark_returned(record)  # sent, or stored directly, it may be there
             raise
 
     async def _mark_returned(self, record: DeliveryRecord) -> None:

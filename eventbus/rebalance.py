@@ -46,6 +46,8 @@ class QueueState:
     queue: str
     buffered: int
     waiting_since: float | None  # time.monotonic(); None: nobody waits
+    # a message taken is still being recorded: releasing now would requeue it mid hand-out
+    handing_out: bool = False
 
 
 def starving(states: Iterable[QueueState], now: float, announced: dict[str, float]) -> list[str]:
@@ -68,6 +70,7 @@ def should_release(state: QueueState | None, now: float, released: dict[str, flo
         state is not None
         and state.buffered > 0
         and state.waiting_since is None
+        and not state.handing_out
         and now - released.get(state.queue, -1e9) >= RELEASE_EVERY
     )
 
@@ -163,4 +166,7 @@ class Rebalancer:
 
 
 def _state_of(consumer: QueueConsumer) -> QueueState:
-    return QueueState(consumer.queue, len(consumer.buffer), consumer.buffer.waiting_since)
+    waiting_since = consumer.buffer.waiting_since
+    # nobody waits here, so a consumer not retirable now is in the middle of a hand-out
+    handing_out = waiting_since is None and not consumer.retirable(time.monotonic())
+    return QueueState(consumer.queue, len(consumer.buffer), waiting_since, handing_out)

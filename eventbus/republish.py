@@ -124,9 +124,8 @@ class Republisher:
     async def tick(self) -> None:
         """Move every due delivery, batch by batch; now and then forget finished ones."""
         await self._mark_settlements()
-        await self._settle_unconfirmed()
         while await self._move_batch() == BATCH:
-            await self._settle_unconfirmed()  # a long tick renews their claims too
+            await self.settle_unconfirmed()  # a long tick renews their claims too
         if time.monotonic() - self._last_clean > CLEAN_EVERY_SECONDS:
             await ledger.clean(self._store, CLEAN_LIMIT, KEEP_DONE_SECONDS)
             self._last_clean = time.monotonic()
@@ -163,9 +162,10 @@ class Republisher:
             raise Unavailable(f"{waiting} retries wait: {settled.waiting}")
         return len(due)
 
-    async def _settle_unconfirmed(self) -> None:
-        """Finish the retries RabbitMQ confirmed meanwhile, give back those whose connection
-        closed first (they go again), and keep holding the rest."""
+    async def settle_unconfirmed(self) -> None:
+        """(Every interval, the lock held or not, and between batches.) Finish the retries
+        RabbitMQ confirmed meanwhile, give back those whose connection closed first (they go
+        again), and keep holding the rest."""
         for resolved in self._unconfirmed.resolve(self._publisher.generation):
             token = resolved.token
             if resolved.confirmed:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections import Counter
@@ -10,6 +11,7 @@ from typing import Any, cast
 
 import pytest
 import trio
+from pamqp.commands import Basic
 
 from eventbus import aio, delay
 from eventbus.config import PostgresConfig
@@ -24,6 +26,8 @@ class RecordingPublisher:
     """Takes batches like Publisher.to_targets; from batch fail_at on, RabbitMQ is unavailable.
     Messages whose id is in refuse are refused, those in unavailable_once unavailable once."""
 
+    generation = 1  # one connection all along
+
     def __init__(
         self,
         fail_at: int | None = None,
@@ -35,6 +39,7 @@ class RecordingPublisher:
         self._fail_at = fail_at
         self._refuse = set(refuse)
         self._unavailable_once = set(unavailable_once)
+        self.unconfirmed: dict[str, asyncio.Future[Any]] = {}  # sent, confirm not come in time
 
     async def to_targets(self, messages: Sequence[tuple[Target, Outgoing]]) -> list[Outcome]:
         await trio.sleep(0.01)  # lets the next claim run meanwhile, as a real publish does
@@ -49,6 +54,9 @@ class RecordingPublisher:
         return outcomes
 
     def _outcome(self, message_id: str) -> Outcome:
+        if message_id in self.unconfirmed:
+            pending = self.unconfirmed.pop(message_id)
+            return Outcome("unavailable", Unavailable("not confirmed in time (test)"), pending)
         if message_id in self._refuse:
             return Outcome("refused", FailedPrecondition("RabbitMQ refused it (test)"))
         if message_id in self._unavailable_once:
@@ -238,3 +246,54 @@ async def test_a_message_rabbitmq_cannot_take_waits_alone_and_the_tick_goes_on(
     await with_store(postgres_dsn, due, work)
     assert publisher.confirmed == Counter(m.id for m in due)
     assert [len(b) for b in publisher.batches] == [delay.BATCH] * 3 + [1]
+
+
+async def new_future() -> asyncio.Future[Any]:
+    return asyncio.get_running_loop().create_future()
+
+
+async def test_a_message_sent_but_not_confirmed_is_held_until_its_confirm_comes(
+    postgres_dsn: str,
+) -> None:
+    due = due_messages(5, time.time() - 60)
+    stuck = due[2].id
+    publisher = RecordingPublisher()
+
+    async def work(store: Store) -> None:
+        confirmation = publisher.unconfirmed[stuck] = await aio.call(new_future)
+        job = dispatcher(store, publisher)
+        await job.tick()
+        [row] = await store.fetch(
+            "SELECT id::text, claim_token IS NOT NULL AS held, claimed_until > now() AS later "
+            "FROM delayed_messages"
+        )
+        assert (row["id"], row["held"], row["later"]) == (stuck, True, True)
+        await store.execute("UPDATE delayed_messages SET claimed_until = now()")  # ran out
+        await job.settle_unconfirmed()  # still waiting: claimed again
+        await job.tick()
+        assert sum(batch.count(stuck) for batch in publisher.batches) == 1
+        confirmation.set_result(Basic.Ack())
+        await job.settle_unconfirmed()
+        assert await free_rows_left(store) == 0
+
+    await with_store(postgres_dsn, due, work)
+
+
+async def test_a_held_message_whose_connection_went_goes_again(postgres_dsn: str) -> None:
+    due = due_messages(1, time.time() - 60)
+    publisher = RecordingPublisher()
+
+    async def work(store: Store) -> None:
+        publisher.unconfirmed[due[0].id] = await aio.call(new_future)  # never resolves
+        job = dispatcher(store, publisher)
+        with pytest.raises(Unavailable):  # none of the batch confirmed: the tick ends
+            await job.tick()
+        assert await store.fetchval("SELECT claim_token IS NOT NULL FROM delayed_messages")
+        publisher.generation = 2  # a reconnect: the confirm will never come
+        await job.settle_unconfirmed()
+        await store.execute("UPDATE delayed_messages SET claimed_until = now()")  # back-off
+        await job.tick()
+        assert await free_rows_left(store) == 0
+
+    await with_store(postgres_dsn, due, work)
+    assert [batch for batch in publisher.batches] == [[due[0].id], [due[0].id]]

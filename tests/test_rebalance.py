@@ -38,6 +38,7 @@ def test_release_only_idle_prefetched_messages_and_not_too_often() -> None:
     assert should_release(QueueState("q", 5, None), now, {})
     assert not should_release(QueueState("q", 0, None), now, {})  # nothing held
     assert not should_release(QueueState("q", 5, now - 3), now, {})  # wanted here
+    assert not should_release(QueueState("q", 5, None, handing_out=True), now, {})
     assert not should_release(None, now, {})  # not consumed here
     assert not should_release(QueueState("q", 5, None), now, {"q": now - RELEASE_EVERY / 2})
     assert should_release(QueueState("q", 5, None), now, {"q": now - RELEASE_EVERY})
