@@ -92,19 +92,32 @@ class Store:
 
 class AsyncioSide:
     """Queries from the asyncio side of the seam (the request path), each under a timeout that
-    includes waiting for a connection of the pool (asyncpg's own covers the query alone)."""
+    includes waiting for a connection of the pool. A query that times out takes its connection
+    down with it: asyncpg would otherwise wait, with no limit, for PostgreSQL to confirm the
+    query's cancellation before the connection goes back to the pool."""
 
     def __init__(self, pool: asyncpg.Pool, timeout: float) -> None:
         self._pool = pool
         self._timeout = timeout
 
     async def fetch(self, sql: str, *args: Any) -> list[Any]:
-        async with asyncio.timeout(self._timeout):
-            return await self._pool.fetch(sql, *args)  # type: ignore[no-any-return]
+        return await self._run("fetch", sql, args)  # type: ignore[no-any-return]
 
     async def execute(self, sql: str, *args: Any) -> str:
-        async with asyncio.timeout(self._timeout):
-            return await self._pool.execute(sql, *args)  # type: ignore[no-any-return]
+        return await self._run("execute", sql, args)  # type: ignore[no-any-return]
+
+    async def _run(self, method: str, sql: str, args: tuple[Any, ...]) -> Any:
+        async with asyncio.timeout(self._timeout) as deadline:
+            connection = await self._pool.acquire()
+        try:
+            left = max(0.001, deadline.when() - asyncio.get_running_loop().time())  # type: ignore[operator]
+            async with asyncio.timeout(left):
+                return await getattr(connection, method)(sql, *args)
+        except (TimeoutError, asyncio.CancelledError):
+            connection.terminate()
+            raise
+        finally:
+            await self._pool.release(connection)
 
 
 async def open_store(config: PostgresConfig, window: float) -> Store:
