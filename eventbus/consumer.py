@@ -3,15 +3,19 @@
 Each subscribed queue gets amqp.consumers_per_queue channels whose prefetch adds up to
 amqp.prefetch_count, so the buffer never holds more than that. The buffers of a node together
 hold at most amqp.buffer_max_bytes (ByteBudget; RabbitMQ ignores a byte prefetch), plus one message
-per queue whose buffer is empty: each session's prefetch is sized so that messages of the queue's
-typical size fit the room left, and a delivery that does not fit is parked: its body is let go,
-its unacked tag keeps its prefetch slot (so RabbitMQ sends that channel nothing more), and it is
-handed back to RabbitMQ once there is room for it, to come again. After consuming starts, the
-channels see no call that waits for a reply, only acks, nacks and their close. Prefetched
-messages nobody takes go back to RabbitMQ after amqp.buffer_hold_seconds, long before RabbitMQ's
-consumer_timeout (30 min by default) could close the channel; a queue nobody has pulled from for
-amqp.consumer_idle_seconds stops being consumed altogether. A consumer that loses its connection
-starts again on the next one.
+per queue whose buffer is empty. Each channel's prefetch is sized when it opens, for the queue's
+typical message size (1 MiB until one has arrived), to the room that is neither buffered nor
+promised to the other queues' open channels, and stays so for the session (at least 1 per
+channel, so a queue that opens while the budget is spoken for keeps prefetch 1 until its
+session ends). A delivery that does not fit is parked: its body is let go and its unacked tag
+takes one of its channel's prefetch slots, so RabbitMQ sends that channel one message fewer (none
+once all its slots are parked). Parked deliveries of all queues go back to RabbitMQ in one order,
+oldest first, each once the room covers it, with its bytes kept for it until it comes again.
+After consuming starts, the channels see no call that waits for a reply, only acks, nacks and
+their close. Prefetched messages nobody takes go back to RabbitMQ after
+amqp.buffer_hold_seconds, long before RabbitMQ's consumer_timeout (30 min by default) could
+close the channel; a queue nobody has pulled from for amqp.consumer_idle_seconds stops being
+consumed altogether. A consumer that loses its connection starts again on the next one.
 """
 
 from __future__ import annotations
@@ -61,6 +65,9 @@ HAND_OUT = 20.0
 # Until a queue's first message shows their size, its prefetch assumes messages this large, so a
 # backlog of large messages is not parked by the hundred (each comes twice).
 ASSUMED_SIZE = 1024 * 1024
+# Bytes kept for a parked delivery handed back are let go after this long if it has not arrived
+# (RabbitMQ may have sent it to another consumer, on another node).
+RESERVE_SECONDS = 2.0
 
 
 class Declare(Protocol):
@@ -86,40 +93,137 @@ class Buffered:
 
 
 class ByteBudget:
-    """The bytes buffered by all of a node's queues, against a cap. Plain calls, from either side
-    of the seam; wait_freed() is trio."""
+    """The bytes buffered by all of a node's queues, against a cap, and what is promised against
+    it: bytes reserved for parked deliveries on their way back, and what each session's prefetch
+    may still bring. Parked deliveries of all queues are handed back in one order, oldest first,
+    each only once the room covers it. Plain calls, from either side of the seam."""
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
         self.used = 0
-        self._freed = trio.Event()
+        self._shares: set[Share] = set()
+        self._reserved: deque[tuple[Share, int, float]] = deque()  # (share, size, until)
+        self._reserved_bytes = 0
+
+    def share(self, buffer: Buffer) -> Share:
+        """A queue's part in the budget, until it leaves()."""
+        share = Share(buffer)
+        self._shares.add(share)
+        return share
+
+    def leave(self, share: Share) -> None:
+        self.forget(share)
+        self._shares.discard(share)
+
+    def forget(self, share: Share) -> None:
+        """The session of share ended: its parked deliveries, the bytes kept for those it
+        handed back and its prefetch are no longer its own (RabbitMQ requeues them)."""
+        share.clear()
+        self._reserved = deque(r for r in self._reserved if r[0] is not share)
+        self._reserved_bytes = sum(size for _, size, _ in self._reserved)
 
     def admits(self, size: int, *, alone: bool) -> bool:
         """Whether a message of size bytes may be buffered; one that would be alone in its
         queue's buffer always may, so no queue stalls behind the others or its own size."""
-        return alone or self.used + size <= self.cap
+        return alone or size <= self.room
 
     def add(self, size: int) -> None:
         self.used += size
 
     def remove(self, size: int) -> None:
         self.used -= size
-        self._freed.set()
-        self._freed = trio.Event()
+        self.hand_out()
+
+    @property
+    def reserved(self) -> int:
+        """The bytes kept for deliveries handed back, the lapsed ones let go."""
+        now = time.monotonic()
+        while self._reserved and self._reserved[0][2] <= now:
+            self._reserved_bytes -= self._reserved.popleft()[1]
+        return self._reserved_bytes
 
     @property
     def room(self) -> int:
-        return max(0, self.cap - self.used)
+        """The bytes neither buffered nor reserved for a delivery handed back."""
+        return max(0, self.cap - self.used - self.reserved)
 
-    async def wait_freed(self) -> None:
-        """Wait until some buffered bytes leave."""
-        await self._freed.wait()
+    def prefetch_room(self, share: Share) -> int:
+        """The room left once the other queues' sessions get what their prefetch may still
+        bring."""
+        promised = sum(s.outstanding for s in self._shares if s is not share)
+        return max(0, self.room - promised)
+
+    def reserve(self, share: Share, size: int) -> None:
+        """Keep size bytes for a delivery handed back, until it arrives (claim) or RabbitMQ
+        has had RESERVE_SECONDS to send it, to this node or another."""
+        self._reserved.append((share, size, time.monotonic() + RESERVE_SECONDS))
+        self._reserved_bytes += size
+
+    def claim(self, share: Share, size: int) -> None:
+        """A delivery of size bytes arrived for share: the bytes kept for it are its own."""
+        for index, (owner, reserved, _) in enumerate(self._reserved):
+            if owner is share and reserved == size:
+                del self._reserved[index]
+                self._reserved_bytes -= size
+                return
+
+    def hand_out(self) -> None:
+        """Make the oldest parked deliveries of all queues due, as long as the room covers
+        them, and wake the queues that got one. A delivery larger than the cap never fits:
+        it goes back only alone or after the hold time, not blocking the others."""
+        room = self.room
+        while (share := self._oldest_head()) and share.parked[0].size <= room:
+            parked = share.parked.popleft()
+            share.make_due(parked)
+            self.reserve(share, parked.size)
+            room -= parked.size
+
+    def _oldest_head(self) -> Share | None:
+        heads = [s for s in self._shares if s.parked and s.parked[0].size <= self.cap]
+        return min(heads, key=lambda s: s.parked[0].parked_at, default=None)
+
+
+class Share:
+    """One queue's part in the ByteBudget: its parked deliveries (oldest first), those due to go
+    back, and its session's prefetch slots, whose messages of the typical size it may hold."""
+
+    def __init__(self, buffer: Buffer) -> None:
+        self.buffer = buffer
+        self.parked: deque[Parked] = deque()
+        self.due: list[Parked] = []
+        self.slots = 0  # the prefetch of the session's channels, added up
+        self.typical_size = 0  # a running average of the bodies received, in bytes
+        self._woken = trio.Event()
+
+    @property
+    def outstanding(self) -> int:
+        """What the session's prefetch may still bring beyond what is buffered."""
+        return max(0, self.slots * (self.typical_size or ASSUMED_SIZE) - self.buffer.bytes)
+
+    def make_due(self, parked: Parked) -> None:
+        self.due.append(parked)
+        self._woken.set()
+
+    def take_due(self) -> list[Parked]:
+        due, self.due = self.due, []
+        if self._woken.is_set():
+            self._woken = trio.Event()
+        return due
+
+    async def wait_due(self) -> None:
+        """Wait until a parked delivery of this queue is due to go back."""
+        await self._woken.wait()
+
+    def clear(self) -> None:
+        self.parked.clear()
+        self.due.clear()
+        self.slots = 0
 
 
 @dataclass(frozen=True)
 class Parked:
-    """A delivery that did not fit the budget: its tag only, the body let go. Unacked, it keeps
-    its prefetch slot until handed back (give_back) or its channel closes."""
+    """A delivery that did not fit the budget: its tag only, the body let go. Unacked, it takes
+    one of its channel's prefetch slots until handed back (give_back) or its channel closes."""
 
     channel: aiormq.abc.AbstractChannel
     delivery_tag: int
@@ -248,9 +352,9 @@ class QueueConsumer:
         self._declare = declare
         self._budget = budget or ByteBudget(config.buffer_max_bytes)
         self.buffer = Buffer(self._budget)
+        self._share = self._budget.share(self.buffer)
+        self._parked = self._share.parked
         self._in_session = False
-        self._typical_size = 0  # a running average of the bodies received, in bytes
-        self._parked: deque[Parked] = deque()
         self._supervisor = supervisor
         self._channels_wanted = config.consumers_per_queue
         self._per_channel = max(1, math.ceil(config.prefetch_count / config.consumers_per_queue))
@@ -266,6 +370,14 @@ class QueueConsumer:
         self.finished = trio.Event()  # run() has returned and its channels are closed
         self._scope = trio.CancelScope()
         self._in_hand = 0  # messages taken and not yet settled (recording their delivery)
+
+    @property
+    def _typical_size(self) -> int:
+        return self._share.typical_size
+
+    @_typical_size.setter
+    def _typical_size(self, size: int) -> None:
+        self._share.typical_size = size
 
     @property
     def active(self) -> bool:
@@ -295,6 +407,7 @@ class QueueConsumer:
                 await self._consume_while_wanted()
         finally:
             self.stopped = True
+            self._budget.leave(self._share)
             self.buffer.fail_waiters(ConsumerStopped(self.queue))
             with contextlib.suppress(KeyError):
                 self._metrics.buffered_bytes.remove(self.queue)
@@ -362,17 +475,17 @@ class QueueConsumer:
             await self._watch(channels)
         finally:
             self._in_session = False  # what still arrives dies with its channel
+            self._budget.forget(self._share)  # the room it held goes to the others
             self.buffer.clear()  # closing the channels hands their messages back to RabbitMQ
-            self._parked.clear()
             with trio.CancelScope(shield=True):  # each close is bounded by itself
                 async with trio.open_nursery() as nursery:
                     for channel in channels:
                         nursery.start_soon(channel.close)
+            self._budget.forget(self._share)
             self.buffer.clear()
-            self._parked.clear()
 
     async def _consume_on_new_channel(self) -> Channel:
-        channel = await self.broker.channel(prefetch=self._prefetch())
+        channel = await self.broker.channel(prefetch=self._commit_prefetch())
         consuming = False
         try:
             with trio.fail_after(SETTLE_TIMEOUT):
@@ -388,11 +501,18 @@ class QueueConsumer:
             raise
         return channel
 
+    def _commit_prefetch(self) -> int:
+        """The prefetch of a channel opening now, counted as what the session may hold."""
+        prefetch = self._prefetch()
+        self._share.slots += prefetch
+        return prefetch
+
     def _prefetch(self) -> int:
         """Per channel: amqp.prefetch_count's share, lowered so that as many messages of the
-        typical size as all channels may hold fit in the byte budget's room."""
+        typical size as all channels may hold fit in the byte budget's room, less what the
+        other queues' prefetch may still bring. Fixed for the session."""
         size = self._typical_size or ASSUMED_SIZE
-        fitting = self._budget.room // (size * self._channels_wanted)
+        fitting = self._budget.prefetch_room(self._share) // (size * self._channels_wanted)
         return max(1, min(self._per_channel, fitting))
 
     def _on_cancelled_by_broker(self, _frame: object) -> None:
@@ -418,6 +538,7 @@ class QueueConsumer:
         self._typical_size = (
             size if not self._typical_size else (self._typical_size * 7 + size) // 8
         )
+        self._budget.claim(self._share, size)  # the room kept for it, if it was handed back
         alone = self.buffer.waiting > 0 or len(self.buffer) == 0
         if self._budget.admits(size, alone=alone):
             self.buffer.put(Buffered(message, time.monotonic(), size=size))
@@ -426,6 +547,7 @@ class QueueConsumer:
                 self._parked.append(
                     Parked(message.channel, message.delivery_tag, size, time.monotonic())
                 )
+            self._budget.hand_out()  # the room it leaves may fit an older one
 
     async def _watch(self, channels: list[Channel]) -> None:
         """Return when idle or when a channel dies; meanwhile give back what was held too long,
@@ -441,28 +563,27 @@ class QueueConsumer:
             for item in self.buffer.take_older_than(cutoff):
                 await aio.call(settle, item.message, ack=False)
                 self._metrics.given_back.labels(self.queue).inc()
-            if self._parked:
-                await aio.call(give_back, self._unpark(cutoff))
+            leaving = self._unpark(cutoff)
+            if leaving:
+                await aio.call(give_back, leaving)
             self._metrics.buffered_bytes.labels(self.queue).set(self.buffer.bytes)
             with trio.move_on_after(SWEEP_SECONDS):
-                if self._parked:
-                    await self._budget.wait_freed()
-                else:
-                    await trio.sleep_forever()
+                await self._share.wait_due()
 
     def _unpark(self, cutoff: float) -> list[Parked]:
-        """The parked deliveries to hand back now, oldest first: those the room left fits, one
-        more when this queue's buffer is empty (it comes back alone), and any parked before
-        cutoff (so RabbitMQ's consumer_timeout never sees it)."""
-        room = self._budget.room
-        leaving: list[Parked] = []
+        """The parked deliveries to hand back now: those the budget made due (their turn in the
+        node's order came and the room covers them), one more when this queue's buffer is
+        empty (it comes back alone), and any parked before cutoff (so RabbitMQ's
+        consumer_timeout never sees it). Each one's bytes are reserved until it arrives."""
+        self._budget.hand_out()  # reservations that lapsed left room
+        leaving = self._share.take_due()
         while self._parked:
-            oldest = self._parked[0]
             alone = not leaving and not len(self.buffer)
-            if oldest.size > room and not alone and oldest.parked_at >= cutoff:
+            if not alone and self._parked[0].parked_at >= cutoff:
                 break
-            leaving.append(self._parked.popleft())
-            room -= oldest.size
+            parked = self._parked.popleft()
+            self._budget.reserve(self._share, parked.size)
+            leaving.append(parked)
         return leaving
 
     def _idle(self) -> bool:

@@ -201,6 +201,81 @@ async def test_the_prefetch_fits_the_room_for_the_typical_size_within_the_config
     assert queue_consumer._prefetch() == 50  # small messages: the configured share
 
 
+async def test_freed_room_goes_back_once_across_all_queues_oldest_first() -> None:
+    budget = ByteBudget(2000)
+    budget.add(1500)  # another queue's buffer
+    queues = [consumer_with(budget) for _ in range(5)]
+    for queue_consumer in queues:  # each buffers 100 bytes, filling the budget
+        await arrive(queue_consumer, [FakeMessage(b"x" * 100, 1)])
+    for queue_consumer in queues:  # then parks two of 300
+        await arrive(queue_consumer, [FakeMessage(b"x" * 300, tag) for tag in (2, 3)])
+    assert [len(q._parked) for q in queues] == [2] * 5
+    budget.remove(700)  # room for two of them, not for one each
+    assert [q._share._woken.is_set() for q in queues] == [True, False, False, False, False]
+    leaving = [[p.delivery_tag for p in q._unpark(cutoff=0.0)] for q in queues]
+    assert leaving == [[2, 3], [], [], [], []]  # the node's two oldest, nothing else
+    assert budget.room == 100  # their bytes are kept for their return
+    # A fresh delivery does not take the room kept for them; their return does.
+    await arrive(queues[1], [FakeMessage(b"x" * 300, 4)])
+    assert [p.delivery_tag for p in queues[1]._parked] == [2, 3, 4]
+    await arrive(queues[0], [FakeMessage(b"x" * 300, tag) for tag in (4, 5)])
+    assert queues[0].buffer.bytes == 700 and not queues[0]._parked
+    assert [[p.delivery_tag for p in q._unpark(cutoff=0.0)] for q in queues] == [[]] * 5
+
+
+async def test_room_kept_for_a_delivery_that_never_comes_back_lapses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    budget = ByteBudget(1000)
+    budget.add(900)
+    queue_consumer = consumer_with(budget)
+    await arrive(queue_consumer, [FakeMessage(b"x" * 50, 1), FakeMessage(b"x" * 300, 2)])
+    monkeypatch.setattr(consumer, "RESERVE_SECONDS", 0.0)  # RabbitMQ sent it elsewhere
+    budget.remove(900)
+    assert [p.delivery_tag for p in queue_consumer._unpark(cutoff=0.0)] == [2]
+    assert budget.room == 950
+
+
+async def test_a_session_that_ends_lets_go_of_the_room_kept_for_it() -> None:
+    budget = ByteBudget(1000)
+    budget.add(900)
+    queue_consumer = consumer_with(budget)
+    await arrive(queue_consumer, [FakeMessage(b"x" * 50, 1), FakeMessage(b"x" * 300, 2)])
+    budget.remove(900)
+    assert budget.room == 650  # kept for delivery 2
+    budget.forget(queue_consumer._share)  # its channels close: RabbitMQ requeues it
+    assert budget.room == 950 and queue_consumer._unpark(cutoff=0.0) == []
+
+
+async def test_a_delivery_larger_than_the_cap_does_not_hold_up_the_others() -> None:
+    budget = ByteBudget(1000)
+    budget.add(900)
+    huge_queue, small_queue = consumer_with(budget), consumer_with(budget)
+    await arrive(huge_queue, [FakeMessage(b"x" * 50, 1), FakeMessage(b"x" * 5000, 2)])
+    await arrive(small_queue, [FakeMessage(b"x" * 40, 1), FakeMessage(b"x" * 200, 2)])
+    budget.remove(900)
+    assert huge_queue._unpark(cutoff=0.0) == []  # only alone, or after the hold time
+    assert [p.delivery_tag for p in small_queue._unpark(cutoff=0.0)] == [2]
+
+
+async def test_sessions_opening_together_commit_no_more_than_the_budget() -> None:
+    # 20 queues of 3 channels opening at once, each alone would take 60 per channel.
+    budget = ByteBudget(64 * MIB)
+    queues = [consumer_with(budget, channels=3, prefetch=180) for _ in range(20)]
+    prefetches = [[q._commit_prefetch() for _ in range(3)] for q in queues]
+    assert prefetches[0] == [21, 21, 21]  # 63 MiB of 1 MiB messages
+    assert prefetches[1:] == [[1, 1, 1]] * 19  # the rest: one each, never less
+    committed = sum(q._share.outstanding for q in queues)
+    assert committed <= 64 * MIB + 20 * 3 * MIB
+    budget.forget(queues[0]._share)  # its session ended
+    later = consumer_with(budget, channels=3, prefetch=180)
+    assert later._commit_prefetch() == 2  # 7 MiB: the others' prefetch may still bring 57
+    queues[1].buffer.put(sized("m", 3 * MIB))  # what is buffered is not counted twice
+    assert budget.prefetch_room(later._share) == budget.room - 18 * 3 * MIB
+    await arrive(queues[2], [FakeMessage(b"x" * KIB)])  # its messages prove small
+    assert budget.prefetch_room(later._share) == budget.room - 17 * 3 * MIB - 2 * KIB
+
+
 # --- Real RabbitMQ ------------------------------------------------------------------------------
 
 
