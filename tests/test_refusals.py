@@ -29,14 +29,16 @@ FAR = 10**12  # seconds: an expiration RabbitMQ refuses (value_too_large)
 
 
 @asynccontextmanager
-async def backends(amqp_url: str, postgres_dsn: str) -> AsyncIterator[tuple[Store, Publisher]]:
+async def backends(
+    amqp_url: str, postgres_dsn: str, *, auto_create_queues: bool = True
+) -> AsyncIterator[tuple[Store, Publisher]]:
     config = AmqpConfig(url=amqp_url, namespace="ns", publish_channels=2)
     async with aio.open_loop(lambda: None):
         store = await open_store(PostgresConfig(dsn=postgres_dsn), window=10)
         broker = Broker(config)
         await broker.connect(10)
         try:
-            yield store, Publisher(broker, config)
+            yield store, Publisher(broker, config, auto_create_queues=auto_create_queues)
         finally:
             await broker.close()
             await store.close()
@@ -192,31 +194,22 @@ async def test_retries_to_a_full_queue_wait_and_the_others_go(
     amqp_url: str, postgres_dsn: str
 ) -> None:
     full, fine, marks = unique_name("full"), unique_name("fine"), unique_name("ns.marks")
-    config = AmqpConfig(url=amqp_url, namespace="ns", publish_channels=2)
-    async with aio.open_loop(lambda: None):
-        store = await open_store(PostgresConfig(dsn=postgres_dsn), window=10)
-        broker = Broker(config)
-        await broker.connect(10)
-        try:
-            await aio.call(declare_full_queue, amqp_url, full)
-            await aio.call(drain, amqp_url, fine)  # declares it
-            for i in range(3):
-                await add_due_delivery(store, full, f"f{i}", None)
-            for i in range(10):
-                await add_due_delivery(store, fine, f"r{i}", None)
-            publisher = Publisher(broker, config, auto_create_queues=False)
-            job = republisher(store, publisher, Metrics("test"), marks)
-            await job.tick()  # RabbitMQ nacks the three: they wait, the tick goes on
-            waiting = await store.fetch(
-                "SELECT queue, claim_token, claimed_until > now() AS later FROM deliveries "
-                "WHERE NOT done"
-            )
-            seen = await aio.call(drain, amqp_url, fine)
-            await aio.call(delete_queue, amqp_url, full)
-            await aio.call(delete_queue, amqp_url, marks)
-        finally:
-            await broker.close()
-            await store.close()
+    async with backends(amqp_url, postgres_dsn, auto_create_queues=False) as (store, publisher):
+        await aio.call(declare_full_queue, amqp_url, full)
+        await aio.call(drain, amqp_url, fine)  # declares it
+        for i in range(3):
+            await add_due_delivery(store, full, f"f{i}", None)
+        for i in range(10):
+            await add_due_delivery(store, fine, f"r{i}", None)
+        job = republisher(store, publisher, Metrics("test"), marks)
+        await job.tick()  # RabbitMQ nacks the three: they wait, the tick goes on
+        waiting = await store.fetch(
+            "SELECT queue, claim_token, claimed_until > now() AS later FROM deliveries "
+            "WHERE NOT done"
+        )
+        seen = await aio.call(drain, amqp_url, fine)
+        await aio.call(delete_queue, amqp_url, full)
+        await aio.call(delete_queue, amqp_url, marks)
     assert [(r["queue"], r["claim_token"], r["later"]) for r in waiting] == [(full, None, True)] * 3
     assert set(seen) == {f"r{i}" for i in range(10)}
 
