@@ -443,9 +443,9 @@ class QueueConsumer:
 
     def retirable(self, now: float) -> bool:
         """Nobody waits for a message of this queue, and none is being handed out."""
-        return self.active and self.buffer.waiting == 0 and not self._handing_out(now)
+        return self.active and self.buffer.waiting == 0 and not self.handing_out(now)
 
-    def _handing_out(self, now: float) -> bool:
+    def handing_out(self, now: float) -> bool:
         """Whether a message taken is still being recorded and settled on these channels (as
         a guard, a take older than a hand-out can last counts as done)."""
         return self._in_hand > 0 and now - self._last_demand <= HAND_OUT
@@ -591,7 +591,7 @@ class QueueConsumer:
         return (
             self.buffer.waiting == 0
             and now - self._last_demand > self._idle_seconds
-            and not self._handing_out(now)
+            and not self.handing_out(now)
         )
 
     @property

@@ -166,7 +166,7 @@ class Rebalancer:
 
 
 def _state_of(consumer: QueueConsumer) -> QueueState:
-    waiting_since = consumer.buffer.waiting_since
-    # nobody waits here, so a consumer not retirable now is in the middle of a hand-out
-    handing_out = waiting_since is None and not consumer.retirable(time.monotonic())
-    return QueueState(consumer.queue, len(consumer.buffer), waiting_since, handing_out)
+    handing_out = consumer.handing_out(time.monotonic())
+    return QueueState(
+        consumer.queue, len(consumer.buffer), consumer.buffer.waiting_since, handing_out
+    )

@@ -42,15 +42,17 @@ def rabbitmqctl(*args: str) -> None:
 
 
 def connections(vhost: str, *columns: str) -> list[list[str]]:
-    """The given columns of every connection to vhost, as rabbitmqctl list_connections says."""
+    """The given columns of every connection to vhost, as rabbitmqctl list_connections says
+    (which lists every virtual host's, whatever -p asks)."""
     listed = subprocess.run(
-        ["rabbitmqctl", "-q", "list_connections", "-p", vhost, *columns],
+        ["rabbitmqctl", "-q", "list_connections", "vhost", *columns],
         check=True,
         capture_output=True,
         text=True,
         timeout=60,
     ).stdout
-    return [line.split("\t") for line in listed.splitlines() if line.strip()]
+    rows = [line.split("\t") for line in listed.splitlines() if line.strip()]
+    return [row[1:] for row in rows if row[0] == vhost]
 
 
 def create_vhost(name: str) -> str:
