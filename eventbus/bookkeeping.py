@@ -47,7 +47,6 @@ BATCH_SIZE = 500
 BATCH_BYTES = 16 << 20  # a batch ends once its messages hold this many bytes
 BATCH_WAIT = 0.02
 PING_TIMEOUT = 2.0
-STANDBY_SECONDS = 1.0  # between two tries of a standing-by node to take over an in-order queue
 IN_ORDER_GIVE_UP = 30.0  # writing that long in vain, a node hands an in-order queue over
 HANDED_OVER_SECONDS = 10.0  # and leaves it to the others for that long
 WRITE_RETRY_MAX = 5.0
@@ -56,28 +55,23 @@ SESSION_ERRORS: tuple[type[BaseException], ...] = (Unavailable, trio.TooSlowErro
 # PostgreSQL failing whatever the rows are: unreachable, timing out, out of resources, shutting
 # down, read-only, or missing the schema. The batch waits and is retried whole; any other failure
 # is blamed on the rows, and the batch is split to find them.
-NOT_THE_ROWS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    trio.TooSlowError,
-    asyncpg.InterfaceError,  # the client's own state, the pool closing
-    asyncpg.PostgresConnectionError,  # SQLSTATE class 08
-    asyncpg.InsufficientResourcesError,  # 53
-    asyncpg.OperatorInterventionError,  # 57
-    asyncpg.TransactionRollbackError,  # 40: deadlock, serialization failure
-    asyncpg.InvalidTransactionStateError,  # 25
-    asyncpg.SyntaxOrAccessError,  # 42
-    asyncpg.InternalServerError,  # XX
-)
-
 # Failures a batch too heavy for PostgreSQL causes (its statement times out, or PostgreSQL drops
 # the connection while taking it), as well as an outage: told apart by asking PostgreSQL SELECT 1.
 HEAVY: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
     trio.TooSlowError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,  # the client's own state, the pool closing
+    asyncpg.PostgresConnectionError,  # SQLSTATE class 08
+)
+NOT_THE_ROWS: tuple[type[BaseException], ...] = (
+    *HEAVY,
+    asyncpg.InsufficientResourcesError,  # 53
+    asyncpg.OperatorInterventionError,  # 57
+    asyncpg.TransactionRollbackError,  # 40: deadlock, serialization failure
+    asyncpg.InvalidTransactionStateError,  # 25
+    asyncpg.SyntaxOrAccessError,  # 42
+    asyncpg.InternalServerError,  # XX
 )
 
 Item = TypeVar("Item")
@@ -131,8 +125,7 @@ class Worker(Generic[Item]):
             consuming = await self._consume(channel, on_message)
             failed_call = False
             if not consuming:
-                await trio.sleep(STANDBY_SECONDS)
-                return
+                return  # standing by: keep_running's pause spaces the tries
             self._progress = Progress()
             await self._write_batches(channel, receive)
         except HandOver as handing:
@@ -216,7 +209,7 @@ class Worker(Generic[Item]):
         if bad:
             await self._retrying(len(bad), lambda: quarantine.keep(self._store, self.queue, bad))
             self._report(bad)
-        self._count(counts)
+        self._metrics.count_settled(counts)
         if self._in_order is None or not items:
             return None
         return max(self._in_order.published_at(item) for _, item in items)
@@ -307,11 +300,6 @@ class Worker(Generic[Item]):
             len(bad),
             bad[0][1],
         )
-
-    def _count(self, counts: list[tuple[str, str, int]]) -> None:
-        for queue, outcome, count in counts:
-            counter = self._metrics.acked if outcome == "ack" else self._metrics.nacked
-            counter.labels(queue).inc(count)
 
 
 class HandOver(Exception):

@@ -414,7 +414,7 @@ async def release(store: Store, message_id: str | None) -> int:
     """Put quarantined delayed messages back (one, or all with None): they are claimed and
     published again at the next tick. Returns how many were released."""
     status: Any = await store.execute(RELEASE, message_id)
-    return int(str(status).rsplit(" ", 1)[-1])
+    return ledger.row_count(str(status))
 
 
 async def cancel(store: Store, message_id: str) -> bool:

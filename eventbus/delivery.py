@@ -241,9 +241,7 @@ class Delivery:
                 f"RabbitMQ is blocking publishers ({self._broker.blocked}) and PostgreSQL could "
                 f"not take the {what} instead: {describe(error)}"
             ) from None
-        for queue, outcome, count in counts:
-            counter = self._metrics.acked if outcome == "ack" else self._metrics.nacked
-            counter.labels(queue).inc(count)
+        self._metrics.count_settled(counts)
 
     async def ack(self, delivery_id: str) -> None:
         await self._settle(delivery_id, "ack")

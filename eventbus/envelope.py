@@ -126,10 +126,6 @@ class Settlement:
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
 
-    @classmethod
-    def decode(cls, raw: bytes) -> Settlement:
-        return cls(**json.loads(raw))
-
 
 @dataclass(frozen=True)
 class Marker:
@@ -153,9 +149,15 @@ def decode_settlement(raw: bytes) -> Settlement | Marker:
     return settlement
 
 
+LATEST_TIME = 1e11  # epoch seconds, in the year 5138: anything later is no clock's reading
+
+
 def _time(value: Any) -> float:
-    """A time stamp as epoch seconds (ValueError unless it is a finite number)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    """A time stamp as epoch seconds (ValueError unless a number from 0 to LATEST_TIME, which
+    PostgreSQL's to_timestamp takes)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"not a time: {value!r}")
+    if not (math.isfinite(value) and 0 <= value <= LATEST_TIME):
         raise ValueError(f"not a time: {value!r}")
     return float(value)
 

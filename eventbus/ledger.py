@@ -340,12 +340,12 @@ async def clean(
             (CLEAN_DONE, (keep_done_seconds,)),
             (CLEAN_ORPHANS, (keep_done_seconds,)),
         ):
-            while _deleted(await store.execute(statement, limit, *args)) >= limit:
+            while row_count(await store.execute(statement, limit, *args)) >= limit:
                 pass
 
 
-def _deleted(status: str) -> int:
-    """The row count of a DELETE's status tag ("DELETE 42")."""
+def row_count(status: str) -> int:
+    """The row count of a statement's status tag ("DELETE 42", "UPDATE 3")."""
     return int(status.rsplit(" ", 1)[-1])
 
 

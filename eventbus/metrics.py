@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import (
@@ -186,6 +187,12 @@ class Metrics:
             "Times RabbitMQ started blocking publishers (memory or disk alarms)",
             registry=self.registry,
         )
+
+    def count_settled(self, counts: Iterable[tuple[str, str, int]]) -> None:
+        """Count the acks and nacks now stored with their record: (queue, outcome, count)."""
+        for queue, outcome, count in counts:
+            counter = self.acked if outcome == "ack" else self.nacked
+            counter.labels(queue).inc(count)
 
 
 def label_values(metric: Any) -> dict[str, float]:

@@ -18,6 +18,7 @@ from eventbus.envelope import (
     Envelope,
     Outgoing,
     Settlement,
+    decode_settlement,
     internal_message,
     new_envelope,
 )
@@ -229,7 +230,7 @@ def test_records_written_as_one_json_object_are_still_read() -> None:
 def test_settlement_round_trip() -> None:
     for outcome in ("ack", "nack"):
         settlement = Settlement("dé-1", outcome, NOW)
-        assert Settlement.decode(settlement.encode()) == settlement
+        assert decode_settlement(settlement.encode()) == settlement
 
 
 # validate.name

@@ -80,4 +80,4 @@ async def test_freed_bodies_in_the_heap_are_trimmed(
         await trio.sleep(STEP)
         assert "trimmed the heap" in caplog.text
         nursery.cancel_scope.cancel()
-    assert len(bodies) == 400
+    del bodies  # the small live objects were kept between the freed bodies until here

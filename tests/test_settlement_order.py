@@ -201,3 +201,9 @@ def test_another_node_takes_the_ack_queue_over_when_its_node_dies(make_daemon: A
     client.close()
     assert (again.data, again.id != first.id) == ("once", True)
     assert other.log.count(APPLIES) == 1
+
+
+def test_a_time_stamp_postgresql_could_not_store_is_refused_when_read() -> None:
+    for at in (1e13, -1.0, float("nan"), "soon"):
+        with pytest.raises(ValueError):
+            decode_settlement(Marker(at).encode())  # type: ignore[arg-type]
