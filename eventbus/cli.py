@@ -12,10 +12,13 @@ from typing import Any
 
 import trio
 
-from . import __version__, aio, deadletters, delay, store, validate
+from . import __version__
+from .backends import aio, store
 from .config import Config, ConfigError, load
 from .daemon import Daemon
+from .delivery import validate
 from .errors import FatalError, InvalidArgument
+from .jobs import deadletters, delay
 
 logger = logging.getLogger("eventbus")
 

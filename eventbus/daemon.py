@@ -25,26 +25,30 @@ from typing import Any
 
 import trio
 
-from . import __version__, aio, bookkeeping, broker, fdlimit, http, lag, lock, nodes, rpc, store
+from . import __version__
+from .api import http, rpc
+from .api.h2limits import limits_of
+from .api.v1 import MqService, MqTopicService, SizeLimitedCodec
+from .backends import aio, broker, lock, store
+from .backends.lock import RedisLock
+from .backends.retry import describe
 from .config import Config
-from .consumer import Consumers
-from .cron import Cron
-from .delay import Dispatcher
-from .delivery import LEDGER_TIMEOUT, Delivery
+from .delivery.consumer import Consumers
+from .delivery.ids import DeliveryIds
+from .delivery.operations import LEDGER_TIMEOUT, Delivery
+from .delivery.publisher import Publisher
+from .delivery.rebalance import Rebalancer
 from .errors import Unavailable
-from .gauges import Gauges
-from .h2limits import limits_of
-from .ids import DeliveryIds
-from .lock import RedisLock
-from .memory import give_back_freed_memory
-from .metrics import Metrics, label_values
-from .notify import Notifier
-from .publisher import Publisher
-from .rebalance import Rebalancer
-from .republish import Republisher
-from .retry import describe
-from .supervise import Supervisor
-from .wire import MqService, MqTopicService, SizeLimitedCodec
+from .jobs import bookkeeping
+from .jobs.cron import Cron
+from .jobs.delay import Dispatcher
+from .jobs.republish import Republisher
+from .ops import fdlimit, lag, nodes
+from .ops.gauges import Gauges
+from .ops.memory import give_back_freed_memory
+from .ops.metrics import Metrics, label_values
+from .ops.notify import Notifier
+from .ops.supervise import Supervisor
 
 logger = logging.getLogger(__name__)
 

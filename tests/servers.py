@@ -13,9 +13,9 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 import redis
 
-from eventbus import aio
+from eventbus.backends import aio
+from eventbus.backends.store import Store, open_store
 from eventbus.config import PostgresConfig
-from eventbus.store import Store, open_store
 
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 AMQP_HOST = "127.0.0.1:5672"

@@ -23,13 +23,13 @@ import pytest
 import trio
 import trio.testing
 
-from eventbus import aio, broker
-from eventbus.broker import Blocked, Broker, BrokerUnavailable
+from eventbus.api.http import CHECK_TIMEOUT, check_readiness
+from eventbus.backends import aio, broker
+from eventbus.backends.broker import Blocked, Broker, BrokerUnavailable
 from eventbus.config import AmqpConfig
+from eventbus.delivery.publisher import _outcome_of_result, _result_of, until_confirmed
 from eventbus.errors import Unavailable
-from eventbus.http import CHECK_TIMEOUT, check_readiness
-from eventbus.metrics import Metrics
-from eventbus.publisher import _outcome_of_result, _result_of, until_confirmed
+from eventbus.ops.metrics import Metrics
 from tests.bus_client import BusClient, status_of
 from tests.daemon_process import DaemonProcess
 from tests.servers import rabbitmqctl, unique_name

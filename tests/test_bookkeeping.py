@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 import trio
 
-from eventbus import aio, bookkeeping, ledger
-from eventbus.broker import Broker
-from eventbus.envelope import DeliveryRecord
-from eventbus.store import Store
+from eventbus.backends import aio
+from eventbus.backends.broker import Broker
+from eventbus.backends.store import Store
+from eventbus.delivery.envelope import DeliveryRecord
+from eventbus.jobs import bookkeeping, ledger
 from tests.test_quarantine import count, record, with_store, work_through
 
 

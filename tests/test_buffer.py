@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from eventbus.consumer import Buffer, Buffered
+from eventbus.delivery.consumer import Buffer, Buffered
 
 
 def item(name: str, received_at: float = 0.0) -> Buffered:

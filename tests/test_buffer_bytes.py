@@ -14,11 +14,18 @@ import aio_pika
 import pytest
 import trio
 
-from eventbus import aio, broker, consumer
+from eventbus.backends import aio, broker
 from eventbus.config import AmqpConfig
-from eventbus.consumer import Buffer, Buffered, ByteBudget, QueueConsumer, close_after_failed_call
-from eventbus.metrics import Metrics
-from eventbus.supervise import Supervisor
+from eventbus.delivery import consumer
+from eventbus.delivery.consumer import (
+    Buffer,
+    Buffered,
+    ByteBudget,
+    QueueConsumer,
+    close_after_failed_call,
+)
+from eventbus.ops.metrics import Metrics
+from eventbus.ops.supervise import Supervisor
 from tests.bus_client import BusClient
 from tests.servers import unique_name
 from tests.test_consumer import running_consumers

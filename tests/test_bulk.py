@@ -11,11 +11,12 @@ import aiormq
 import pytest
 from pamqp.commands import Basic
 
-from eventbus import aio, bulk
-from eventbus.channels import bounded
-from eventbus.envelope import Envelope
+from eventbus.backends import aio
+from eventbus.delivery import bulk
+from eventbus.delivery.channels import bounded
+from eventbus.delivery.envelope import Envelope
+from eventbus.delivery.publisher import _rounds
 from eventbus.errors import Unavailable
-from eventbus.publisher import _rounds
 from tests.servers import unique_name
 
 

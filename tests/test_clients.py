@@ -50,7 +50,7 @@ def test_grpcio_client_generated_from_its_own_copy_of_the_contract(daemon: Any) 
 
 
 async def test_grpclib_client(daemon: Any) -> None:
-    from eventbus import aio
+    from eventbus.backends import aio
 
     async def round_trip() -> list[dict[str, str]]:
         channel = Channel("127.0.0.1", daemon.grpc_port)

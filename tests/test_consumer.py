@@ -13,13 +13,13 @@ import aio_pika
 import pytest
 import trio
 
-from eventbus import aio, broker
+from eventbus.backends import aio, broker
 from eventbus.config import AmqpConfig
-from eventbus.consumer import Buffer, Consumers, Declare, QueueConsumer
+from eventbus.delivery.consumer import Buffer, Consumers, Declare, QueueConsumer
+from eventbus.delivery.publisher import Publisher
 from eventbus.errors import FailedPrecondition, NotFound, ResourceExhausted
-from eventbus.metrics import Metrics, label_values
-from eventbus.publisher import Publisher
-from eventbus.supervise import Supervisor
+from eventbus.ops.metrics import Metrics, label_values
+from eventbus.ops.supervise import Supervisor
 from tests.servers import unique_name
 
 

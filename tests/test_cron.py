@@ -10,8 +10,8 @@ import pytest
 import trio
 import trio.testing
 
-from eventbus.cron import Cron
-from eventbus.lock import RedisLock
+from eventbus.backends.lock import RedisLock
+from eventbus.jobs.cron import Cron
 
 
 class FakeLock:
@@ -132,7 +132,7 @@ async def test_cron_runs_nothing_when_the_lock_is_never_granted(
 async def test_cron_runs_on_row_claims_alone_when_redis_is_down(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="eventbus.cron")
+    caplog.set_level(logging.DEBUG, logger="eventbus.jobs.cron")
     job, lock = RecordingJob(), FakeLock(error=ConnectionError("Connection refused"))
     start = await run_cron(job, lock, 5.5)
     assert since(start, job.runs) == pytest.approx([0, 1, 2, 3, 4, 5])
@@ -146,7 +146,7 @@ async def test_cron_runs_on_row_claims_alone_when_redis_is_down(
 async def test_cron_logs_redis_back_and_warns_again_on_the_next_outage(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="eventbus.cron")
+    caplog.set_level(logging.INFO, logger="eventbus.jobs.cron")
     lock = FakeLock(error=ConnectionError("down"))
     job = RecordingJob()
 
@@ -159,7 +159,9 @@ async def test_cron_logs_redis_back_and_warns_again_on_the_next_outage(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(flip_redis)
         await run_cron(job, lock, 6.5)
-    messages = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "eventbus.cron"]
+    messages = [
+        (r.levelno, r.getMessage()) for r in caplog.records if r.name == "eventbus.jobs.cron"
+    ]
     assert [level for level, _ in messages] == [logging.WARNING, logging.INFO, logging.WARNING]
     assert "Redis is back" in messages[1][1]
     assert len(job.runs) == 7
@@ -195,7 +197,7 @@ async def test_cron_releases_the_lock_only_after_ticks_it_won(
 async def test_cron_job_failure_skips_only_that_tick(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="eventbus.cron")
+    caplog.set_level(logging.WARNING, logger="eventbus.jobs.cron")
     job, lock = RecordingJob(fail=lambda n: n in (1, 3)), FakeLock(grants=True)
     start = await run_cron(job, lock, 4.5)
     assert since(start, job.runs) == pytest.approx([0, 1, 2, 3, 4])

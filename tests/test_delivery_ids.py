@@ -10,8 +10,8 @@ from typing import Any
 import asyncpg
 import grpc
 
+from eventbus.delivery.ids import DeliveryIds
 from eventbus.errors import InvalidArgument
-from eventbus.ids import DeliveryIds
 from tests.bus_client import BusClient, status_of
 
 KEY = b"k" * 32

@@ -13,13 +13,14 @@ import pytest
 import trio
 from pamqp.commands import Basic
 
-from eventbus import aio, delay
+from eventbus.backends import aio
+from eventbus.backends.store import Store, open_store
 from eventbus.config import PostgresConfig
-from eventbus.envelope import DelayedMessage, Outgoing
+from eventbus.delivery.envelope import DelayedMessage, Outgoing
+from eventbus.delivery.publisher import CONFIRMED, Outcome, Publisher, Target
 from eventbus.errors import FailedPrecondition, Unavailable
-from eventbus.metrics import Metrics
-from eventbus.publisher import CONFIRMED, Outcome, Publisher, Target
-from eventbus.store import Store, open_store
+from eventbus.jobs import delay
+from eventbus.ops.metrics import Metrics
 
 
 class RecordingPublisher:

@@ -9,8 +9,8 @@ import aio_pika
 import aio_pika.abc
 import pytest
 
-from eventbus import validate
-from eventbus.envelope import (
+from eventbus.delivery import validate
+from eventbus.delivery.envelope import (
     ATTEMPT_HEADER,
     EXPIRES_AT_HEADER,
     DelayedMessage,

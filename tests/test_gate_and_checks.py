@@ -7,10 +7,10 @@ import trio
 import trio.testing
 from grpclib.const import Status
 
-from eventbus.http import CHECK_TIMEOUT, check_readiness
-from eventbus.metrics import Metrics
-from eventbus.notify import Notifier
-from eventbus.rpc import Gate
+from eventbus.api.http import CHECK_TIMEOUT, check_readiness
+from eventbus.api.rpc import Gate
+from eventbus.ops.metrics import Metrics
+from eventbus.ops.notify import Notifier
 
 
 async def test_drain_waits_for_calls_in_flight(autojump_clock: trio.testing.MockClock) -> None:

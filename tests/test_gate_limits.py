@@ -9,8 +9,8 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.metadata import Deadline
 
-from eventbus.metrics import Metrics
-from eventbus.rpc import Gate, _cancelled_code
+from eventbus.api.rpc import Gate, _cancelled_code
+from eventbus.ops.metrics import Metrics
 
 
 class CallWithDeadline:

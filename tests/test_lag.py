@@ -8,8 +8,8 @@ import pytest
 import trio
 import trio.testing
 
-from eventbus import lag
-from eventbus.metrics import Metrics
+from eventbus.ops import lag
+from eventbus.ops.metrics import Metrics
 
 
 async def test_a_blocked_loop_is_measured_and_logged(

@@ -10,9 +10,10 @@ import asyncpg
 import pytest
 import trio
 
-from eventbus import aio, ledger
-from eventbus.ledger import DueDelivery
-from eventbus.store import Store
+from eventbus.backends import aio
+from eventbus.backends.store import Store
+from eventbus.jobs import ledger
+from eventbus.jobs.ledger import DueDelivery
 from tests.servers import with_store
 
 FAILED_AT = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)

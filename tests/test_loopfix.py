@@ -7,7 +7,7 @@ import gc
 import trio
 import trio.lowlevel
 
-from eventbus import aio, loopfix
+from eventbus.backends import aio, loopfix
 
 
 class QueuesOnFinalize:

@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from eventbus import memory
+from eventbus.ops import memory
 
 MIB = 1024 * 1024
 STEP = memory.CHECK_SECONDS
@@ -67,7 +67,7 @@ async def test_growth_counts_from_the_lowest_point(autojump_clock: trio.testing.
 async def test_freed_bodies_in_the_heap_are_trimmed(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, "eventbus.memory")
+    caplog.set_level(logging.DEBUG, "eventbus.ops.memory")
     freed = b"x" * MIB
     del freed  # a freed 1 MiB mapping raises the mmap threshold above the bodies
     async with trio.open_nursery() as nursery:

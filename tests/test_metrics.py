@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from eventbus.metrics import MAX_QUEUE_LABELS, OTHER_QUEUES, Metrics, label_values
+from eventbus.ops.metrics import MAX_QUEUE_LABELS, OTHER_QUEUES, Metrics, label_values
 
 
 def test_queues_past_the_label_limit_count_together() -> None:

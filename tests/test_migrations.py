@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from eventbus import aio, migrations
+from eventbus.backends import aio, migrations
+from eventbus.backends.store import open_store
 from eventbus.config import PostgresConfig
-from eventbus.store import open_store
 from tests.daemon_process import to_toml
 
 
@@ -58,11 +58,11 @@ def test_migrate_command(postgres_dsn: str, tmp_path: Path) -> None:
 async def test_each_migration_is_named_in_the_log_before_it_runs(
     postgres_dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="eventbus.migrations")
+    caplog.set_level(logging.INFO, logger="eventbus.backends.migrations")
     async with aio.open_loop(lambda: None):
         store = await open_store(PostgresConfig(dsn=postgres_dsn), window=10)
         await store.close()
-    lines = [r.getMessage() for r in caplog.records if r.name == "eventbus.migrations"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "eventbus.backends.migrations"]
     shipped = migrations.available()
     assert len(lines) == len(shipped)
     assert all(

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from eventbus.envelope import Envelope, Settlement
+from eventbus.delivery.envelope import Envelope, Settlement
+from eventbus.delivery.publisher import CONFIRMED, Outcome
 from eventbus.errors import FailedPrecondition, Unavailable
-from eventbus.ledger import DueDelivery, columns, merge_settlements
-from eventbus.publisher import CONFIRMED, Outcome
-from eventbus.republish import plan, settle
+from eventbus.jobs.ledger import DueDelivery, columns, merge_settlements
+from eventbus.jobs.republish import plan, settle
 
 NOW = 1_700_000_000.0
 FAILED_AT = datetime(2024, 1, 1, tzinfo=UTC)

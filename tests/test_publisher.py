@@ -16,19 +16,19 @@ import aiormq
 import pytest
 import trio
 
-from eventbus import aio
-from eventbus.broker import Broker
-from eventbus.channels import (
+from eventbus.backends import aio
+from eventbus.backends.broker import Broker
+from eventbus.config import AmqpConfig
+from eventbus.delivery.channels import (
     DECLARED_MAX,
     DECLARING_CHANNELS,
     PUBLISH_TIMEOUT,
     Declared,
     open_channel,
 )
-from eventbus.config import AmqpConfig
-from eventbus.envelope import Envelope, Outgoing
+from eventbus.delivery.envelope import Envelope, Outgoing
+from eventbus.delivery.publisher import Outcome, Publisher, Target
 from eventbus.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from eventbus.publisher import Outcome, Publisher, Target
 from tests.servers import unique_name
 
 NEVER = 1e12  # an expiry so far off (year 33658) that RabbitMQ refuses the expiration

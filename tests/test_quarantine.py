@@ -12,12 +12,13 @@ from typing import Any
 import aio_pika
 import trio
 
-from eventbus import aio, bookkeeping, delay, ledger, quarantine
-from eventbus.broker import Broker
+from eventbus.backends import aio
+from eventbus.backends.broker import Broker
+from eventbus.backends.store import Store
 from eventbus.config import AmqpConfig
-from eventbus.envelope import DelayedMessage, DeliveryRecord
-from eventbus.metrics import Metrics, label_values
-from eventbus.store import Store
+from eventbus.delivery.envelope import DelayedMessage, DeliveryRecord
+from eventbus.jobs import bookkeeping, delay, ledger, quarantine
+from eventbus.ops.metrics import Metrics, label_values
 from tests.servers import unique_name, with_store
 
 PATIENCE = 20.0

@@ -2,7 +2,7 @@ import logging
 
 import pytest
 
-from eventbus.ratelog import MAX_KINDS, RateLimitedLog
+from eventbus.ops.ratelog import MAX_KINDS, RateLimitedLog
 
 
 class FakeClock:

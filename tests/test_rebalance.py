@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from eventbus.rebalance import (
+from eventbus.delivery.rebalance import (
     ANNOUNCE_EVERY,
     RELEASE_EVERY,
     STARVING_AFTER,

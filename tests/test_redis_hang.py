@@ -23,9 +23,17 @@ import redis
 import trio
 import trio.testing
 
+from eventbus.backends.lock import (
+    HOLD,
+    PROBE,
+    PROBE_INTERVAL,
+    RELEASE,
+    Redis,
+    RedisHealth,
+    RedisLock,
+)
 from eventbus.config import Config, ConfigError, load
-from eventbus.cron import Cron
-from eventbus.lock import HOLD, PROBE, PROBE_INTERVAL, RELEASE, Redis, RedisHealth, RedisLock
+from eventbus.jobs.cron import Cron
 from tests.bus_client import BusClient
 from tests.servers import REDIS_URL
 from tests.test_cron import RecordingJob, since

@@ -15,14 +15,15 @@ from typing import Any
 import aio_pika
 import pytest
 
-from eventbus import aio, deadletters, delay, ledger
-from eventbus.broker import Broker
+from eventbus.backends import aio
+from eventbus.backends.broker import Broker
+from eventbus.backends.store import Store, open_store
 from eventbus.config import AmqpConfig, DeliveryConfig, PostgresConfig
+from eventbus.delivery.publisher import Publisher
 from eventbus.errors import Unavailable
-from eventbus.metrics import Metrics, label_values
-from eventbus.publisher import Publisher
-from eventbus.republish import Republisher
-from eventbus.store import Store, open_store
+from eventbus.jobs import deadletters, delay, ledger
+from eventbus.jobs.republish import Republisher
+from eventbus.ops.metrics import Metrics, label_values
 from tests.servers import unique_name
 
 FAR = 10**12  # seconds: an expiration RabbitMQ refuses (value_too_large)

@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eventbus._generated import mq_pb2
-from eventbus.framing import FramedStream, MessageLimits, check_prefix
-from eventbus.wire import SizeLimitedCodec
+from eventbus.api.framing import FramedStream, MessageLimits, check_prefix
+from eventbus.api.v1 import SizeLimitedCodec
 
 MAX_BYTES = 1024
 REQUEST_TYPES = [

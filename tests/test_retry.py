@@ -6,8 +6,8 @@ import pytest
 import trio
 import trio.testing
 
+from eventbus.backends.retry import connect_within, describe, redact
 from eventbus.errors import DependencyUnavailable
-from eventbus.retry import connect_within, describe, redact
 
 
 class FlakyServer:

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import trio
 
-from eventbus import ledger
-from eventbus.bookkeeping import Progress
-from eventbus.envelope import DeliveryRecord, Marker, Settlement, decode_settlement
-from eventbus.store import Store
+from eventbus.backends.store import Store
+from eventbus.delivery.envelope import DeliveryRecord, Marker, Settlement, decode_settlement
+from eventbus.jobs import ledger
+from eventbus.jobs.bookkeeping import Progress
 from tests.bus_client import BusClient
 from tests.servers import with_store
 

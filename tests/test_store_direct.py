@@ -8,8 +8,8 @@ import uuid
 import pytest
 import trio
 
-from eventbus import aio
-from eventbus.store import Store
+from eventbus.backends import aio
+from eventbus.backends.store import Store
 from tests.servers import with_store
 
 

@@ -7,8 +7,8 @@ import trio
 import trio.testing
 
 from eventbus.errors import FatalError
-from eventbus.metrics import Metrics, label_values
-from eventbus.supervise import Supervisor
+from eventbus.ops.metrics import Metrics, label_values
+from eventbus.ops.supervise import Supervisor
 
 
 class FlakyPart:

@@ -6,10 +6,10 @@ import asyncio
 
 from pamqp.commands import Basic
 
+from eventbus.delivery.publisher import CONFIRMED, Outcome
 from eventbus.errors import Unavailable
-from eventbus.publisher import CONFIRMED, Outcome
-from eventbus.republish import Plan, settle
-from eventbus.unconfirmed import Resolution, Unconfirmed
+from eventbus.jobs.republish import Plan, settle
+from eventbus.jobs.unconfirmed import Resolution, Unconfirmed
 from tests.test_plan_and_ledger import due as due_delivery
 
 

@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pamqp.commands import Basic, Exchange, Queue
 
-from eventbus import validate
-from eventbus.envelope import new_envelope
+from eventbus.delivery import validate
+from eventbus.delivery.envelope import new_envelope
 from eventbus.errors import InvalidArgument
 
 NOW = 1_700_000_000.0

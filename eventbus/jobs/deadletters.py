@@ -9,12 +9,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
-from .broker import Broker
-from .config import Config
-from .envelope import Envelope
+from ..backends.broker import Broker
+from ..backends.store import Store, open_store
+from ..config import Config
+from ..delivery.envelope import Envelope
+from ..delivery.publisher import Publisher
 from .ledger import text
-from .publisher import Publisher
-from .store import Store, open_store
 
 logger = logging.getLogger(__name__)
 

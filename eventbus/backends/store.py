@@ -10,8 +10,8 @@ from typing import Any, Protocol, TypeVar
 import asyncpg
 import trio
 
+from ..config import PostgresConfig
 from . import aio, migrations
-from .config import PostgresConfig
 from .retry import connect_within, redact
 
 logger = logging.getLogger(__name__)

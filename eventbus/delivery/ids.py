@@ -13,8 +13,8 @@ import hmac
 import os
 import uuid
 
-from .errors import InvalidArgument
-from .store import Store
+from ..backends.store import Store
+from ..errors import InvalidArgument
 
 KEY_NAME = "delivery_ids"
 # 74 random bits (10 bytes less the version and variant bits): ids of a billion deliveries

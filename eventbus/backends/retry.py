@@ -9,7 +9,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import trio
 
-from .errors import DependencyUnavailable
+from ..errors import DependencyUnavailable
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
-from . import __version__
+from .. import __version__
 
 disable_created_metrics()  # type: ignore[no-untyped-call] # the *_created series only double what /metrics already says
 

@@ -29,16 +29,23 @@ import aiormq.exceptions
 import asyncpg
 import trio
 
-from . import aio, delay, ledger, quarantine
-from .broker import BROKER_ERRORS, Broker, Channel
-from .consumer import close_after_failed_call
-from .delivery import InternalQueues
-from .envelope import DelayedMessage, DeliveryRecord, Marker, Settlement, decode_settlement
-from .errors import Unavailable
-from .metrics import Metrics
-from .ratelog import RateLimitedLog
-from .retry import describe, keep_running
-from .store import Store
+from ..backends import aio
+from ..backends.broker import BROKER_ERRORS, Broker, Channel
+from ..backends.retry import describe, keep_running
+from ..backends.store import Store
+from ..delivery.consumer import close_after_failed_call
+from ..delivery.envelope import (
+    DelayedMessage,
+    DeliveryRecord,
+    Marker,
+    Settlement,
+    decode_settlement,
+)
+from ..delivery.operations import InternalQueues
+from ..errors import Unavailable
+from ..ops.metrics import Metrics
+from ..ops.ratelog import RateLimitedLog
+from . import delay, ledger, quarantine
 
 logger = logging.getLogger(__name__)
 ratelog = RateLimitedLog(logger)

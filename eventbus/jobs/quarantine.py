@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from .store import Store
+from ..backends.store import Store
 
 logger = logging.getLogger(__name__)
 

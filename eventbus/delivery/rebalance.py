@@ -21,13 +21,13 @@ import aio_pika
 import aio_pika.abc
 import trio
 
-from . import aio
-from .broker import Broker
+from ..backends import aio
+from ..backends.broker import Broker
+from ..backends.retry import keep_running
+from ..ops.metrics import Metrics
 from .consumer import Consumers, QueueConsumer, close_after_failed_call
 from .envelope import internal_message
-from .metrics import Metrics
 from .publisher import Publisher
-from .retry import keep_running
 
 logger = logging.getLogger(__name__)
 

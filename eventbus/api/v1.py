@@ -14,9 +14,9 @@ from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
 
-from ._generated import mq_grpc, mq_pb2
-from .delivery import Delivery
-from .envelope import DeliveryRecord
+from .._generated import mq_grpc, mq_pb2
+from ..delivery.envelope import DeliveryRecord
+from ..delivery.operations import Delivery
 from .rpc import Gate
 
 EMPTY = Empty()

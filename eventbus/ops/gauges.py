@@ -8,12 +8,12 @@ from typing import Any
 
 import trio
 
-from . import aio
-from .consumer import Consumers
+from ..backends import aio
+from ..backends.retry import describe
+from ..backends.store import Store
+from ..delivery.consumer import Consumers
+from ..delivery.publisher import Publisher
 from .metrics import Metrics, label_values
-from .publisher import Publisher
-from .retry import describe
-from .store import Store
 
 logger = logging.getLogger(__name__)
 

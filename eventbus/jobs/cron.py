@@ -15,8 +15,8 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from .lock import RedisLock
-from .retry import describe
+from ..backends.lock import RedisLock
+from ..backends.retry import describe
 
 logger = logging.getLogger(__name__)
 

@@ -34,14 +34,14 @@ import aio_pika.abc
 import aiormq.abc
 import trio
 
-from . import aio
-from .broker import BROKER_ERRORS, CLOSE_TIMEOUT, REFUSALS, Broker, Channel
-from .config import AmqpConfig
-from .errors import CallError, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
-from .metrics import Metrics
-from .ratelog import RateLimitedLog
-from .retry import describe
-from .supervise import Supervisor
+from ..backends import aio
+from ..backends.broker import BROKER_ERRORS, CLOSE_TIMEOUT, REFUSALS, Broker, Channel
+from ..backends.retry import describe
+from ..config import AmqpConfig
+from ..errors import CallError, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
+from ..ops.metrics import Metrics
+from ..ops.ratelog import RateLimitedLog
+from ..ops.supervise import Supervisor
 
 logger = logging.getLogger(__name__)
 refusal_log = RateLimitedLog(logger)

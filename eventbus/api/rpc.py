@@ -22,10 +22,10 @@ from grpclib.health.service import Health
 from grpclib.reflection.service import ServerReflection
 from grpclib.server import Stream
 
-from . import aio
-from .errors import CallError
+from ..backends import aio
+from ..errors import CallError
+from ..ops.metrics import Metrics
 from .h2limits import GuardedServer, Limits
-from .metrics import Metrics
 
 logger = logging.getLogger(__name__)
 

@@ -18,15 +18,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..backends.store import Store
+from ..config import DeliveryConfig
+from ..delivery.envelope import Envelope, Marker, Outgoing, internal_message
+from ..delivery.publisher import Outcome, Publisher, Target
+from ..errors import CallError, Unavailable
+from ..ops.metrics import Metrics
+from ..ops.ratelog import RateLimitedLog
 from . import ledger
-from .config import DeliveryConfig
-from .envelope import Envelope, Marker, Outgoing, internal_message
-from .errors import CallError, Unavailable
 from .ledger import DueDelivery, text
-from .metrics import Metrics
-from .publisher import Outcome, Publisher, Target
-from .ratelog import RateLimitedLog
-from .store import Store
 from .unconfirmed import Unconfirmed
 
 logger = logging.getLogger(__name__)

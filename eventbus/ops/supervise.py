@@ -10,10 +10,10 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from .errors import FatalError
+from ..backends.retry import describe
+from ..errors import FatalError
 from .metrics import Metrics
 from .ratelog import RateLimitedLog
-from .retry import describe
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import redis.asyncio as aredis
 import redis.exceptions
 import trio
 
+from ..config import RedisConfig
 from . import aio
-from .config import RedisConfig
 from .retry import connect_within, describe, redact
 
 logger = logging.getLogger(__name__)

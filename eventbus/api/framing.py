@@ -30,7 +30,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.protocol import Connection, Stream
 
-from .ratelog import RateLimitedLog
+from ..ops.ratelog import RateLimitedLog
 
 logger = logging.getLogger(__name__)
 ratelog = RateLimitedLog(logger)

@@ -28,10 +28,10 @@ import aio_pika.exceptions
 import aiormq.exceptions
 import trio
 
+from ..config import AmqpConfig
+from ..errors import ResourceExhausted, Unavailable
+from ..ops.metrics import Metrics
 from . import aio
-from .config import AmqpConfig
-from .errors import ResourceExhausted, Unavailable
-from .metrics import Metrics
 from .retry import connect_within, describe, redact
 
 logger = logging.getLogger(__name__)

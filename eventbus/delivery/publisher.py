@@ -40,8 +40,12 @@ import aiormq.exceptions
 import trio
 from pamqp.commands import Basic
 
-from . import aio, bulk
-from .broker import BROKER_ERRORS, Broker
+from ..backends import aio
+from ..backends.broker import BROKER_ERRORS, Broker
+from ..backends.retry import describe
+from ..config import AmqpConfig
+from ..errors import CallError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from . import bulk
 from .channels import (
     DECLARING_CHANNELS,
     PUBLISH_TIMEOUT,
@@ -53,10 +57,7 @@ from .channels import (
     Returned,
     bounded,
 )
-from .config import AmqpConfig
 from .envelope import Kind, Outgoing
-from .errors import CallError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from .retry import describe
 
 logger = logging.getLogger(__name__)
 

@@ -47,9 +47,9 @@ from h2.events import Event, PingReceived, RequestReceived, StreamReset
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
 
-from .config import ServerConfig
+from ..config import ServerConfig
+from ..ops.ratelog import RateLimitedLog
 from .framing import FramedStream, MessageLimits
-from .ratelog import RateLimitedLog
 
 logger = logging.getLogger(__name__)
 ratelog = RateLimitedLog(logger)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import uuid
 
-from .errors import InvalidArgument
+from ..errors import InvalidArgument
 
 MAX_NAME_BYTES = 255  # an AMQP short string
 # pamqp refuses any other character in a queue or exchange name (and RabbitMQ's own UTF-8 names

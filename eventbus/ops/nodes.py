@@ -7,9 +7,9 @@ from typing import Any
 
 import trio
 
-from . import __version__
-from .retry import describe
-from .store import Store
+from .. import __version__
+from ..backends.retry import describe
+from ..backends.store import Store
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from .metrics import Metrics
-from .retry import describe
+from ..backends.retry import describe
+from ..ops.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 

@@ -25,16 +25,16 @@ from typing import Any
 
 import trio
 
+from ..backends.retry import describe
+from ..backends.store import Store
+from ..delivery.envelope import DelayedMessage, Envelope, Outgoing
+from ..delivery.publisher import Outcome, Publisher, Target
+from ..errors import Unavailable
+from ..ops.metrics import Metrics
+from ..ops.ratelog import RateLimitedLog
 from . import ledger
-from .envelope import DelayedMessage, Envelope, Outgoing
-from .errors import Unavailable
 from .ledger import columns, text
-from .metrics import Metrics
-from .publisher import Outcome, Publisher, Target
 from .quarantine import printable
-from .ratelog import RateLimitedLog
-from .retry import describe
-from .store import Store
 from .unconfirmed import Unconfirmed
 
 logger = logging.getLogger(__name__)

@@ -25,9 +25,14 @@ from typing import Any
 
 import asyncpg
 
-from . import ledger, validate
-from .broker import Blocked, Broker, BrokerUnavailable
-from .config import Config
+from ..backends.broker import Blocked, Broker, BrokerUnavailable
+from ..backends.retry import describe
+from ..backends.store import Queries
+from ..config import Config
+from ..errors import Unavailable
+from ..jobs import ledger
+from ..ops.metrics import Metrics
+from . import validate
 from .consumer import Buffered, Consumers
 from .envelope import (
     DelayedMessage,
@@ -38,12 +43,8 @@ from .envelope import (
     internal_message,
     new_envelope,
 )
-from .errors import Unavailable
 from .ids import DeliveryIds
-from .metrics import Metrics
 from .publisher import Publisher, Target
-from .retry import describe
-from .store import Queries
 
 logger = logging.getLogger(__name__)
 

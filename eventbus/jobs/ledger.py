@@ -13,9 +13,9 @@ from typing import Any
 
 import trio
 
-from .envelope import DeliveryRecord, Settlement
+from ..backends.store import Queries, Store
+from ..delivery.envelope import DeliveryRecord, Settlement
 from .quarantine import printable
-from .store import Queries, Store
 
 FINISH_TIMEOUT = 10.0  # recording a batch's fate, connection included: a silent PostgreSQL
 CLEAN_BUDGET = 10.0  # seconds one clean may take

@@ -23,10 +23,10 @@ import aio_pika.abc
 import aiormq
 import aiormq.exceptions
 
-from . import broker
-from .broker import BROKER_ERRORS, CLOSE_TIMEOUT, Broker, check_channel_count
-from .errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from .retry import describe
+from ..backends import broker
+from ..backends.broker import BROKER_ERRORS, CLOSE_TIMEOUT, Broker, check_channel_count
+from ..backends.retry import describe
+from ..errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 logger = logging.getLogger(__name__)
 

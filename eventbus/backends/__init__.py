@@ -1,0 +1,1 @@
+"""RabbitMQ, PostgreSQL and Redis, and the asyncio seam they are called through."""

@@ -1,0 +1,1 @@
+"""The request path: publishing, consuming, hand-outs, what travels through RabbitMQ."""

@@ -1,0 +1,1 @@
+"""Background work: the crons, bookkeeping workers and the ledger they write."""

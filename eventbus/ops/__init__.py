@@ -1,0 +1,1 @@
+"""Running the daemon: metrics, health of the loop, systemd, supervision, memory."""
