@@ -133,7 +133,7 @@ class Daemon:
             await self.publisher.declare_queue(queue)
         self._start_background(root)
         # grpclib binds to the running asyncio loop when built, so only now.
-        services = [MqService(self.gate, self.delivery), MqTopicService(self.gate, self.delivery)]
+        services = self._services()
         codec = SizeLimitedCodec(cfg.server.max_message_bytes)
         self.grpc = rpc.GrpcServer(services, self.gate, codec, limits_of(cfg.server))
         await root.start(rpc.run, self.grpc, cfg.server.grpc_host, cfg.server.grpc_port)
@@ -143,6 +143,13 @@ class Daemon:
         root.start_soon(supervise, "nodes", partial(nodes.keep_registered, self.store, self.node))
         root.start_soon(supervise, "watchdog", self.notifier.keep_alive)
         root.start_soon(supervise, "lag", partial(lag.watch, self.metrics))
+
+    def _services(self) -> list[Any]:
+        """The gRPC services, v1 and v2, served on one port."""
+        return [
+            MqService(self.gate, self.delivery),
+            MqTopicService(self.gate, self.delivery),
+        ]
 
     def _start_background(self, root: trio.Nursery) -> None:
         """Bookkeeping workers, the crons, the gauges and the heap trimming, as this node's

@@ -21,7 +21,14 @@ def test_generated_code_matches_the_proto(tmp_path: Path) -> None:
         timeout=120,
     )
     fresh = sorted(p.name for p in tmp_path.iterdir())
-    assert fresh == ["mq_grpc.py", "mq_pb2.py", "mq_pb2.pyi"]
+    assert fresh == [
+        "mq_grpc.py",
+        "mq_pb2.py",
+        "mq_pb2.pyi",
+        "v2_grpc.py",
+        "v2_pb2.py",
+        "v2_pb2.pyi",
+    ]
     for name in fresh:
         assert (tmp_path / name).read_text() == (GENERATED / name).read_text(), name
 
