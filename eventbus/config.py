@@ -1,4 +1,5 @@
 """Configuration: config.toml plus EVENTBUS_SECTION__KEY environment overrides, validated at load.
+The per-queue retry policies, [queues."GLOB"] tables, come from the file alone.
 
 Every problem is reported as one ConfigError line naming the source and the key, e.g.
 ``config.toml: server.grpc_port: expected an integer 1-65535, got "many"``.
@@ -15,6 +16,8 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from .delivery.validate import MAX_NAME_BYTES, NAME_CHARACTERS, NAME_PATTERN
 
 ENV_PREFIX = "EVENTBUS_"
 
@@ -134,6 +137,31 @@ class DeliveryConfig:
     ack_deadline_seconds: int = _setting(1800, _int(1, 7 * 86400))
     nack_redelivery_delay_seconds: int = _setting(600, _int(0, 7 * 86400))
     max_delay_seconds: int = _setting(365 * 86400, _int(1, 10 * 365 * 86400))
+    dedup_window_seconds: int = _setting(600, _int(1, 7 * 86400))
+
+
+QUEUE_NAME = Rule(
+    str,
+    f"a queue name of 1-{MAX_NAME_BYTES} bytes of {NAME_CHARACTERS}",
+    lambda v: NAME_PATTERN.fullmatch(v) is not None and len(v.encode()) <= MAX_NAME_BYTES,
+)
+# A queue name with fnmatch wildcards: *, ?, [...] and [!...] over the characters of a name.
+NAME_CHARACTER = NAME_PATTERN.pattern.removesuffix("+")
+GLOB = re.compile(rf"(?:{NAME_CHARACTER}|[*?]|\[!?{NAME_CHARACTER}+\])+")
+
+
+@dataclass(frozen=True)
+class QueuePolicyConfig:
+    """One [queues."GLOB"] table: the retry policy of the queues its glob matches. A key left
+    out of the table takes [delivery]'s value (ack_deadline_seconds, max_retries) or the
+    default here."""
+
+    glob: str
+    ack_deadline_seconds: int = _setting(1800, _int(1, 7 * 86400))
+    max_retries: int = _setting(3, _int(0, 1000))
+    backoff_min_seconds: float = _setting(1.0, _float(0, 7 * 86400))
+    backoff_max_seconds: float = _setting(600.0, _float(0, 7 * 86400))
+    dead_letter_queue: str | None = _setting(None, QUEUE_NAME)
 
 
 @dataclass(frozen=True)
@@ -167,10 +195,15 @@ class Config:
     cron: CronConfig = CronConfig()
     background: BackgroundConfig = BackgroundConfig()
     log: LogConfig = LogConfig()
+    queues: tuple[QueuePolicyConfig, ...] = ()  # in file order: the first matching glob wins
 
 
+QUEUES = "queues"  # [queues."GLOB"] tables, set in the file only
 SECTIONS: dict[str, type] = {
-    f.name: type(getattr(Config(), f.name)) for f in dataclasses.fields(Config)
+    f.name: type(getattr(Config(), f.name)) for f in dataclasses.fields(Config) if f.name != QUEUES
+}
+QUEUE_RULES: dict[str, Rule] = {
+    f.name: f.metadata["rule"] for f in dataclasses.fields(QueuePolicyConfig) if f.metadata
 }
 
 
@@ -181,16 +214,17 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
     environ = os.environ if environ is None else environ
     sections = {name: _section_of(raw, name, source) for name in SECTIONS}
     for name in raw:
-        if name not in SECTIONS:
+        if name not in SECTIONS and name != QUEUES:
             raise ConfigError(f"{source}: {name}: unknown section")
     for name, table in sections.items():
         _check_table(source, name, table)
+    queues = _queue_tables(source, raw)
     for var, (section, key, value) in _env_overrides(environ).items():
         sections[section][key] = value
         _check_value(var, section, key, value)
     config = Config(**{name: SECTIONS[name](**table) for name, table in sections.items()})
     _check_channel_budget(source, config.amqp)
-    return config
+    return dataclasses.replace(config, queues=_policies(source, queues, config))
 
 
 CHANNEL_BUDGET = 1800  # of RabbitMQ's default channel_max 2047; the rest is the bus's own
@@ -206,6 +240,67 @@ def _check_channel_budget(source: str, amqp: AmqpConfig) -> None:
             f"amqp.publish_channels, must be at most {CHANNEL_BUDGET} channels, got "
             f"{amqp.max_consumed_queues} x {amqp.consumers_per_queue} + {amqp.publish_channels}"
         )
+
+
+def _queue_tables(source: str, raw: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The [queues."GLOB"] tables in file order, every key checked."""
+    queues = raw.get(QUEUES, {})
+    if not isinstance(queues, dict):
+        raise ConfigError(f"{source}: {QUEUES}: expected a table, got {_show(queues)}")
+    for glob, table in queues.items():
+        _check_queue_table(source, glob, table)
+    return list(queues.items())
+
+
+def _check_queue_table(source: str, glob: str, table: Any) -> None:
+    section = f"{QUEUES}.{_show(glob)}"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: {section}: expected a table, got {_show(table)}")
+    if not GLOB.fullmatch(glob) or _glob_length(glob) > MAX_NAME_BYTES:
+        raise ConfigError(
+            f"{source}: {section}: expected a glob of queue names: 1-{MAX_NAME_BYTES} of "
+            f"{NAME_CHARACTERS}, or the wildcards * ? [...] [!...]"
+        )
+    _check_table(source, section, table, QUEUE_RULES)
+    low = table.get("backoff_min_seconds", QueuePolicyConfig.backoff_min_seconds)
+    high = table.get("backoff_max_seconds", QueuePolicyConfig.backoff_max_seconds)
+    if low > high:
+        raise ConfigError(
+            f"{source}: {section}.backoff_min_seconds: expected at most backoff_max_seconds "
+            f"({_show(high)}), got {_show(low)}"
+        )
+
+
+def _glob_length(glob: str) -> int:
+    """The shortest length of a name the glob matches."""
+    return len(re.sub(r"\[[^\]]*\]", "?", glob).replace("*", ""))
+
+
+def _policies(
+    source: str, tables: list[tuple[str, dict[str, Any]]], config: Config
+) -> tuple[QueuePolicyConfig, ...]:
+    """The queue tables as policies, keys left out taken from [delivery]; neither a glob nor a
+    dead-letter queue may lie among names reserved by RabbitMQ or the bus."""
+    inherited = {
+        "ack_deadline_seconds": config.delivery.ack_deadline_seconds,
+        "max_retries": config.delivery.max_retries,
+    }
+    policies = tuple(QueuePolicyConfig(glob, **{**inherited, **table}) for glob, table in tables)
+    for policy in policies:
+        section = f"{QUEUES}.{_show(policy.glob)}"
+        _check_unreserved(f"{source}: {section}", policy.glob, config.amqp.namespace)
+        if policy.dead_letter_queue is not None:
+            key = f"{source}: {section}.dead_letter_queue"
+            _check_unreserved(key, policy.dead_letter_queue, config.amqp.namespace)
+    return policies
+
+
+def _check_unreserved(where: str, name: str, namespace: str) -> None:
+    """A name (or a glob's literal start) must not be RabbitMQ's amq. nor the bus's own."""
+    if name.startswith("amq."):
+        raise ConfigError(f"{where}: must not start with amq. (reserved by RabbitMQ)")
+    if name == namespace or name.startswith(namespace + "."):
+        raise ConfigError(f"{where}: must not be inside amqp.namespace {_show(namespace)}")
 
 
 def _read_toml(path: str) -> dict[str, Any]:
@@ -233,17 +328,21 @@ def _section_of(raw: dict[str, Any], name: str, source: str) -> dict[str, Any]:
     return dict(table)
 
 
-def _check_table(source: str, section: str, table: dict[str, Any]) -> None:
+def _check_table(
+    source: str, section: str, table: dict[str, Any], rules: dict[str, Rule] | None = None
+) -> None:
     for key, value in table.items():
-        _check_value(source, section, key, value)
+        _check_value(source, section, key, value, rules)
 
 
 def _rules(section: str) -> dict[str, Rule]:
     return {f.name: f.metadata["rule"] for f in dataclasses.fields(SECTIONS[section])}
 
 
-def _check_value(source: str, section: str, key: str, value: Any) -> None:
-    rule = _rules(section).get(key)
+def _check_value(
+    source: str, section: str, key: str, value: Any, rules: dict[str, Rule] | None = None
+) -> None:
+    rule = (_rules(section) if rules is None else rules).get(key)
     if rule is None:
         raise ConfigError(f"{source}: {section}.{key}: unknown key")
     if not (_is_kind(value, rule.kind) and rule.check(value)):
@@ -274,6 +373,8 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, tuple[str, str, Any]
         if not var.startswith(ENV_PREFIX) or "__" not in var:
             continue
         section, _, key = var[len(ENV_PREFIX) :].lower().partition("__")
+        if section == QUEUES:
+            raise ConfigError(f'{var}: {QUEUES}: set in the file only, as [queues."GLOB"] tables')
         if section not in SECTIONS:
             raise ConfigError(f"{var}: {section}: unknown section")
         rule = _rules(section).get(key)
