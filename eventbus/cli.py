@@ -17,8 +17,8 @@ from .backends import aio, store
 from .config import Config, ConfigError, load
 from .daemon import Daemon
 from .delivery import validate
-from .errors import FatalError, InvalidArgument
-from .jobs import deadletters, delay
+from .errors import CallError, FatalError, InvalidArgument
+from .jobs import admin, deadletters, delay
 
 logger = logging.getLogger("eventbus")
 
@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = 0
     try:
         trio.run(args.command, config, args)
-    except* FatalError as group:
+    except* (FatalError, CallError) as group:
         for fatal in _leaves(group):
             logger.error("%s", fatal)
         status = EXIT_FATAL
@@ -73,9 +73,15 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             validate.delivery_id(args.id)
         except InvalidArgument as error:
             parser.error(f"delayed {args.action}: {error.message}")
+    dead_letters = (_list_dead_letters, _requeue_dead_letters)
+    if args.command in dead_letters and args.message_id is not None:
+        try:
+            validate.delivery_id(args.message_id)
+        except InvalidArgument:
+            parser.error(f"dead-letters: --message-id {args.message_id!r} is not a message id")
 
 
-def _leaves(group: BaseExceptionGroup[FatalError]) -> list[BaseException]:
+def _leaves(group: BaseExceptionGroup[Exception]) -> list[BaseException]:
     """Every exception inside a (possibly nested) exception group."""
     found: list[BaseException] = []
     for error in group.exceptions:
@@ -188,15 +194,17 @@ def _configure_logging(config: Config) -> None:
     logging.getLogger("aiormq.connection").setLevel(logging.CRITICAL)
 
 
-def _selection(args: argparse.Namespace) -> deadletters.Selection:
-    return deadletters.Selection(queue=args.queue, message_id=args.message_id)
+def _message_ids(args: argparse.Namespace) -> list[str]:
+    return [] if args.message_id is None else [args.message_id]
 
 
 async def _list_dead_letters(config: Config, args: argparse.Namespace) -> None:
     async with aio.open_loop(lambda: None):
         db = await store.open_store(config.postgres, config.amqp.reconnect_window_seconds)
         try:
-            letters = await deadletters.list_letters(db, _selection(args), args.limit)
+            letters = await admin.list_dead_letters(
+                db, config.amqp.namespace, args.queue, args.limit, ids=_message_ids(args)
+            )
         finally:
             await db.close()
     for letter in letters:
@@ -232,20 +240,20 @@ def _line(fields: dict[str, Any], *, as_json: bool) -> str:
 
 async def _requeue_dead_letters(config: Config, args: argparse.Namespace) -> None:
     async with aio.open_loop(lambda: None), deadletters.connected(config) as (db, publisher):
-        moved, kept = await deadletters.requeue(db, publisher, _selection(args))
+        moved, kept = await admin.requeue_dead_letters(
+            db, publisher, config.amqp.namespace, args.queue, _message_ids(args)
+        )
     logger.info("requeued %d dead letters", moved)
     if kept:
         raise RequeueIncomplete(f"{kept} dead letters could not be requeued and stay")
 
 
 async def _list_delayed(config: Config, args: argparse.Namespace) -> None:
-    kind, target = ("topic", args.topic) if args.topic else ("queue", args.queue)
+    target = admin.delayed_target(args.queue, args.topic, config.amqp.namespace)
     async with aio.open_loop(lambda: None):
         db = await store.open_store(config.postgres, config.amqp.reconnect_window_seconds)
         try:
-            rows = await delay.pending(
-                db, kind if target else None, target, args.limit, quarantined=args.quarantined
-            )
+            rows = await admin.list_delayed(db, target, args.limit, quarantined=args.quarantined)
         finally:
             await db.close()
     for row in rows:
@@ -268,10 +276,10 @@ async def _cancel_delayed(config: Config, args: argparse.Namespace) -> None:
     async with aio.open_loop(lambda: None):
         db = await store.open_store(config.postgres, config.amqp.reconnect_window_seconds)
         try:
-            cancelled = await delay.cancel(db, message_id)
+            _, not_found = await admin.cancel_delayed(db, [message_id])
         finally:
             await db.close()
-    if not cancelled:
+    if not_found:
         raise NothingToCancel(f"no pending delayed message {message_id}")
     logger.info("cancelled delayed message %s", message_id)
 

@@ -34,17 +34,21 @@ class DeadLetter:
 
 @dataclass(frozen=True)
 class Selection:
-    """Which dead letters a command means: one queue, one message, or all of them."""
+    """Which dead letters a command means: of one queue (None: every queue), of these messages
+    (none: all of them)."""
 
     queue: str | None = None
-    message_id: str | None = None
+    message_ids: tuple[str, ...] = ()
 
-    def where(self) -> tuple[str, list[str]]:
-        clauses, args = [], []
-        for column, value in (("queue", self.queue), ("message_id::text", self.message_id)):
-            if value is not None:
-                args.append(value)
-                clauses.append(f"{column} = ${len(args)}")
+    def where(self) -> tuple[str, list[object]]:
+        clauses: list[str] = []
+        args: list[object] = []
+        if self.queue is not None:
+            args.append(self.queue)
+            clauses.append(f"queue = ${len(args)}")
+        if self.message_ids:
+            args.append(list(self.message_ids))
+            clauses.append(f"message_id = ANY(${len(args)}::uuid[])")
         return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
 
 

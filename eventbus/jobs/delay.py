@@ -377,10 +377,16 @@ class Pending:
 
 
 async def pending(
-    store: Store, kind: str | None, target: str | None, limit: int, *, quarantined: bool = False
+    store: Store,
+    kind: str | None,
+    target: str | None,
+    limit: int,
+    *,
+    quarantined: bool = False,
+    offset: int = 0,
 ) -> list[Pending]:
-    """Delayed messages not yet moved, soonest first; optionally of one queue or topic, or only
-    the quarantined ones."""
+    """Delayed messages not yet moved, soonest first, from the offset-th on; optionally of one
+    queue or topic, or only the quarantined ones."""
     clauses, args = ["quarantined_at IS NOT NULL"] if quarantined else [], []
     for column, value in (("kind", kind), ("target", target)):
         if value is not None:
@@ -390,9 +396,11 @@ async def pending(
     rows = await store.fetch(
         "SELECT id, kind, target, body, due_at, quarantined_at, quarantine_reason, "
         "publish_failures, last_failure "
-        f"FROM delayed_messages{where} ORDER BY due_at LIMIT ${len(args) + 1}",
+        f"FROM delayed_messages{where} ORDER BY due_at, id "
+        f"LIMIT ${len(args) + 1} OFFSET ${len(args) + 2}",
         *args,
         limit,
+        offset,
     )
     return [
         Pending(
@@ -420,7 +428,13 @@ async def release(store: Store, message_id: str | None) -> int:
 async def cancel(store: Store, message_id: str) -> bool:
     """Forget a delayed message that has not been moved yet (quarantined or not); False when
     there is none."""
-    status: Any = await store.execute(
-        "DELETE FROM delayed_messages WHERE id = $1::uuid", message_id
+    return bool(await cancel_all(store, [message_id]))
+
+
+async def cancel_all(store: Store, message_ids: Sequence[str]) -> set[str]:
+    """Forget the named delayed messages that have not been moved yet (quarantined or not);
+    returns the ids of those there were."""
+    rows = await store.fetch(
+        "DELETE FROM delayed_messages WHERE id = ANY($1::uuid[]) RETURNING id", list(message_ids)
     )
-    return bool(status == "DELETE 1")
+    return {str(row["id"]) for row in rows}

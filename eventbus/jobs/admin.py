@@ -1,0 +1,260 @@
+"""Administration: queues, dead letters and delayed messages, as the `eventbus dead-letters` and
+`eventbus delayed` commands and the eventbus.v2.Admin service both see them.
+
+Every function here is on the trio side of the seam and checks what it is given: a bad queue
+name (or one inside amqp.namespace), message id or page size is InvalidArgument, a queue the bus
+does not know NotFound. A queue's counts come from three places: RabbitMQ (ready messages and
+consumers, by a passive declare that never creates the queue), this node's prefetch buffers, and
+PostgreSQL (deliveries in flight, delayed messages, dead letters).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..backends import aio
+from ..backends.broker import Broker
+from ..backends.store import Store
+from ..delivery import validate
+from ..delivery.channels import Declarer, bounded
+from ..delivery.consumer import Consumers
+from ..delivery.publisher import Publisher, Target, finish_anyway
+from ..errors import InvalidArgument, NotFound
+from . import delay
+from .deadletters import DeadLetter, Selection, list_letters, requeue
+
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000  # a page of a listing, and message ids in one call
+MAX_QUEUES = 1000  # queues in one listing, first by name
+PROBE_CHANNELS = 4
+
+# Per queue: deliveries handed out and not done (neither acked nor back in the queue; a nacked
+# one counts until its retry), delayed messages bound for it, dead letters.
+COUNTS = """
+SELECT 'in_flight' AS part, d.queue AS name, count(*) AS n FROM deliveries d
+WHERE NOT d.done AND d.queue = ANY($1::text[]) AND NOT EXISTS (
+    SELECT 1 FROM settlements s WHERE s.delivery_id = d.id AND s.outcome <> 'nack')
+GROUP BY d.queue
+UNION ALL
+SELECT 'delayed', target, count(*) FROM delayed_messages
+WHERE kind = 'queue' AND target = ANY($1::text[]) GROUP BY target
+UNION ALL
+SELECT 'dead_letters', queue, count(*) FROM dead_letters WHERE queue = ANY($1::text[])
+GROUP BY queue
+"""
+KNOWN = """
+SELECT name FROM (
+    SELECT queue AS name FROM deliveries WHERE NOT done
+    UNION SELECT queue FROM dead_letters
+    UNION SELECT target FROM delayed_messages WHERE kind = 'queue'
+) AS known ORDER BY name LIMIT $1
+"""
+
+
+@dataclass(frozen=True)
+class QueueInfo:
+    name: str
+    ready: int  # in RabbitMQ, plus those this node holds prefetched
+    in_flight: int
+    delayed: int
+    dead_letters: int
+    consumers: int  # AMQP consumers on the queue, of every node
+
+
+def page_size(limit: int) -> int:
+    """A listing's limit: 0 means DEFAULT_LIMIT, at most MAX_LIMIT."""
+    if not 0 <= limit <= MAX_LIMIT:
+        raise InvalidArgument(f"limit must be 0-{MAX_LIMIT} (0: {DEFAULT_LIMIT})")
+    return limit or DEFAULT_LIMIT
+
+
+def message_ids(values: Sequence[str]) -> list[str]:
+    """Message ids as the bus hands them out (UUIDs in canonical form), each once, at most
+    MAX_LIMIT; a bad one is named by its index."""
+    if len(values) > MAX_LIMIT:
+        raise InvalidArgument(f"message_ids: at most {MAX_LIMIT} in one call")
+    ids: dict[str, None] = {}
+    for index, value in enumerate(values):
+        try:
+            ids[validate.delivery_id(value)] = None
+        except InvalidArgument:
+            raise InvalidArgument(
+                f"message_ids[{index}] {value[:64]!r} is not a message id"
+            ) from None
+    return list(ids)
+
+
+def queue_filter(queue: str | None, namespace: str) -> str | None:
+    """An optional queue to narrow a listing to: None or '' for every queue."""
+    return validate.name("queue", queue, namespace) if queue else None
+
+
+# ---- Dead letters --------------------------------------------------------------------------
+
+
+async def list_dead_letters(
+    store: Store,
+    namespace: str,
+    queue: str | None,
+    limit: int,
+    offset: int = 0,
+    ids: Sequence[str] = (),
+) -> list[DeadLetter]:
+    """Dead letters, oldest first, from the offset-th on: of one queue or every queue, and of
+    the given messages only (none given: all of them)."""
+    selection = Selection(queue_filter(queue, namespace), tuple(message_ids(ids)))
+    return await list_letters(store, selection, limit, offset)
+
+
+async def requeue_dead_letters(
+    store: Store, publisher: Publisher, namespace: str, queue: str | None, ids: Sequence[str]
+) -> tuple[int, int]:
+    """Publish dead letters to their queue again as fresh messages: of one queue or every
+    queue, of the given messages only (none given: all of them). Returns how many went back and
+    how many RabbitMQ did not take (those stay)."""
+    selection = Selection(queue_filter(queue, namespace), tuple(message_ids(ids)))
+    return await requeue(store, publisher, selection)
+
+
+# ---- Delayed messages ----------------------------------------------------------------------
+
+
+def delayed_target(queue: str | None, topic: str | None, namespace: str) -> Target | None:
+    """The queue or topic a listing of delayed messages is narrowed to (None: every target)."""
+    if queue and topic:
+        raise InvalidArgument("name a queue or a topic, not both")
+    if topic:
+        return "topic", validate.name("topic", topic, namespace)
+    if queue:
+        return "queue", validate.name("queue", queue, namespace)
+    return None
+
+
+async def list_delayed(
+    store: Store,
+    target: Target | None,
+    limit: int,
+    offset: int = 0,
+    *,
+    quarantined: bool = False,
+) -> list[delay.Pending]:
+    """Delayed messages not yet moved, soonest first, from the offset-th on: of one queue or
+    topic or all, optionally only the quarantined ones."""
+    kind, name = target if target is not None else (None, None)
+    return await delay.pending(store, kind, name, limit, quarantined=quarantined, offset=offset)
+
+
+async def cancel_delayed(store: Store, ids: Sequence[str]) -> tuple[int, list[str]]:
+    """Forget delayed messages not moved yet (quarantined or not). Returns how many were
+    cancelled and the ids that named none, in the order given."""
+    wanted = message_ids(ids)
+    if not wanted:
+        raise InvalidArgument("message_ids must not be empty")
+    cancelled = await delay.cancel_all(store, wanted)
+    return len(cancelled), [i for i in wanted if i not in cancelled]
+
+
+# ---- Queues --------------------------------------------------------------------------------
+
+
+class Queues:
+    """Queue counts and purges. RabbitMQ is asked over declaring channels of its own, on the
+    connection that never publishes (so this goes on while RabbitMQ blocks publishers); a
+    channel whose call failed is closed, not reused."""
+
+    def __init__(self, store: Store, broker: Broker, consumers: Consumers, namespace: str) -> None:
+        self._store = store
+        self._consumers = consumers
+        self._namespace = namespace
+        self._declarer = Declarer(broker, PROBE_CHANNELS)
+
+    async def info(self, queue: str) -> QueueInfo:
+        """A queue's counts; NotFound when neither RabbitMQ nor PostgreSQL knows it."""
+        validate.name("queue", queue, self._namespace)
+        [info] = await self._infos([queue])
+        if info is None:
+            raise NotFound(f"queue {queue!r} does not exist")
+        return info
+
+    async def known(self) -> list[QueueInfo]:
+        """The counts of every queue the bus knows, by name, at most MAX_QUEUES: those with
+        deliveries in flight, delayed messages or dead letters, and those this node consumes."""
+        rows = await self._store.fetch(KNOWN, MAX_QUEUES)
+        names = {row["name"] for row in rows}
+        names.update(c.queue for c in self._consumers.running() if not self._internal(c.queue))
+        infos = await self._infos(sorted(names)[:MAX_QUEUES])
+        return [info for info in infos if info is not None]
+
+    async def purge(self, queue: str) -> int:
+        """Remove the ready messages of a queue from RabbitMQ; returns how many. Those handed
+        out, prefetched by a node, delayed or dead are not touched."""
+        validate.name("queue", queue, self._namespace)
+        try:
+            return await aio.call(finish_anyway, self._purge(queue))
+        except NotFound:
+            raise NotFound(f"queue {queue!r} does not exist") from None
+
+    def _internal(self, queue: str) -> bool:
+        return queue == self._namespace or queue.startswith(self._namespace + ".")
+
+    async def _infos(self, queues: list[str]) -> list[QueueInfo | None]:
+        """Counts of each queue, in order; None for one that neither RabbitMQ nor PostgreSQL
+        knows."""
+        in_rabbitmq = await aio.call(self._look_all, queues)
+        counts = await self._counts(queues)
+        buffered = self._consumers.buffered()
+        return [
+            _info(q, found, counts.get(q, {}), buffered.get(q, 0))
+            for q, found in zip(queues, in_rabbitmq, strict=True)
+        ]
+
+    async def _counts(self, queues: list[str]) -> dict[str, dict[str, int]]:
+        counts: dict[str, dict[str, int]] = {}
+        for row in await self._store.fetch(COUNTS, queues):
+            counts.setdefault(row["name"], {})[row["part"]] = int(row["n"])
+        return counts
+
+    async def _look_all(self, queues: list[str]) -> list[tuple[int, int] | None]:
+        """(asyncio side) (ready, consumers) of each queue, None where RabbitMQ has no such
+        queue; at most PROBE_CHANNELS at a time, each to its end, then the first failure."""
+        looks = [finish_anyway(self._look(q)) for q in queues]
+        results = await asyncio.gather(*looks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, NotFound):
+                raise result
+        return [None if isinstance(r, BaseException) else r for r in results]
+
+    async def _look(self, queue: str) -> tuple[int, int]:
+        """(asyncio side) A passive declare: NotFound when RabbitMQ has no such queue."""
+        async with self._declarer.channel() as channel:
+            declared = await bounded(
+                f"looking up queue {queue!r}", channel.declare_queue(queue, passive=True)
+            )
+        result = declared.declaration_result
+        return int(result.message_count or 0), int(result.consumer_count or 0)
+
+    async def _purge(self, queue: str) -> int:
+        async with self._declarer.channel() as channel:
+            declared = await bounded(
+                f"looking up queue {queue!r}", channel.declare_queue(queue, passive=True)
+            )
+            purged = await bounded(f"purging queue {queue!r}", declared.purge())
+        return int(purged.message_count or 0)
+
+
+def _info(
+    queue: str, in_rabbitmq: tuple[int, int] | None, counts: dict[str, int], buffered: int
+) -> QueueInfo | None:
+    if in_rabbitmq is None and not any(counts.values()):
+        return None
+    ready, consumers = in_rabbitmq or (0, 0)
+    return QueueInfo(
+        queue,
+        ready + buffered,
+        counts.get("in_flight", 0),
+        counts.get("delayed", 0),
+        counts.get("dead_letters", 0),
+        consumers,
+    )
