@@ -1,0 +1,102 @@
+"""v2 Publish throughput beside aio-pika publishing straight to RabbitMQ, in one run.
+
+Usage: .venv/bin/python bench/v2_publish.py [--seconds 10] [--json FILE] [--profile FILE]
+
+aio-pika (the baseline): persistent 100-byte messages to a durable queue with publisher confirms,
+one message per publish, 64 publishes in flight; measured before the daemon starts and after it
+stops, the mean of the two is the baseline.
+bus: eventbus.v2.Publisher/Publish with batches of 1, 10 and 100 such messages, 8 calls in
+flight (grpclib, over 4 connections), each call answered once RabbitMQ confirmed its batch.
+Prints messages/s and each batch size's ratio to the baseline; goal (SPEC section 9): batches
+of 100 >= 1.5x. Needs the local RabbitMQ, PostgreSQL and Redis; uses a vhost, a database and a
+Redis prefix of its own, removed afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.bench_direct import aio_pika_publish_rate
+from bench.v2_common import (
+    arguments,
+    backends,
+    daemon,
+    delete_queue,
+    publish_batches,
+    table,
+    write_json,
+)
+
+BATCHES = (1, 10, 100)
+IN_FLIGHT = 8
+BASELINE_IN_FLIGHT = 64
+GOAL = 1.5  # x the baseline, batches of 100
+
+
+async def publish_rate(port: int, queue: str, batch: int, seconds: float) -> float:
+    """Messages/s stored by IN_FLIGHT callers publishing batches to queue for seconds, after
+    half a second of the same to open the connections and declare the queue."""
+    await publish_batches(port, queue, batch, 0.5, IN_FLIGHT)
+    published, elapsed = await publish_batches(port, queue, batch, seconds, IN_FLIGHT)
+    return published / elapsed
+
+
+async def bus_rate(port: int, url: str, batch: int, seconds: float) -> float:
+    queue = f"v2-publish-{batch}"
+    rate = await publish_rate(port, queue, batch, seconds)
+    await delete_queue(url, queue)
+    return rate
+
+
+def main() -> None:
+    args = arguments(__doc__, 10.0)
+    with backends() as run:
+        before = asyncio.run(aio_pika_publish_rate(run.url, args.seconds, BASELINE_IN_FLIGHT))
+        with daemon(run, args.profile) as bus:
+            rates = [asyncio.run(bus_rate(bus.port, run.url, b, args.seconds)) for b in BATCHES]
+        after = asyncio.run(aio_pika_publish_rate(run.url, args.seconds, BASELINE_IN_FLIGHT))
+    baseline = statistics.mean([before, after])
+    report(args.seconds, [before, after], rates)
+    write_json(
+        args.json,
+        {
+            "benchmark": "publish",
+            "seconds": args.seconds,
+            "baseline": {"runs": [before, after], "rate": baseline},
+            "bus": [
+                {"batch": b, "rate": r, "ratio": r / baseline}
+                for b, r in zip(BATCHES, rates, strict=True)
+            ],
+            "goal": {"batch": BATCHES[-1], "ratio": GOAL},
+        },
+    )
+
+
+def report(seconds: float, baselines: list[float], rates: list[float]) -> None:
+    baseline = statistics.mean(baselines)
+    rows = [
+        (
+            f"aio-pika publish, confirms, {BASELINE_IN_FLIGHT} in flight",
+            f"{baseline:,.0f} msgs/s",
+            f"baseline (before {baselines[0]:,.0f}, after {baselines[1]:,.0f})",
+        )
+    ]
+    for batch, rate in zip(BATCHES, rates, strict=True):
+        goal = f" (goal >= {GOAL})" if batch == BATCHES[-1] else ""
+        rows.append(
+            (
+                f"bus Publish, batches of {batch}, {IN_FLIGHT} calls in flight",
+                f"{rate:,.0f} msgs/s",
+                f"{rate / baseline:.2f} x baseline{goal}",
+            )
+        )
+    table(f"v2 Publish, {seconds:g} s per figure, 100-byte persistent messages", rows)
+
+
+if __name__ == "__main__":
+    main()
