@@ -27,6 +27,7 @@ import trio
 
 from . import __version__
 from .api import http, rpc
+from .api.admin import AdminService
 from .api.h2limits import limits_of
 from .api.v1 import MqService, MqTopicService, SizeLimitedCodec
 from .backends import aio, broker, lock, store
@@ -149,6 +150,14 @@ class Daemon:
         return [
             MqService(self.gate, self.delivery),
             MqTopicService(self.gate, self.delivery),
+            AdminService(
+                self.gate,
+                self.store,
+                self.publisher,
+                self.broker,
+                self.consumers,
+                self.config.amqp.namespace,
+            ),
         ]
 
     def _start_background(self, root: trio.Nursery) -> None:
