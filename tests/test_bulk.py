@@ -135,7 +135,7 @@ async def test_without_the_channel_internals_it_publishes_one_by_one(
 
 def test_a_message_id_twice_in_a_batch_goes_in_a_later_round() -> None:
     def message(message_id: str, queue: str) -> Any:
-        return (("queue", queue), Envelope(message_id, "x", 2).to_amqp(0))
+        return (("queue", queue), Envelope(message_id, b"x", 2).to_amqp(0))
 
     batch = [message("a", "q1"), message("b", "q1"), message("a", "q2"), message("a", "q3")]
     assert _rounds([0, 1, 2, 3], batch) == [[0, 1], [2], [3]]

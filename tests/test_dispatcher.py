@@ -102,7 +102,7 @@ async def free_rows_left(store: Store) -> int:
 
 
 def due_messages(count: int, due_at: float) -> list[DelayedMessage]:
-    return [DelayedMessage(str(uuid.uuid4()), "queue", "q", "x", due_at, 0) for _ in range(count)]
+    return [DelayedMessage(str(uuid.uuid4()), "queue", "q", b"x", due_at, 0) for _ in range(count)]
 
 
 async def with_store(postgres_dsn: str, pending: list[DelayedMessage], work: Any) -> None:

@@ -67,7 +67,7 @@ def test_retry_is_next_attempt_of_the_same_message_to_the_same_queue() -> None:
         max_retries=5,
     )
     assert result.outcomes == {"d1": "retried"}
-    assert result.retries == [("q.a", Envelope("m-7", "héllo ✓", 3, NOW + 60))]
+    assert result.retries == [("q.a", Envelope("m-7", "héllo ✓".encode(), 3, NOW + 60))]
     assert result.dead == []
 
 
@@ -122,8 +122,8 @@ def test_mixed_batch_decides_each_delivery_on_its_own() -> None:
     assert result.outcomes == {"a": "expired", "b": "dead", "c": "retried", "d": "retried"}
     assert result.dead == [dead]
     assert result.retries == [
-        ("q3", Envelope("m3", "hello", 2, NOW + 5)),
-        ("q1", Envelope("m4", "hello", 3, None)),
+        ("q3", Envelope("m3", b"hello", 2, NOW + 5)),
+        ("q1", Envelope("m4", b"hello", 3, None)),
     ]
 
 

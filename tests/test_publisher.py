@@ -48,7 +48,7 @@ async def publisher(amqp_url: str, **settings: Any) -> AsyncIterator[tuple[Publi
 
 
 def message(body: str, expires_at: float | None = None) -> Outgoing:
-    return Envelope(str(uuid.uuid4()), body, 1, expires_at).to_amqp(0)
+    return Envelope(str(uuid.uuid4()), body.encode(), 1, expires_at).to_amqp(0)
 
 
 async def drain(amqp_url: str, queue: str) -> Counter[str]:

@@ -27,7 +27,7 @@ PATIENCE = 20.0
 def record(body: str = "hello", queue: str = "orders", expires_at: float | None = None) -> Any:
     now = time.time()
     return DeliveryRecord(
-        str(uuid.uuid4()), str(uuid.uuid4()), queue, body, 1, now, now + 60, expires_at
+        str(uuid.uuid4()), str(uuid.uuid4()), queue, body.encode(), 1, now, now + 60, expires_at
     )
 
 
@@ -102,7 +102,7 @@ async def test_refused_delivery_records_are_quarantined_and_the_rest_stored(
             amqp_url, store, bodies, DeliveryRecord.decode, ledger.write_records, done
         )
         rows = await store.fetch("SELECT id::text, body FROM deliveries")
-        assert {r["id"]: r["body"] for r in rows} == {r.id: r.body.encode() for r in good}
+        assert {r["id"]: r["body"] for r in rows} == {r.id: r.body for r in good}
         kept = await quarantine.listed(store, None, 10)
         assert sorted(q.body for q in kept) == sorted(
             [out_of_range.encode(), b"{not json", nul_queue.encode()]
@@ -118,8 +118,8 @@ async def test_a_delayed_message_out_of_range_is_quarantined_and_the_rest_stored
     amqp_url: str, postgres_dsn: str
 ) -> None:
     due = time.time() + 3600
-    good = [DelayedMessage(str(uuid.uuid4()), "queue", "q", f"d{i}", due, 0) for i in range(30)]
-    bad = DelayedMessage(str(uuid.uuid4()), "queue", "q", "ttl", due, 2**64 - 1)
+    good = [DelayedMessage(str(uuid.uuid4()), "queue", "q", b"d%d" % i, due, 0) for i in range(30)]
+    bad = DelayedMessage(str(uuid.uuid4()), "queue", "q", b"ttl", due, 2**64 - 1)
     bodies = [m.encode() for m in good[:15]] + [bad.encode()] + [m.encode() for m in good[15:]]
 
     async def work(store: Store) -> None:

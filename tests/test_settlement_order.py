@@ -41,7 +41,7 @@ def test_markers_and_settlements_share_the_ack_queue() -> None:
 
 def record(delivery_id: str, deadline: float) -> DeliveryRecord:
     return DeliveryRecord(
-        delivery_id, str(uuid.uuid4()), "q", "body", 1, deadline - 5, deadline, None
+        delivery_id, str(uuid.uuid4()), "q", b"body", 1, deadline - 5, deadline, None
     )
 
 

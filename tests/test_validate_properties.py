@@ -51,7 +51,7 @@ def test_an_accepted_ttl_gives_an_expiration_rabbitmq_accepts(seconds: int) -> N
     except InvalidArgument:
         assert seconds > validate.MAX_TTL_SECONDS
         return
-    properties = new_envelope("x", seconds, NOW).to_amqp(NOW).properties
+    properties = new_envelope(b"x", seconds, NOW).to_amqp(NOW).properties
     if seconds == 0:
         assert properties.expiration is None
     else:

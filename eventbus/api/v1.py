@@ -51,7 +51,7 @@ class SizeLimitedCodec(ProtoCodec):
 
 
 def _reply(record: DeliveryRecord) -> mq_pb2.SubscribeResponse:
-    return mq_pb2.SubscribeResponse(id=record.id, data=record.body, queue=record.queue)
+    return mq_pb2.SubscribeResponse(id=record.id, data=record.body.decode(), queue=record.queue)
 
 
 class _Service:

@@ -1,20 +1,37 @@
 """What travels through RabbitMQ: client messages with their attempt and expiry, delivery
-records and settlements for the bookkeeping queues. Plain data; no I/O."""
+records and settlements for the bookkeeping queues. Plain data; no I/O.
+
+A message body is bytes everywhere inside the bus; a message's attributes travel as AMQP headers
+under their own names, beside the bus's own headers (named x-eventbus-...)."""
 
 from __future__ import annotations
 
 import json
 import math
 import uuid
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any, Literal
 
 import aio_pika.abc
 from pamqp.commands import Basic
 
 PERSISTENT = 2  # AMQP delivery mode: written to disk
+BUS_HEADERS = "x-eventbus-"  # the prefix of the bus's own headers; any other is an attribute
 ATTEMPT_HEADER = "x-eventbus-attempt"
 EXPIRES_AT_HEADER = "x-eventbus-expires-at"  # epoch milliseconds
+PUBLISHED_AT_HEADER = "x-eventbus-published-at"  # epoch milliseconds
+CONTENT_TYPE = "application/octet-stream"
+
+NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})
+
+
+def no_attributes() -> Mapping[str, str]:
+    """The default attributes: one shared empty mapping, never copied."""
+    return NO_ATTRIBUTES
+
 
 Outcome = Literal["ack", "nack", "returned"]
 Kind = Literal["queue", "topic"]
@@ -33,19 +50,24 @@ class Envelope:
     """A client message as the bus keeps it: the same message_id on every attempt."""
 
     message_id: str
-    body: str
+    body: bytes
     attempt: int = 1
     expires_at: float | None = None  # epoch seconds; None never expires
+    attributes: Mapping[str, str] = field(default_factory=no_attributes)
+    published_at: float | None = None  # epoch seconds: when it was first published
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
 
     def to_amqp(self, now: float) -> Outgoing:
-        """A persistent AMQP message; RabbitMQ drops it when the remaining TTL runs out. A first
-        attempt without expiry carries no headers (a consumer reads their absence as that)."""
-        headers: dict[str, Any] = {}
+        """A persistent AMQP message; RabbitMQ drops it when the remaining TTL runs out. Its
+        attributes are headers under their own names. A first attempt without expiry, publish
+        time or attributes carries no headers (a consumer reads their absence as that)."""
+        headers: dict[str, Any] = dict(self.attributes) if self.attributes else {}
         if self.attempt != 1:
             headers[ATTEMPT_HEADER] = self.attempt
+        if self.published_at is not None:
+            headers[PUBLISHED_AT_HEADER] = int(self.published_at * 1000)
         expiration = None
         if self.expires_at is not None:
             headers[EXPIRES_AT_HEADER] = int(self.expires_at * 1000)
@@ -55,22 +77,53 @@ class Envelope:
             headers=headers or None,
             expiration=expiration,
             delivery_mode=PERSISTENT,
-            content_type="text/plain; charset=utf-8",
+            content_type=CONTENT_TYPE,
         )
-        return Outgoing(self.body.encode(), properties)
+        return Outgoing(self.body, properties)
 
     @classmethod
     def from_amqp(cls, message: aio_pika.abc.AbstractIncomingMessage) -> Envelope:
-        """Read back what to_amqp wrote; tolerate messages published by other clients."""
+        """Read back what to_amqp wrote; tolerate messages published by other clients (their
+        headers become attributes, their AMQP timestamp the publish time)."""
         headers = message.headers or {}
         expires_ms = headers.get(EXPIRES_AT_HEADER)
         attempt = headers.get(ATTEMPT_HEADER, 1)
         return cls(
             message_id=message_uuid(message.message_id),
-            body=message.body.decode("utf-8", errors="replace"),
+            body=message.body,
             attempt=attempt if isinstance(attempt, int) else 1,
             expires_at=expires_ms / 1000 if isinstance(expires_ms, int) else None,
+            attributes=attributes_of(headers) if headers else NO_ATTRIBUTES,
+            published_at=published_at_of(headers, message.timestamp),
         )
+
+
+def attributes_of(headers: Mapping[str, Any]) -> Mapping[str, str]:
+    """The attributes among a message's headers: every one not named x-eventbus-..., as text."""
+    found = {
+        key: value if isinstance(value, str) else _header_text(value)
+        for key, value in headers.items()
+        if not key.startswith(BUS_HEADERS)
+    }
+    return found or NO_ATTRIBUTES
+
+
+def _header_text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
+def published_at_of(headers: Mapping[str, Any], timestamp: datetime | None) -> float | None:
+    """When a message was first published (epoch seconds): the bus's header, else the AMQP
+    timestamp another publisher may have set, else unknown."""
+    published_ms = headers.get(PUBLISHED_AT_HEADER)
+    if isinstance(published_ms, int) and not isinstance(published_ms, bool):
+        return published_ms / 1000
+    if isinstance(timestamp, datetime):
+        aware = timestamp if timestamp.tzinfo else timestamp.replace(tzinfo=UTC)
+        return aware.timestamp()
+    return None
 
 
 # Names the UUIDs derived from message ids of other publishers that are not UUIDs.
@@ -89,9 +142,22 @@ def message_uuid(message_id: str | None) -> str:
         return str(uuid.uuid5(FOREIGN_IDS, message_id))
 
 
-def new_envelope(body: str, ttl_seconds: int, now: float) -> Envelope:
-    """A fresh message; ttl_seconds 0 means it never expires."""
-    return Envelope(str(uuid.uuid4()), body, 1, now + ttl_seconds if ttl_seconds > 0 else None)
+def new_envelope(
+    body: bytes,
+    ttl_seconds: int,
+    now: float,
+    attributes: Mapping[str, str] | None = None,
+    message_id: str | None = None,
+) -> Envelope:
+    """A fresh message, published now; ttl_seconds 0 means it never expires."""
+    return Envelope(
+        message_id or str(uuid.uuid4()),
+        body,
+        1,
+        now + ttl_seconds if ttl_seconds > 0 else None,
+        attributes or NO_ATTRIBUTES,
+        now,
+    )
 
 
 @dataclass(frozen=True)
@@ -101,14 +167,27 @@ class DeliveryRecord:
     id: str
     message_id: str
     queue: str
-    body: str
+    body: bytes
     attempt: int
     delivered_at: float
     deadline: float
     expires_at: float | None
+    attributes: Mapping[str, str] = field(default_factory=no_attributes)
+    published_at: float | None = None
+    # Set: not handed out but dead-lettered for this reason (the bookkeeping keeps it so)
+    dead_reason: str | None = None
 
     def encode(self) -> bytes:
-        return with_body(asdict(self))
+        fields = {
+            "id": self.id,
+            "message_id": self.message_id,
+            "queue": self.queue,
+            "attempt": self.attempt,
+            "delivered_at": self.delivered_at,
+            "deadline": self.deadline,
+            "expires_at": self.expires_at,
+        }
+        return with_body(fields, self.body, self.attributes, self.published_at, self.dead_reason)
 
     @classmethod
     def decode(cls, raw: bytes) -> DeliveryRecord:
@@ -162,24 +241,48 @@ def _time(value: Any) -> float:
     return float(value)
 
 
-def with_body(fields: dict[str, Any]) -> bytes:
+def with_body(
+    fields: dict[str, Any],
+    body: bytes,
+    attributes: Mapping[str, str] = NO_ATTRIBUTES,
+    published_at: float | None = None,
+    dead_reason: str | None = None,
+) -> bytes:
     """A record for an internal queue: its fields but the body as one line of JSON, then the
-    body as it is. JSON would escape a control character into six bytes, so a body that fits
-    RabbitMQ's message size as a message could otherwise not fit as a record."""
-    body: str = fields.pop("body")
-    return json.dumps(fields, separators=(",", ":")).encode() + b"\n" + body.encode()
+    body's bytes as they are. JSON would escape a control character into six bytes, so a body
+    that fits RabbitMQ's message size as a message could otherwise not fit as a record. The
+    optional fields are written only when set."""
+    if attributes:
+        fields["attributes"] = dict(attributes)
+    if published_at is not None:
+        fields["published_at"] = published_at
+    if dead_reason is not None:
+        fields["dead_reason"] = dead_reason
+    return json.dumps(fields, separators=(",", ":")).encode() + b"\n" + body
 
 
 def without_body(raw: bytes) -> dict[str, Any]:
-    """The fields with_body wrote, body included; also reads a record written as one JSON
-    object, body inside (as the bus wrote them before)."""
+    """The fields with_body wrote, the body as bytes; also reads a record written as one JSON
+    object, body inside as text (as the bus wrote them before)."""
     header, _, body = raw.partition(b"\n")
     fields: dict[str, Any] = json.loads(header)
     if not isinstance(fields, dict):
         raise ValueError("a record's first line is not a JSON object")
-    if "body" not in fields:
-        fields["body"] = body.decode()
+    inside = fields.get("body")
+    if inside is None:
+        fields["body"] = body
+    elif isinstance(inside, str):
+        fields["body"] = inside.encode()
+    else:
+        raise ValueError("a record's body is not text")
+    attributes = fields.get("attributes")
+    if attributes is not None and not _text_mapping(attributes):
+        raise ValueError("a record's attributes are not a JSON object of strings")
     return fields
+
+
+def _text_mapping(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
 
 
 def internal_message(body: bytes) -> Outgoing:
@@ -199,12 +302,24 @@ class DelayedMessage:
     id: str
     kind: Kind
     target: str
-    body: str
+    body: bytes
     due_at: float  # epoch seconds
     ttl_seconds: int  # counted from when it reaches its queue; 0 never expires
+    attributes: Mapping[str, str] = field(default_factory=no_attributes)
+    attempt: int = 1  # a retry waiting here keeps its attempt
+    published_at: float | None = None  # None: when it reaches its queue
 
     def encode(self) -> bytes:
-        return with_body(asdict(self))
+        fields = {
+            "id": self.id,
+            "kind": self.kind,
+            "target": self.target,
+            "due_at": self.due_at,
+            "ttl_seconds": self.ttl_seconds,
+        }
+        if self.attempt != 1:
+            fields["attempt"] = self.attempt
+        return with_body(fields, self.body, self.attributes, self.published_at)
 
     @classmethod
     def decode(cls, raw: bytes) -> DelayedMessage:
@@ -213,4 +328,5 @@ class DelayedMessage:
     def envelope(self, now: float) -> Envelope:
         """The message as it is published when due."""
         expires_at = now + self.ttl_seconds if self.ttl_seconds > 0 else None
-        return Envelope(self.id, self.body, 1, expires_at)
+        published_at = now if self.published_at is None else self.published_at
+        return Envelope(self.id, self.body, self.attempt, expires_at, self.attributes, published_at)

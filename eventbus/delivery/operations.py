@@ -5,7 +5,8 @@ call costs no task or seam crossing of its own; what they decide is plain code (
 envelope). subscribe hands a message out only after its delivery record (id, queue, body,
 attempt, deadline) is confirmed in the internal confirm queue; only then is the AMQP delivery
 acked. From then on the bookkeeping in PostgreSQL and the republish cron own the message until
-it is acked.
+it is acked. A message a v1 reply cannot carry (its data is not UTF-8: published through v2)
+is not handed out: its record, sent the same way, makes it a dead letter, and the pull goes on.
 
 While RabbitMQ blocks publishers (a memory or disk alarm) records and settlements cannot travel
 through the internal queues: they are written straight to PostgreSQL instead, so pulls and acks
@@ -32,6 +33,7 @@ from ..config import Config
 from ..errors import Unavailable
 from ..jobs import ledger
 from ..ops.metrics import Metrics
+from ..ops.ratelog import RateLimitedLog
 from . import validate
 from .consumer import Buffered, Consumers
 from .envelope import (
@@ -47,8 +49,10 @@ from .ids import DeliveryIds
 from .publisher import Publisher, Target
 
 logger = logging.getLogger(__name__)
+ratelog = RateLimitedLog(logger)
 
 LEDGER_TIMEOUT = 2.0  # a record or settlement written straight to PostgreSQL
+NOT_UTF8 = "data is not UTF-8: a v1 subscriber cannot receive it"
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,8 @@ class Delivery:
         validate.data(data)
         validate.ttl(ttl_seconds)
         now = time.time()
-        await self._publisher.publish(queue, new_envelope(data, ttl_seconds, now).to_amqp(now))
+        message = new_envelope(data.encode(), ttl_seconds, now).to_amqp(now)
+        await self._publisher.publish(queue, message)
         self._metrics.published.labels(queue).inc()
 
     async def publish_topic(self, topic: str, data: str, ttl_seconds: int) -> None:
@@ -105,7 +110,7 @@ class Delivery:
         validate.data(data)
         validate.ttl(ttl_seconds)
         now = time.time()
-        message = new_envelope(data, ttl_seconds, now).to_amqp(now)
+        message = new_envelope(data.encode(), ttl_seconds, now).to_amqp(now)
         await self._publisher.publish_topic(topic, message)
         self._metrics.published.labels(topic).inc()
 
@@ -124,13 +129,15 @@ class Delivery:
             return
         if kind == "queue":
             await self._publisher.declare(name)  # NotFound when it must exist already
+        now = time.time()
         delayed = DelayedMessage(
             str(uuid.uuid4()),
             kind,
             name,
-            data,
-            time.time() + delay_seconds,
+            data.encode(),
+            now + delay_seconds,
             ttl_seconds,
+            published_at=now,
         )
         await self._publisher.publish(self.internal.delay, internal_message(delayed.encode()))
         self._metrics.delayed.labels(name).inc()
@@ -155,6 +162,8 @@ class Delivery:
         return await self._pull(queue)
 
     async def _pull(self, queue: str) -> DeliveryRecord:
+        """Hand out the next message a v1 subscriber can take: one past its TTL is dropped, one
+        whose data is not UTF-8 (a v1 reply's data is a string) is dead-lettered."""
         if not self._broker.connected:
             raise Unavailable(f"RabbitMQ at {self._broker.address} is not connected")
         while True:
@@ -163,10 +172,16 @@ class Delivery:
             if envelope.expired(time.time()):
                 await item.settle(ack=True)  # past its TTL: dropped, never handed out
                 self._metrics.expired.labels(queue).inc()
-                continue
-            return await self._hand_out(queue, item, envelope)
+            elif not utf8(envelope.body):
+                await self._hand_out(queue, item, envelope, dead_reason=NOT_UTF8)
+            else:
+                return await self._hand_out(queue, item, envelope)
 
-    async def _hand_out(self, queue: str, item: Buffered, envelope: Envelope) -> DeliveryRecord:
+    async def _hand_out(
+        self, queue: str, item: Buffered, envelope: Envelope, dead_reason: str | None = None
+    ) -> DeliveryRecord:
+        """Record a delivery of the message, then ack it to RabbitMQ; with dead_reason, the
+        record dead-letters it instead (it is not handed out)."""
         now = time.time()
         record = DeliveryRecord(
             id=self._ids.issue(),
@@ -177,10 +192,13 @@ class Delivery:
             delivered_at=now,
             deadline=now + self.config.delivery.ack_deadline_seconds,
             expires_at=envelope.expires_at,
+            attributes=envelope.attributes,
+            published_at=envelope.published_at,
+            dead_reason=dead_reason,
         )
         # From here the message belongs to this call: the recording finishes even if the caller
         # leaves (the message then comes back after its deadline).
-        recording = asyncio.ensure_future(self._record(item, record, envelope.attempt))
+        recording = asyncio.ensure_future(self._record(item, record))
         try:
             await asyncio.shield(recording)
         except asyncio.CancelledError:
@@ -188,7 +206,7 @@ class Delivery:
             raise
         return record
 
-    async def _record(self, item: Buffered, record: DeliveryRecord, attempt: int) -> None:
+    async def _record(self, item: Buffered, record: DeliveryRecord) -> None:
         try:
             await self._keep_record(record)
         except BaseException:
@@ -197,8 +215,21 @@ class Delivery:
         # False: its channel failed meanwhile, and RabbitMQ may deliver the message again (or
         # may have taken the ack: which, cannot be told, so it is handed out, at least once)
         await item.settle(ack=True)
+        self._count(record)
+
+    def _count(self, record: DeliveryRecord) -> None:
+        if record.dead_reason is not None:
+            self._metrics.dead_lettered.labels(record.queue).inc()
+            ratelog.info(
+                f"dead letter {record.queue}",
+                "message %s of queue %s dead-lettered: %s",
+                record.message_id,
+                record.queue,
+                record.dead_reason,
+            )
+            return
         self._metrics.delivered.labels(record.queue).inc()
-        if attempt > 1:
+        if record.attempt > 1:
             self._metrics.redelivered.labels(record.queue).inc()
 
     async def _keep_record(self, record: DeliveryRecord) -> None:
@@ -258,6 +289,17 @@ class Delivery:
         except Blocked:
             await self._write_directly(outcome, ledger.write_settlements, [settlement])
         self._metrics.settlements_received.labels(outcome).inc()
+
+
+def utf8(body: bytes) -> bool:
+    """Whether a body is UTF-8 text, as a v1 reply's data must be (ASCII is checked fastest)."""
+    if body.isascii():
+        return True
+    try:
+        body.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _log_failure(recording: asyncio.Future[None]) -> None:

@@ -14,7 +14,6 @@ from ..backends.store import Store, open_store
 from ..config import Config
 from ..delivery.envelope import Envelope
 from ..delivery.publisher import Publisher
-from .ledger import text
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +86,7 @@ async def requeue(store: Store, publisher: Publisher, selection: Selection) -> t
     while batch := await list_letters(store, selection, REQUEUE_BATCH, offset=kept):
         now = time.time()
         outcomes = await publisher.to_targets(
-            [(("queue", d.queue), Envelope(d.message_id, text(d.body)).to_amqp(now)) for d in batch]
+            [(("queue", d.queue), Envelope(d.message_id, d.body).to_amqp(now)) for d in batch]
         )
         gone = [d for d, o in zip(batch, outcomes, strict=True) if o.status == "confirmed"]
         for letter, outcome in zip(batch, outcomes, strict=True):

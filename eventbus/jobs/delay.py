@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -27,13 +27,13 @@ import trio
 
 from ..backends.retry import describe
 from ..backends.store import Store
-from ..delivery.envelope import DelayedMessage, Envelope, Outgoing
+from ..delivery.envelope import DelayedMessage, Envelope, Outgoing, no_attributes
 from ..delivery.publisher import Outcome, Publisher, Target
 from ..errors import Unavailable
 from ..ops.metrics import Metrics
 from ..ops.ratelog import RateLimitedLog
 from . import ledger
-from .ledger import columns, text
+from .ledger import attributes_from, attributes_json, columns, epoch
 from .quarantine import printable
 from .unconfirmed import Unconfirmed
 
@@ -43,10 +43,13 @@ ratelog = RateLimitedLog(logger)
 BATCH = 500
 
 INSERT = """
-INSERT INTO delayed_messages (id, kind, target, body, due_at, ttl_seconds)
-SELECT m.id, m.kind, m.target, m.body, to_timestamp(m.due_at), m.ttl
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::float8[], $6::bigint[])
-     AS m(id, kind, target, body, due_at, ttl)
+INSERT INTO delayed_messages (id, kind, target, body, due_at, ttl_seconds, attributes, attempt,
+                              published_at)
+SELECT m.id, m.kind, m.target, m.body, to_timestamp(m.due_at), m.ttl, m.attributes, m.attempt,
+       to_timestamp(m.published_at)
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::float8[], $6::bigint[],
+            $7::jsonb[], $8::int[], $9::float8[])
+     AS m(id, kind, target, body, due_at, ttl, attributes, attempt, published_at)
 ON CONFLICT (id) DO NOTHING
 """
 
@@ -72,7 +75,8 @@ UPDATE delayed_messages d
 SET claim_token = $1, claimed_until = now() + make_interval(secs => $3)
 WHERE d.id IN (SELECT id FROM fresh UNION ALL
                (SELECT id FROM backlog LIMIT greatest(0, $2 - (SELECT count(*) FROM fresh))))
-RETURNING d.id, d.kind, d.target, d.body, extract(epoch FROM d.due_at) AS due_at, d.ttl_seconds
+RETURNING d.id, d.kind, d.target, d.body, extract(epoch FROM d.due_at) AS due_at, d.ttl_seconds,
+    d.attributes, d.attempt, extract(epoch FROM d.published_at) AS published_at
 """
 
 FORGET = "DELETE FROM delayed_messages WHERE id = ANY($2::uuid[]) AND claim_token = $1"
@@ -118,9 +122,24 @@ SELECT extract(epoch FROM min(due_at) - now()) FROM delayed_messages WHERE due_a
 
 async def write(store: Store, messages: Sequence[DelayedMessage]) -> list[tuple[str, str, int]]:
     """Store delayed messages (repeats are ignored); the bookkeeping writer's signature."""
-    rows = [(m.id, m.kind, m.target, m.body.encode(), m.due_at, m.ttl_seconds) for m in messages]
-    await store.execute(INSERT, *columns(rows, 6))
+    await store.execute(INSERT, *columns([_row(m) for m in messages], 9))
     return []
+
+
+def _row(m: DelayedMessage) -> tuple[Any, ...]:
+    """A delayed message as the 9 columns INSERT takes."""
+    attributes = attributes_json(m.attributes)
+    return (
+        m.id,
+        m.kind,
+        m.target,
+        m.body,
+        m.due_at,
+        m.ttl_seconds,
+        attributes,
+        m.attempt,
+        m.published_at,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,11 +152,17 @@ class DueMessage:
     body: bytes
     due_at: float  # epoch seconds
     ttl_seconds: int
+    attributes: Mapping[str, str] = field(default_factory=no_attributes)
+    attempt: int = 1
+    published_at: float | None = None  # None: when it reaches its queue
 
     def to_amqp(self, now: float) -> tuple[Target, Outgoing]:
         """Where it goes, and the message as it is published when due."""
         expires_at = now + self.ttl_seconds if self.ttl_seconds > 0 else None
-        envelope = Envelope(self.id, text(self.body), 1, expires_at)
+        published_at = now if self.published_at is None else self.published_at
+        envelope = Envelope(
+            self.id, self.body, self.attempt, expires_at, self.attributes, published_at
+        )
         target: Target = ("topic", self.target) if self.kind == "topic" else ("queue", self.target)
         return target, envelope.to_amqp(now)
 
@@ -156,6 +181,9 @@ async def claim_due(
             r["body"],
             float(r["due_at"]),
             int(r["ttl_seconds"]),
+            attributes_from(r["attributes"]),
+            r["attempt"],
+            epoch(r["published_at"]),
         )
         for r in rows
     ]

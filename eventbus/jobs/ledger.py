@@ -5,29 +5,60 @@ Every function takes the Store and plain data, and returns plain data.
 
 from __future__ import annotations
 
+import json
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import trio
 
 from ..backends.store import Queries, Store
-from ..delivery.envelope import DeliveryRecord, Settlement
+from ..delivery.envelope import NO_ATTRIBUTES, DeliveryRecord, Settlement, no_attributes
 from .quarantine import printable
 
 FINISH_TIMEOUT = 10.0  # recording a batch's fate, connection included: a silent PostgreSQL
 CLEAN_BUDGET = 10.0  # seconds one clean may take
 
-INSERT_RECORDS = """
-INSERT INTO deliveries (id, message_id, queue, body, attempt, delivered_at, deadline, expires_at)
+RECORDS = """
+unnest($1::uuid[], $2::uuid[], $3::text[], $4::bytea[], $5::int[], $6::float8[], $7::float8[],
+       $8::float8[], $9::jsonb[], $10::float8[], $11::text[])
+AS r(id, message_id, queue, body, attempt, delivered_at, deadline, expires_at, attributes,
+     published_at, dead_reason)
+"""
+RECORD_COLUMNS = """
+deliveries (id, message_id, queue, body, attempt, delivered_at, deadline, expires_at, attributes,
+            published_at, done, outcome)
 SELECT r.id, r.message_id, r.queue, r.body, r.attempt, to_timestamp(r.delivered_at),
-       to_timestamp(r.deadline), to_timestamp(r.expires_at)
-FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bytea[], $5::int[], $6::float8[],
-            $7::float8[], $8::float8[])
-     AS r(id, message_id, queue, body, attempt, delivered_at, deadline, expires_at)
+       to_timestamp(r.deadline), to_timestamp(r.expires_at), r.attributes,
+       to_timestamp(r.published_at)"""
+INSERT_RECORDS = f"""
+INSERT INTO {RECORD_COLUMNS}, false, NULL
+FROM {RECORDS}
 ON CONFLICT (id) DO NOTHING
+"""
+# Records of messages dead-lettered when they were to be handed out: their delivery done as
+# dead, and a dead letter, once only (a record that comes again finds its delivery done).
+INSERT_DEAD_RECORDS = f"""
+WITH r AS (SELECT * FROM {RECORDS}), dead AS (
+    INSERT INTO {RECORD_COLUMNS}, true, 'dead'
+    FROM r
+    ON CONFLICT (id) DO UPDATE
+        SET done = true, outcome = 'dead', claim_token = NULL, claimed_until = NULL
+        WHERE NOT deliveries.done
+    RETURNING id
+)
+INSERT INTO dead_letters (queue, message_id, body, attempts, last_delivery_id, last_failure_at,
+                          reason, attributes, published_at)
+SELECT r.queue, r.message_id, r.body, r.attempt, r.id, to_timestamp(r.delivered_at),
+       r.dead_reason, r.attributes, to_timestamp(r.published_at)
+FROM r WHERE r.id IN (SELECT id FROM dead)
+ON CONFLICT (queue, message_id) DO UPDATE
+    SET body = EXCLUDED.body, attempts = EXCLUDED.attempts,
+        last_delivery_id = EXCLUDED.last_delivery_id,
+        last_failure_at = EXCLUDED.last_failure_at, dead_at = now(), reason = EXCLUDED.reason,
+        attributes = EXCLUDED.attributes, published_at = EXCLUDED.published_at
 """
 
 # An ack overrides an earlier nack of the same delivery (and is counted anew); anything else
@@ -72,9 +103,19 @@ def columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
     return [[row[i] for row in rows] for i in range(width)]
 
 
-def text(body: bytes) -> str:
-    """A stored body as the text a v1 message carries (bytes that are not UTF-8 are replaced)."""
-    return body.decode("utf-8", errors="replace")
+def attributes_json(attributes: Mapping[str, str]) -> str | None:
+    """Attributes as PostgreSQL keeps them: a JSON object, NULL when there are none."""
+    return json.dumps(dict(attributes), separators=(",", ":")) if attributes else None
+
+
+def attributes_from(stored: str | None) -> Mapping[str, str]:
+    """Attributes as attributes_json stored them (jsonb reads as text)."""
+    return json.loads(stored) if stored else NO_ATTRIBUTES
+
+
+def epoch(value: Any) -> float | None:
+    """An `extract(epoch FROM ...)` result (a Decimal, or NULL) as epoch seconds."""
+    return None if value is None else float(value)
 
 
 def settled_counts(rows: Sequence[Any]) -> list[tuple[str, str, int]]:
@@ -84,28 +125,46 @@ def settled_counts(rows: Sequence[Any]) -> list[tuple[str, str, int]]:
 async def write_records(
     store: Queries, records: Sequence[DeliveryRecord]
 ) -> list[tuple[str, str, int]]:
-    """Insert delivery records (repeats are ignored); returns (queue, outcome, count) of the
-    settlements this made countable, taken once each."""
-    columns = list(
-        zip(
-            *[
-                (
-                    r.id,
-                    r.message_id,
-                    r.queue,
-                    r.body.encode(),
-                    r.attempt,
-                    r.delivered_at,
-                    r.deadline,
-                    r.expires_at,
-                )
-                for r in records
-            ],
-            strict=True,
-        )
+    """Insert delivery records (repeats are ignored), and keep those with a dead_reason as dead
+    letters; returns (queue, outcome, count) of the settlements this made countable, taken once
+    each."""
+    handed_out = [_record_row(r) for r in records if r.dead_reason is None]
+    dead = [_record_row(r) for r in one_record_per_message(records)]
+    if handed_out:
+        await store.execute(INSERT_RECORDS, *columns(handed_out, 11))
+    if dead:
+        await store.execute(INSERT_DEAD_RECORDS, *columns(dead, 11))
+    return settled_counts(await store.fetch(COUNT_SETTLED, [r.id for r in records]))
+
+
+def _record_row(r: DeliveryRecord) -> tuple[Any, ...]:
+    """A record as the 11 columns of RECORDS."""
+    return (
+        r.id,
+        r.message_id,
+        r.queue,
+        r.body,
+        r.attempt,
+        r.delivered_at,
+        r.deadline,
+        r.expires_at,
+        attributes_json(r.attributes),
+        r.published_at,
+        _printable(r.dead_reason),
     )
-    await store.execute(INSERT_RECORDS, *columns)
-    return settled_counts(await store.fetch(COUNT_SETTLED, list(columns[0])))
+
+
+def one_record_per_message(records: Sequence[DeliveryRecord]) -> list[DeliveryRecord]:
+    """The records to dead-letter, one per (queue, message id), that of the highest attempt: one
+    statement may not insert and then update the same dead letter."""
+    last: dict[tuple[str, str], DeliveryRecord] = {}
+    for record in records:
+        key = (record.queue, record.message_id)
+        if record.dead_reason is not None and (
+            key not in last or record.attempt > last[key].attempt
+        ):
+            last[key] = record
+    return list(last.values())
 
 
 async def write_settlements(
@@ -147,6 +206,8 @@ class DueDelivery:
     attempt: int
     expires_at: float | None
     failed_at: datetime
+    attributes: Mapping[str, str] = field(default_factory=no_attributes)
+    published_at: float | None = None
 
 
 CLAIM_DUE = """
@@ -174,7 +235,7 @@ SET claim_token = $1, claimed_until = now() + make_interval(secs => $4)
 WHERE d.id IN (SELECT id FROM timed_out UNION ALL SELECT id FROM nacked)
 RETURNING d.id, d.message_id, d.queue, d.body, d.attempt, extract(epoch FROM d.expires_at) AS
     expires_at, coalesce((SELECT s.settled_at FROM settlements s WHERE s.delivery_id = d.id),
-    d.deadline) AS failed_at
+    d.deadline) AS failed_at, d.attributes, extract(epoch FROM d.published_at) AS published_at
 """
 
 
@@ -196,6 +257,8 @@ async def claim_due(
             r["attempt"],
             float(r["expires_at"]) if r["expires_at"] is not None else None,
             r["failed_at"],
+            attributes_from(r["attributes"]),
+            epoch(r["published_at"]),
         )
         for r in rows
     ]
@@ -209,13 +272,18 @@ WHERE deliveries.id = r.id AND deliveries.claim_token = $1
 
 BURY = """
 INSERT INTO dead_letters (queue, message_id, body, attempts, last_delivery_id, last_failure_at,
-                          reason)
-SELECT * FROM unnest($1::text[], $2::uuid[], $3::bytea[], $4::int[], $5::uuid[],
-                     $6::timestamptz[], $7::text[])
+                          reason, attributes, published_at)
+SELECT b.queue, b.message_id, b.body, b.attempts, b.last_delivery_id, b.last_failure_at,
+       b.reason, b.attributes, to_timestamp(b.published_at)
+FROM unnest($1::text[], $2::uuid[], $3::bytea[], $4::int[], $5::uuid[], $6::timestamptz[],
+            $7::text[], $8::jsonb[], $9::float8[])
+     AS b(queue, message_id, body, attempts, last_delivery_id, last_failure_at, reason,
+          attributes, published_at)
 ON CONFLICT (queue, message_id) DO UPDATE
     SET body = EXCLUDED.body, attempts = EXCLUDED.attempts,
         last_delivery_id = EXCLUDED.last_delivery_id,
-        last_failure_at = EXCLUDED.last_failure_at, dead_at = now(), reason = EXCLUDED.reason
+        last_failure_at = EXCLUDED.last_failure_at, dead_at = now(), reason = EXCLUDED.reason,
+        attributes = EXCLUDED.attributes, published_at = EXCLUDED.published_at
 """
 
 # Claimed deliveries whose retry RabbitMQ could not take now (its queue full, say): due again
@@ -268,11 +336,8 @@ async def finish(
     Only rows still claimed by token change: a claim that expired meanwhile was taken over.
     Waits on PostgreSQL for at most FINISH_TIMEOUT (trio.TooSlowError).
     """
-    letters = [
-        (d.queue, d.message_id, d.body, d.attempt, d.id, d.failed_at, _printable(why))
-        for d, why in one_per_message(dead)
-    ]
-    dead_columns = columns(letters, 7)
+    letters = [_letter(d, why) for d, why in one_per_message(dead)]
+    dead_columns = columns(letters, 9)
 
     async def work(connection: Any) -> None:
         await connection.execute(FINISH, token, list(outcomes), list(outcomes.values()))
@@ -296,6 +361,22 @@ def one_per_message(
         if key not in last or delivery.attempt > last[key][0].attempt:
             last[key] = (delivery, why)
     return list(last.values())
+
+
+def _letter(d: DueDelivery, why: str | None) -> tuple[Any, ...]:
+    """A dead delivery as the 9 columns BURY takes."""
+    attributes = attributes_json(d.attributes)
+    return (
+        d.queue,
+        d.message_id,
+        d.body,
+        d.attempt,
+        d.id,
+        d.failed_at,
+        _printable(why),
+        attributes,
+        d.published_at,
+    )
 
 
 def _printable(why: str | None) -> str | None:

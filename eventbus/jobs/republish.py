@@ -26,7 +26,7 @@ from ..errors import CallError, Unavailable
 from ..ops.metrics import Metrics
 from ..ops.ratelog import RateLimitedLog
 from . import ledger
-from .ledger import DueDelivery, text
+from .ledger import DueDelivery
 from .unconfirmed import Unconfirmed
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,12 @@ def plan(due: Sequence[DueDelivery], now: float, max_retries: int) -> Plan:
     result = Plan()
     for delivery in due:
         envelope = Envelope(
-            delivery.message_id, text(delivery.body), delivery.attempt + 1, delivery.expires_at
+            delivery.message_id,
+            delivery.body,
+            delivery.attempt + 1,
+            delivery.expires_at,
+            delivery.attributes,
+            delivery.published_at,
         )
         if envelope.expired(now):
             result.outcomes[delivery.id] = "expired"
