@@ -26,19 +26,24 @@ from typing import Any
 import trio
 
 from . import __version__
-from .api import http, rpc
+from .api import http, rpc, v2
 from .api.admin import AdminService
 from .api.h2limits import limits_of
 from .api.v1 import MqService, MqTopicService, SizeLimitedCodec
+from .api.v2 import Subscriptions
 from .backends import aio, broker, lock, store
 from .backends.lock import RedisLock
 from .backends.retry import describe
 from .config import Config
+from .delivery.batches import BatchPublishing
 from .delivery.consumer import Consumers
+from .delivery.dedup import Dedup, forget_expired_forever
 from .delivery.ids import DeliveryIds
 from .delivery.operations import LEDGER_TIMEOUT, Delivery
+from .delivery.policy import Policies
 from .delivery.publisher import Publisher
 from .delivery.rebalance import Rebalancer
+from .delivery.redelivery import Redelivery
 from .errors import Unavailable
 from .jobs import bookkeeping
 from .jobs.cron import Cron
@@ -120,7 +125,7 @@ class Daemon:
         self.consumers = Consumers(
             self.broker, cfg.amqp, self.metrics, self.supervisor, self.publisher.declare_queue, root
         )
-        delivery_ids = await DeliveryIds.load(self.store)
+        self.delivery_ids = delivery_ids = await DeliveryIds.load(self.store)
         self.delivery = Delivery(
             cfg,
             self.broker,
@@ -144,12 +149,24 @@ class Daemon:
         root.start_soon(supervise, "nodes", partial(nodes.keep_registered, self.store, self.node))
         root.start_soon(supervise, "watchdog", self.notifier.keep_alive)
         root.start_soon(supervise, "lag", partial(lag.watch, self.metrics))
+        root.start_soon(supervise, "dedup", partial(forget_expired_forever, self.dedup))
 
     def _services(self) -> list[Any]:
         """The gRPC services, v1 and v2, served on one port."""
+        cfg = self.config
+        self.dedup = Dedup(
+            self.store.asyncio_side(LEDGER_TIMEOUT), cfg.delivery.dedup_window_seconds
+        )
+        publishing = BatchPublishing(cfg, self.publisher, self.dedup, self.metrics)
+        redelivery = Redelivery(cfg, Policies(cfg), self.publisher, self.delivery_ids)
+        self.subscriptions = Subscriptions(
+            cfg, self.broker, self.publisher, self.delivery, redelivery, self.metrics
+        )
         return [
             MqService(self.gate, self.delivery),
             MqTopicService(self.gate, self.delivery),
+            v2.PublisherService(self.gate, publishing),
+            v2.SubscriberService(self.gate, self.subscriptions),
             AdminService(
                 self.gate,
                 self.store,

@@ -83,18 +83,16 @@ class ReceivedMessage(_message.Message):
     def __init__(self, ack_id: _Optional[str] = ..., message_id: _Optional[str] = ..., data: _Optional[bytes] = ..., attributes: _Optional[_Mapping[str, str]] = ..., attempt: _Optional[int] = ..., publish_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., queue: _Optional[str] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("queue", "topic", "max_messages", "wait_seconds", "ack_deadline_seconds")
+    __slots__ = ("queue", "topic", "max_messages", "wait_seconds")
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     TOPIC_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGES_FIELD_NUMBER: _ClassVar[int]
     WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
-    ACK_DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     queue: str
     topic: str
     max_messages: int
     wait_seconds: float
-    ack_deadline_seconds: int
-    def __init__(self, queue: _Optional[str] = ..., topic: _Optional[str] = ..., max_messages: _Optional[int] = ..., wait_seconds: _Optional[float] = ..., ack_deadline_seconds: _Optional[int] = ...) -> None: ...
+    def __init__(self, queue: _Optional[str] = ..., topic: _Optional[str] = ..., max_messages: _Optional[int] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
 
 class PullResponse(_message.Message):
     __slots__ = ("messages",)

@@ -43,6 +43,7 @@ class Gate:
         self.metrics = metrics
         self.max_calls = max_calls
         self.draining = False
+        self.stopping = asyncio.Event()  # set with draining: long-lived calls end themselves
         self.in_flight = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -54,6 +55,19 @@ class Gate:
         work: Callable[[Request], Awaitable[Reply]],
     ) -> None:
         """Handle one unary call: receive, run work (asyncio side), send the reply."""
+
+        async def once() -> None:
+            request = await stream.recv_message()
+            assert request is not None  # framing.FramedStream refuses a unary call without one
+            await stream.send_message(await work(request))
+
+        await self.call(stream, method, once)
+
+    async def call(
+        self, stream: Stream[Any, Any], method: str, work: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Admit a call (any cardinality), run work, which talks on the stream itself, and map
+        its errors to a status code."""
         if self.draining:
             raise GRPCError(Status.UNAVAILABLE, "server is shutting down")
         if self.in_flight >= self.max_calls:
@@ -65,10 +79,7 @@ class Gate:
         self._enter()
         code = Status.OK
         try:
-            request = await stream.recv_message()
-            assert request is not None  # framing.FramedStream refuses a unary call without one
-            reply = await work(request)
-            await stream.send_message(reply)
+            await work()
         except asyncio.CancelledError:  # the client went away, or its deadline passed
             code = _cancelled_code(stream)
             raise
@@ -104,6 +115,7 @@ class Gate:
         """Refuse new calls and wait up to grace seconds for those in flight; returns how many
         were still running when the grace period ended."""
         self.draining = True
+        self.stopping.set()
         with trio.move_on_after(grace):
             await self._idle.wait()
         return self.in_flight

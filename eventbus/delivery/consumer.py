@@ -295,6 +295,10 @@ class Buffer:
                 return True
         return False
 
+    def take_now(self) -> Buffered:
+        """The oldest item; only when there is one."""
+        return self._popleft()
+
     async def take(self) -> Buffered:
         """(asyncio side) The oldest item; waits until there is one."""
         if self._items:
@@ -393,6 +397,13 @@ class QueueConsumer:
             item = await self.buffer.take()
         finally:
             self._last_demand = time.monotonic()
+        self._in_hand += 1
+        return replace(item, on_settled=self._settled)
+
+    def take_now(self) -> Buffered:
+        """(asyncio side) The oldest buffered message; only when the buffer holds one."""
+        item = self.buffer.take_now()
+        self._last_demand = time.monotonic()
         self._in_hand += 1
         return replace(item, on_settled=self._settled)
 
@@ -674,6 +685,16 @@ class Consumers:
                 if consumer.refusal is not None:
                     raise consumer.refusal from None
                 continue
+
+    def take_ready(self, queue: str, most: int) -> list[Buffered]:
+        """(asyncio side) Up to most messages of queue already in this node's buffer; no wait."""
+        consumer = self.get(queue)
+        taken: list[Buffered] = []
+        while (
+            consumer is not None and consumer.active and len(consumer.buffer) and len(taken) < most
+        ):
+            taken.append(consumer.take_now())
+        return taken
 
     def running(self) -> list[QueueConsumer]:
         return [c for c in self._running.values() if not c.stopped]

@@ -275,6 +275,38 @@ class Delivery:
             ) from None
         self._metrics.count_settled(counts)
 
+    async def pull_many(self, queue: str, most: int, wait: float) -> list[DeliveryRecord]:
+        """v2 Pull: up to most messages of queue, each recorded as v1's subscribe records it
+        (any data: v2 carries bytes). Waits up to wait seconds for the first; the rest are what
+        this node has buffered already."""
+        if not self._broker.connected:
+            raise Unavailable(f"RabbitMQ at {self._broker.address} is not connected")
+        first = await self._take_within(queue, wait)
+        if first is None:
+            return []
+        items = [first, *self._consumers.take_ready(queue, most - 1)]
+        given = await asyncio.gather(*(self._give(queue, i) for i in items), return_exceptions=True)
+        records = [r for r in given if isinstance(r, DeliveryRecord)]
+        failures = [r for r in given if isinstance(r, BaseException)]
+        if failures and not records:
+            raise failures[0]  # each failed hand-out put its message back
+        return records
+
+    async def _take_within(self, queue: str, wait: float) -> Buffered | None:
+        try:
+            async with asyncio.timeout(wait):
+                return await self._consumers.take(queue)
+        except TimeoutError:
+            return None
+
+    async def _give(self, queue: str, item: Buffered) -> DeliveryRecord | None:
+        envelope = Envelope.from_amqp(item.message)
+        if envelope.expired(time.time()):
+            await item.settle(ack=True)  # past its TTL: dropped, never handed out
+            self._metrics.expired.labels(queue).inc()
+            return None
+        return await self._hand_out(queue, item, envelope)
+
     async def ack(self, delivery_id: str) -> None:
         await self._settle(delivery_id, "ack")
 

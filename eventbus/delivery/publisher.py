@@ -282,6 +282,19 @@ class Publisher:
         with trio.fail_after(bulk_deadline(len(messages))):
             return await aio.call(self._publish_all, messages)
 
+    async def publish_many(self, messages: Sequence[tuple[Target, Outgoing]]) -> list[Outcome]:
+        """(asyncio side) to_targets for the request path: one Outcome per message, in order;
+        Unavailable when the whole batch took longer than bulk_deadline."""
+        seconds = bulk_deadline(len(messages))
+        try:
+            async with asyncio.timeout(seconds):
+                return await self._publish_all(messages)
+        except TimeoutError:
+            raise Unavailable(
+                f"RabbitMQ did not take a batch of {len(messages)} within {seconds:g} s; "
+                "part of it may have been stored"
+            ) from None
+
     async def declare_queue(self, queue: str, *, again: bool = False) -> None:
         """(trio side) `declare` a queue; again: even when declared on this connection already
         (a consumer starting anew, whose queue may have been deleted meanwhile)."""
@@ -333,10 +346,15 @@ class Publisher:
             for i in indexes:
                 outcomes[i] = outcome_of(error)
             return
+        # All of a target's messages go on one channel, so they reach its queues in order.
         per_channel: dict[aiormq.Channel, list[int]] = {}
-        for n, i in enumerate(indexes):
-            options = self._channels_of(messages[i][0][1], channels)
-            per_channel.setdefault(options[n % len(options)], []).append(i)
+        chosen: dict[Target, aiormq.Channel] = {}
+        for i in indexes:
+            target = messages[i][0]
+            if target not in chosen:
+                options = self._channels_of(target[1], channels)
+                chosen[target] = options[next(self._turn) % len(options)]
+            per_channel.setdefault(chosen[target], []).append(i)
         results = await _send_and_confirm(per_channel, messages, self._broker)
         for indexes in per_channel.values():
             lost = []
