@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 import pytest
 
+from eventbus._generated import v2_pb2
 from tests.servers import unique_name
 from tests.v2_client import V2Client, message
 
@@ -112,3 +113,46 @@ def test_pull_hands_out_recorded_deliveries_that_ack_on_any_node(v2: V2Client) -
     assert all(m.attempt == 1 and m.deadline.seconds > time.time() for m in got)
     assert v2.acknowledge([m.ack_id for m in got]) == []
     assert v2.pull(queue, max_messages=5, wait_seconds=0.5) == []
+
+
+def test_a_message_nacked_to_dead_letters_comes_back_whole_when_requeued(v2: V2Client) -> None:
+    queue = unique_name("v2")
+    (result,) = v2.publish(message(queue, b"\x00\xff", attributes={"k": "v"}))
+    stream = v2.stream(queue)
+    (held,) = stream.receive(1)
+    assert v2.nack([held.ack_id], dead_letter=True) == []
+    admin = AdminClient(v2)
+    deadline = time.monotonic() + 10
+    while not (letters := admin.dead_letters(queue)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [(d.message_id, d.data, d.reason) for d in letters] == [
+        (result.message_id, b"\x00\xff", "nacked to dead letters by the subscriber")
+    ]
+    assert admin.requeue(queue) == 1
+    (back,) = stream.receive(1)
+    assert (back.message_id, back.data, dict(back.attributes)) == (
+        result.message_id,
+        b"\x00\xff",
+        {"k": "v"},
+    )
+    assert back.publish_time == held.publish_time
+    stream.cancel()
+
+
+class AdminClient:
+    def __init__(self, client: V2Client) -> None:
+        self._client = client
+
+    def dead_letters(self, queue: str) -> list[v2_pb2.DeadLetter]:
+        request = v2_pb2.ListDeadLettersRequest(queue=queue)
+        reply = self._client._unary(
+            "/eventbus.v2.Admin/ListDeadLetters", request, v2_pb2.ListDeadLettersResponse
+        )
+        return list(reply.dead_letters)
+
+    def requeue(self, queue: str) -> int:
+        request = v2_pb2.RequeueDeadLettersRequest(queue=queue)
+        reply = self._client._unary(
+            "/eventbus.v2.Admin/RequeueDeadLetters", request, v2_pb2.RequeueDeadLettersResponse
+        )
+        return int(reply.requeued)

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from ..backends.broker import Broker
 from ..backends.store import Store, open_store
 from ..config import Config
-from ..delivery.envelope import Envelope
+from ..delivery.envelope import Envelope, no_attributes
 from ..delivery.publisher import Publisher
+from .ledger import attributes_from
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,13 @@ class DeadLetter:
     last_failure_at: datetime
     dead_at: datetime
     reason: str | None  # None: it failed max_retries + 1 deliveries
+    attributes: Mapping[str, str] = field(default_factory=no_attributes)
+    published_at: float | None = None
+
+    def envelope(self) -> Envelope:
+        """The dead letter as a fresh message: attempt 1, same id, attributes and publish
+        time, no TTL."""
+        return Envelope(self.message_id, self.body, 1, None, self.attributes, self.published_at)
 
 
 @dataclass(frozen=True)
@@ -57,7 +65,8 @@ async def list_letters(
     """Dead letters in the order they died, oldest first, from the offset-th on."""
     where, args = selection.where()
     rows = await store.fetch(
-        "SELECT queue, message_id, body, attempts, last_failure_at, dead_at, reason "
+        "SELECT queue, message_id, body, attempts, last_failure_at, dead_at, reason, "
+        "attributes, extract(epoch FROM published_at) AS published_at "
         f"FROM dead_letters{where} ORDER BY dead_at, queue, message_id "
         f"LIMIT ${len(args) + 1} OFFSET ${len(args) + 2}",
         *args,
@@ -73,6 +82,8 @@ async def list_letters(
             r["last_failure_at"],
             r["dead_at"],
             r["reason"],
+            attributes_from(r["attributes"]),
+            float(r["published_at"]) if r["published_at"] is not None else None,
         )
         for r in rows
     ]
@@ -86,7 +97,7 @@ async def requeue(store: Store, publisher: Publisher, selection: Selection) -> t
     while batch := await list_letters(store, selection, REQUEUE_BATCH, offset=kept):
         now = time.time()
         outcomes = await publisher.to_targets(
-            [(("queue", d.queue), Envelope(d.message_id, d.body).to_amqp(now)) for d in batch]
+            [(("queue", d.queue), d.envelope().to_amqp(now)) for d in batch]
         )
         gone = [d for d, o in zip(batch, outcomes, strict=True) if o.status == "confirmed"]
         for letter, outcome in zip(batch, outcomes, strict=True):
