@@ -92,12 +92,18 @@ class Client:
         topic: str = "",
         max_outstanding_messages: int = 100,
         ack_deadline_seconds: int = 60,
-        max_lease_seconds: float = 3600.0,
+        max_lease_seconds: float = 1500.0,
         retry_initial_seconds: float = 0.1,
         retry_max_seconds: float = 10.0,
     ) -> Subscription:
         """Start handling the messages of `queue` (with `topic`: the subscriber group `queue`
-        bound to the topic) over one StreamingPull stream; see Subscription."""
+        bound to the topic) over one StreamingPull stream; see Subscription.
+
+        `await handler(message)` runs for each message, at most max_outstanding_messages at
+        once; it acks when the handler returns, nacks when it raises. Deadlines are
+        ack_deadline_seconds long and extended while a message is unsettled, for at most
+        max_lease_seconds. A stream broken with a retryable status (retry.RETRYABLE) is opened
+        again after a backoff from retry_initial_seconds doubling up to retry_max_seconds."""
         settings = SubscriberSettings(
             queue,
             topic,

@@ -43,7 +43,7 @@ class SubscriberSettings:
     topic: str = ""
     max_outstanding_messages: int = 100
     ack_deadline_seconds: int = 60
-    max_lease_seconds: float = 3600.0
+    max_lease_seconds: float = 1500.0  # the daemon holds a delivery 25 minutes at most
     retry_initial_seconds: float = 0.1
     retry_max_seconds: float = 10.0
 
@@ -191,10 +191,15 @@ class _Stream:
 
     async def _ended_by_server(self) -> None:
         """The server ended the stream without being asked: its status, or UNAVAILABLE."""
-        with contextlib.suppress(Exception):
-            await self.grpc.end()
+        await self._end_quietly()
         await self.grpc.recv_trailing_metadata()
         raise RpcError(Status.UNAVAILABLE, "the server ended the stream")
+
+    async def _end_quietly(self) -> None:
+        """End our side of a stream the server ended; it may have reset it already, which
+        leaves nothing to end."""
+        with contextlib.suppress(Exception):
+            await self.grpc.end()
 
     async def _drain(
         self,
@@ -213,7 +218,10 @@ class _Stream:
         self._finishing = True
         self._wake_sender.set()
         await sender
-        await self.grpc.end()
+        if reader.done():  # the server ended the stream first
+            await self._end_quietly()
+        else:
+            await self.grpc.end()
         done, _ = await asyncio.wait((reader,), timeout=CLOSE_TIMEOUT)
         if not done:
             raise _Closed(f"the server did not end the stream within {CLOSE_TIMEOUT} s")
