@@ -350,6 +350,29 @@ def test_stop_cancels_handlers_still_running_after_the_grace_period() -> None:
     assert fake.ready[0].data == b"stuck"
 
 
+def test_closing_the_client_cancels_its_subscriptions() -> None:
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def handle(message: Message) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cancelled.set()
+
+    async def scenario(fake: FakeBus, client: Client) -> None:
+        await fake.deliver(b"held")
+        subscription = client.subscribe("q", handle)
+        await started.wait()
+        client.close()
+        await subscription.wait()
+        assert cancelled.is_set() and not subscription.running
+        await fake.wait_for(lambda: bool(fake.ready))  # the broken stream gave it back
+
+    fake = run(scenario)
+    assert fake.acked() == [] and fake.ready[0].data == b"held"
+
+
 def test_pull_acknowledge_nack_and_modify_ack_deadline() -> None:
     async def scenario(fake: FakeBus, client: Client) -> None:
         await fake.deliver(b"1", b"2", b"3")

@@ -56,7 +56,10 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        """Close the channel now; calls and streams still open on it fail."""
+        """Close the channel now: calls still open on it fail and subscriptions are cancelled
+        (their unsettled messages come back). A later call opens a new channel."""
+        for subscription in list(self._subscriptions):
+            subscription.cancel()
         self._connection.close()
 
     def publisher(

@@ -326,6 +326,12 @@ class Subscription:
         self._stop.requested.set()
         await self.wait()
 
+    def cancel(self) -> None:
+        """Ask the subscription to end without waiting and without grace for running handlers
+        (they are cancelled); `await wait()` for it to be over."""
+        self._stop.grace = 0.0
+        self._stop.requested.set()
+
     async def wait(self) -> None:
         """Wait until the subscription ends; raise the error that ended it, if any."""
         await asyncio.shield(self._task)
