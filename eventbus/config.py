@@ -87,6 +87,7 @@ class ServerConfig:
     max_client_resets: int = _setting(500, _int(1, 1_000_000))
     client_reset_window_seconds: float = _setting(10.0, _float(0.1, 3600))
     auto_create_queues: bool = _setting(True, BOOL)
+    max_streaming_pulls: int = _setting(500, _int(0, 1800))
 
     @property
     def node(self) -> str:
@@ -223,22 +224,23 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
         sections[section][key] = value
         _check_value(var, section, key, value)
     config = Config(**{name: SECTIONS[name](**table) for name, table in sections.items()})
-    _check_channel_budget(source, config.amqp)
+    _check_channel_budget(source, config.amqp, config.server.max_streaming_pulls)
     return dataclasses.replace(config, queues=_policies(source, queues, config))
 
 
 CHANNEL_BUDGET = 1800  # of RabbitMQ's default channel_max 2047; the rest is the bus's own
 
 
-def _check_channel_budget(source: str, amqp: AmqpConfig) -> None:
-    """Consumers of every queue at once and the publishing channels must fit in one
-    connection's channels."""
+def _check_channel_budget(source: str, amqp: AmqpConfig, streams: int) -> None:
+    """Consumers of every queue at once, the publishing channels and a channel per
+    StreamingPull must fit in one connection's channels."""
     consuming = amqp.max_consumed_queues * amqp.consumers_per_queue
-    if consuming + amqp.publish_channels > CHANNEL_BUDGET:
+    if consuming + amqp.publish_channels + streams > CHANNEL_BUDGET:
         raise ConfigError(
             f"{source}: amqp.max_consumed_queues: times amqp.consumers_per_queue, plus "
-            f"amqp.publish_channels, must be at most {CHANNEL_BUDGET} channels, got "
-            f"{amqp.max_consumed_queues} x {amqp.consumers_per_queue} + {amqp.publish_channels}"
+            f"amqp.publish_channels and server.max_streaming_pulls, must be at most "
+            f"{CHANNEL_BUDGET} channels, got {amqp.max_consumed_queues} x "
+            f"{amqp.consumers_per_queue} + {amqp.publish_channels} + {streams}"
         )
 
 

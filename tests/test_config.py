@@ -194,11 +194,15 @@ def test_cli_version_and_help() -> None:
         assert result.returncode == 0 and "usage: eventbus" in result.stdout
 
 
-def test_consumers_and_publishing_channels_must_fit_one_connection(tmp_path: Path) -> None:
-    fits = "[amqp]\nmax_consumed_queues = 358\nconsumers_per_queue = 5\npublish_channels = 10\n"
-    assert load(write(tmp_path, fits), {}).amqp.max_consumed_queues == 358
-    line = error_of(tmp_path, fits.replace("358", "359"))
+def test_consumers_publishing_channels_and_streams_must_fit_one_connection(tmp_path: Path) -> None:
+    fits = (
+        "[server]\nmax_streaming_pulls = 290\n"
+        "[amqp]\nmax_consumed_queues = 300\nconsumers_per_queue = 5\npublish_channels = 10\n"
+    )
+    assert load(write(tmp_path, fits), {}).amqp.max_consumed_queues == 300
+    line = error_of(tmp_path, fits.replace("290", "291"))
     assert line == (
         "config.toml: amqp.max_consumed_queues: times amqp.consumers_per_queue, plus "
-        "amqp.publish_channels, must be at most 1800 channels, got 359 x 5 + 10"
+        "amqp.publish_channels and server.max_streaming_pulls, must be at most 1800 channels, "
+        "got 300 x 5 + 10 + 291"
     )

@@ -156,3 +156,19 @@ class AdminClient:
             "/eventbus.v2.Admin/RequeueDeadLetters", request, v2_pb2.RequeueDeadLettersResponse
         )
         return int(reply.requeued)
+
+
+def test_streams_past_the_node_limit_are_refused(make_daemon: Any) -> None:
+    daemon = make_daemon(server={"max_streaming_pulls": 1})
+    daemon.wait_ready()
+    client = V2Client(daemon.grpc_address)
+    queue = unique_name("v2")
+    first = client.stream(queue)
+    client.publish(message(queue))
+    first.receive(1)  # the first stream is open and serving
+    second = client.stream(queue)
+    with pytest.raises(grpc.RpcError) as caught:
+        second.next_response()
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "server.max_streaming_pulls" in caught.value.details()
+    first.cancel()

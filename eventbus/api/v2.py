@@ -26,7 +26,7 @@ from ..delivery.operations import Delivery
 from ..delivery.publisher import Publisher
 from ..delivery.redelivery import Failure, Redelivery
 from ..delivery.stream import MAX_DEADLINE, Lease, Streams, StreamSession, is_stream_ack_id
-from ..errors import InvalidArgument, Unavailable
+from ..errors import InvalidArgument, ResourceExhausted, Unavailable
 from ..ops.metrics import Metrics
 from .rpc import Gate
 
@@ -155,6 +155,12 @@ class SubscriberService(v2_grpc.SubscriberBase):
         raise Unavailable("server is shutting down; open a new stream on another node")
 
     async def _open(self, first: v2_pb2.StreamingPullRequest) -> StreamSession:
+        most = self._subs.config.server.max_streaming_pulls
+        if len(self._subs.streams) >= most:
+            raise ResourceExhausted(
+                f"this node serves {most} StreamingPulls already (server.max_streaming_pulls); "
+                "retry later or on another node"
+            )
         outstanding = first.max_outstanding_messages or DEFAULT_OUTSTANDING
         if outstanding > MAX_OUTSTANDING:
             raise InvalidArgument(f"max_outstanding_messages must be 0-{MAX_OUTSTANDING}")

@@ -88,6 +88,9 @@ class Streams:
         token, _, _ = ack_id.partition(".")
         return self._open.get(token)
 
+    def __len__(self) -> int:
+        return len(self._open)
+
     def held(self) -> int:
         return sum(len(s.leases) for s in self._open.values())
 
