@@ -172,3 +172,15 @@ def test_streams_past_the_node_limit_are_refused(make_daemon: Any) -> None:
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "server.max_streaming_pulls" in caught.value.details()
     first.cancel()
+
+
+def test_ack_ids_longer_than_any_the_bus_hands_out_are_refused(v2: V2Client) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        v2.acknowledge(["x" * 65])
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    stream = v2.stream(unique_name("v2"))
+    stream.send(ack_ids=["y" * 1_000_000])
+    with pytest.raises(grpc.RpcError) as caught:
+        stream.next_response()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 64 characters" in caught.value.details()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -33,6 +33,7 @@ from .rpc import Gate
 MAX_OUTSTANDING = 10_000
 DEFAULT_OUTSTANDING = 100
 MAX_IDS = 10_000  # ack ids in one request
+MAX_ACK_ID_LENGTH = 64  # stream ids are 37 characters at most, recorded ones 36
 MAX_PULL = 1000  # messages in one Pull
 MAX_WAIT = 300.0  # seconds a Pull may wait
 
@@ -278,9 +279,13 @@ def _timestamp(seconds: float | None) -> Timestamp | None:
     return Timestamp(seconds=whole, nanos=int((seconds - whole) * 1e9))
 
 
-def _check_ids(*lists: Iterable[str]) -> None:
-    if sum(len(list(ids)) for ids in lists) > MAX_IDS:
+def _check_ids(*lists: Sequence[str]) -> None:
+    """At most MAX_IDS ids, none longer than any id the bus hands out (an invalid id is sent
+    back: a long one must not make the answer, or what waits to be sent, large)."""
+    if sum(len(ids) for ids in lists) > MAX_IDS:
         raise InvalidArgument(f"at most {MAX_IDS} ack ids in one request")
+    if any(len(ack_id) > MAX_ACK_ID_LENGTH for ids in lists for ack_id in ids):
+        raise InvalidArgument(f"an ack id is at most {MAX_ACK_ID_LENGTH} characters")
 
 
 def _seconds_of(request: v2_pb2.StreamingPullRequest) -> dict[str, int] | int:
