@@ -88,11 +88,11 @@ class Subscriptions:
             await self.publisher.declare(queue)
         return queue
 
-    def ack_deadline(self, requested: int) -> float:
-        """A request's ack deadline: as asked (1-MAX_DEADLINE s), or the queue's default."""
-        if requested > MAX_DEADLINE:
-            raise InvalidArgument(f"ack_deadline_seconds must be 0-{MAX_DEADLINE}")
-        return float(requested or min(self.config.delivery.ack_deadline_seconds, MAX_DEADLINE))
+    def ack_deadline(self, requested: int, queue: str) -> float:
+        """A stream's ack deadline: as asked (1-MAX_DEADLINE s), else its queue's policy's
+        (at most MAX_DEADLINE: a stream's deliveries are extended, not held long at once)."""
+        policy = self.redelivery.policies.for_queue(queue)
+        return float(requested or min(policy.ack_deadline_seconds, MAX_DEADLINE))
 
 
 class SubscriberService(v2_grpc.SubscriberBase):
@@ -165,8 +165,10 @@ class SubscriberService(v2_grpc.SubscriberBase):
         outstanding = first.max_outstanding_messages or DEFAULT_OUTSTANDING
         if outstanding > MAX_OUTSTANDING:
             raise InvalidArgument(f"max_outstanding_messages must be 0-{MAX_OUTSTANDING}")
-        deadline = self._subs.ack_deadline(first.ack_deadline_seconds)
+        if first.ack_deadline_seconds > MAX_DEADLINE:
+            raise InvalidArgument(f"ack_deadline_seconds must be 0-{MAX_DEADLINE}")
         queue = await self._subs.queue_of(first.queue, first.topic)
+        deadline = self._subs.ack_deadline(first.ack_deadline_seconds, queue)
         session = StreamSession(queue, deadline, self._subs.redelivery, self._subs.metrics)
         await session.open(self._subs.broker, outstanding)
         return session

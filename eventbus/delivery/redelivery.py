@@ -42,7 +42,7 @@ class Redelivery:
     def __init__(
         self, config: Config, policies: Policies, publisher: Publisher, ids: DeliveryIds
     ) -> None:
-        self._policies = policies
+        self.policies = policies
         self._internal = InternalQueues.of(config.amqp.namespace)
         self._publisher = publisher
         self._ids = ids
@@ -65,7 +65,7 @@ class Redelivery:
         (and a copy for the policy's dead_letter_queue); none when it expired."""
         if envelope.expired(now):
             return []
-        policy = self._policies.for_queue(queue)
+        policy = self.policies.for_queue(queue)
         if failure.dead or is_dead(policy, envelope.attempt):
             steps = [self._dead_letter(queue, envelope, failure, now)]
             if policy.dead_letter_queue and policy.dead_letter_queue != queue:
