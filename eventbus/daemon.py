@@ -48,7 +48,7 @@ from .errors import Unavailable
 from .jobs import bookkeeping
 from .jobs.cron import Cron
 from .jobs.delay import Dispatcher
-from .jobs.republish import Republisher
+from .jobs.republish import Republisher, RetryRules
 from .ops import fdlimit, lag, nodes
 from .ops.gauges import Gauges
 from .ops.memory import give_back_freed_memory
@@ -126,6 +126,7 @@ class Daemon:
             self.broker, cfg.amqp, self.metrics, self.supervisor, self.publisher.declare_queue, root
         )
         self.delivery_ids = delivery_ids = await DeliveryIds.load(self.store)
+        self.policies = Policies(cfg)  # every queue's retry policy, for each path alike
         self.delivery = Delivery(
             cfg,
             self.broker,
@@ -134,6 +135,7 @@ class Daemon:
             self.metrics,
             delivery_ids,
             self.store.asyncio_side(LEDGER_TIMEOUT),
+            self.policies,
         )
         for queue in self.delivery.internal.all():
             await self.publisher.declare_queue(queue)
@@ -158,7 +160,7 @@ class Daemon:
             self.store.asyncio_side(LEDGER_TIMEOUT), cfg.delivery.dedup_window_seconds
         )
         publishing = BatchPublishing(cfg, self.publisher, self.dedup, self.metrics)
-        redelivery = Redelivery(cfg, Policies(cfg), self.publisher, self.delivery_ids)
+        redelivery = Redelivery(cfg, self.policies, self.publisher, self.delivery_ids)
         self.subscriptions = Subscriptions(
             cfg, self.broker, self.publisher, self.delivery, redelivery, self.metrics
         )
@@ -203,6 +205,7 @@ class Daemon:
             self.metrics,
             cfg.cron.claim_seconds,
             settlements_queue=internal.ack,
+            rules=RetryRules.of(cfg, self.policies),
         )
         dispatcher = Dispatcher(
             self.store,

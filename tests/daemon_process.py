@@ -20,11 +20,18 @@ if TYPE_CHECKING:
 
 
 def to_toml(sections: dict[str, dict[str, Any]]) -> str:
-    """TOML for flat sections of strings, numbers and booleans."""
+    """TOML for sections of strings, numbers and booleans; a value that is a dict becomes a
+    table of its own under its quoted key: {"queues": {"orders.*": {...}}} gives
+    [queues."orders.*"]."""
     lines = []
     for name, table in sections.items():
         lines.append(f"[{name}]")
-        lines.extend(f"{key} = {json.dumps(value)}" for key, value in table.items())
+        flat = {key: value for key, value in table.items() if not isinstance(value, dict)}
+        lines.extend(f"{key} = {json.dumps(value)}" for key, value in flat.items())
+        for key, value in table.items():
+            if isinstance(value, dict):
+                lines.append(f"[{name}.{json.dumps(key)}]")
+                lines.extend(f"{k} = {json.dumps(v)}" for k, v in value.items())
     return "\n".join(lines) + "\n"
 
 

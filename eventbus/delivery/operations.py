@@ -46,6 +46,7 @@ from .envelope import (
     new_envelope,
 )
 from .ids import DeliveryIds
+from .policy import Policies
 from .publisher import Publisher, Target
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class Delivery:
         metrics: Metrics,
         ids: DeliveryIds,
         ledger_direct: Queries,
+        policies: Policies,
     ) -> None:
         self.config = config
         self._ledger = ledger_direct
@@ -93,6 +95,7 @@ class Delivery:
         self._publisher = publisher
         self._consumers = consumers
         self._metrics = metrics
+        self._policies = policies
 
     async def publish(self, queue: str, data: str, ttl_seconds: int) -> None:
         """Publish one message; returns once RabbitMQ confirmed it."""
@@ -190,7 +193,7 @@ class Delivery:
             body=envelope.body,
             attempt=envelope.attempt,
             delivered_at=now,
-            deadline=now + self.config.delivery.ack_deadline_seconds,
+            deadline=now + self._policies.for_queue(queue).ack_deadline_seconds,
             expires_at=envelope.expires_at,
             attributes=envelope.attributes,
             published_at=envelope.published_at,

@@ -16,6 +16,7 @@ import trio
 
 from ..backends.store import Queries, Store
 from ..delivery.envelope import NO_ATTRIBUTES, DeliveryRecord, Settlement, no_attributes
+from ..delivery.policy import Cause
 from .quarantine import printable
 
 FINISH_TIMEOUT = 10.0  # recording a batch's fate, connection included: a silent PostgreSQL
@@ -208,6 +209,7 @@ class DueDelivery:
     failed_at: datetime
     attributes: Mapping[str, str] = field(default_factory=no_attributes)
     published_at: float | None = None
+    cause: Cause = "deadline"  # nack: failed_at is when it was nacked; else its deadline
 
 
 CLAIM_DUE = """
@@ -235,18 +237,22 @@ SET claim_token = $1, claimed_until = now() + make_interval(secs => $4)
 WHERE d.id IN (SELECT id FROM timed_out UNION ALL SELECT id FROM nacked)
 RETURNING d.id, d.message_id, d.queue, d.body, d.attempt, extract(epoch FROM d.expires_at) AS
     expires_at, coalesce((SELECT s.settled_at FROM settlements s WHERE s.delivery_id = d.id),
-    d.deadline) AS failed_at, d.attributes, extract(epoch FROM d.published_at) AS published_at
+    d.deadline) AS failed_at, d.attributes, extract(epoch FROM d.published_at) AS published_at,
+    CASE WHEN (SELECT s.outcome FROM settlements s WHERE s.delivery_id = d.id) = 'nack'
+         THEN 'nack' ELSE 'deadline' END AS cause
 """
 
 
 async def claim_due(
-    store: Store, token: str, limit: int, nack_delay: float, claim_seconds: float
+    store: Store, token: str, limit: int, nack_floor: float, claim_seconds: float
 ) -> list[DueDelivery]:
-    """Claim up to limit due deliveries for this token, so no other node acts on them. A missed
-    deadline counts only once the settlements published up to CLOCK_SKEW after it have been
-    applied: an ack that answered OK before the deadline is then in the table."""
+    """Claim up to limit deliveries for this token, so no other node acts on them: those nacked
+    at least nack_floor seconds ago (the shortest wait any retry policy gives a nack), and those
+    past their deadline. A missed deadline counts only once the settlements published up to
+    CLOCK_SKEW after it have been applied: an ack that answered OK before the deadline is then
+    in the table. Rows put back until later (postpone) are left alone until then."""
     rows = await store.fetch(
-        CLAIM_DUE, token, limit, nack_delay, claim_seconds, CLOCK_SKEW, SETTLEMENTS_PROGRESS
+        CLAIM_DUE, token, limit, nack_floor, claim_seconds, CLOCK_SKEW, SETTLEMENTS_PROGRESS
     )
     return [
         DueDelivery(
@@ -259,6 +265,7 @@ async def claim_due(
             r["failed_at"],
             attributes_from(r["attributes"]),
             epoch(r["published_at"]),
+            r["cause"],
         )
         for r in rows
     ]
@@ -305,6 +312,22 @@ HOLD = """
 UPDATE deliveries SET claimed_until = now() + make_interval(secs => $3)
 WHERE id = ANY($2::uuid[]) AND claim_token = $1
 """
+
+
+# Claimed deliveries that are not due yet under their queue's retry policy: back unclaimed, and
+# left alone until they are due.
+POSTPONE = """
+UPDATE deliveries SET claim_token = NULL, claimed_until = to_timestamp(p.due_at)
+FROM unnest($2::uuid[], $3::float8[]) AS p(id, due_at)
+WHERE deliveries.id = p.id AND deliveries.claim_token = $1
+"""
+
+
+async def postpone(store: Store, token: str, due_at: Mapping[str, float]) -> None:
+    """Give claimed deliveries back unchanged, not to be claimed again before their due time
+    (epoch seconds, by id). Waits on PostgreSQL for at most FINISH_TIMEOUT (trio.TooSlowError)."""
+    with trio.fail_after(FINISH_TIMEOUT):
+        await store.execute(POSTPONE, token, list(due_at), list(due_at.values()))
 
 
 async def finish_retried(store: Store, token: str, ids: Sequence[str]) -> list[str]:
