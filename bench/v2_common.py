@@ -104,20 +104,31 @@ def profiled(pid: int, path: Path | None) -> Iterator[None]:
         spy.wait(60)
 
 
-def body(stamp: bool = False) -> bytes:
-    """A BODY_BYTES message body; with stamp, starting with time.perf_counter_ns() (latency)."""
-    head = str(time.perf_counter_ns()).encode() + b" " if stamp else b""
+def body(stamp: float | None = None) -> bytes:
+    """A BODY_BYTES message body; with stamp (time.perf_counter() seconds), starting with it in
+    nanoseconds, for sent_at()."""
+    head = b"" if stamp is None else str(int(stamp * 1e9)).encode() + b" "
     return head.ljust(BODY_BYTES, b"x")
 
 
 def sent_at(data: bytes) -> float:
-    """The perf_counter seconds a body made by body(stamp=True) was made."""
+    """The stamp (time.perf_counter() seconds) of a body made by body(stamp)."""
     return int(data.split(b" ", 1)[0]) / 1e9
 
 
-def outbound(queue: str, count: int, stamp: bool = False) -> v2_pb2.PublishRequest:
+def outbound(queue: str, count: int) -> v2_pb2.PublishRequest:
     return v2_pb2.PublishRequest(
-        messages=[v2_pb2.OutboundMessage(queue=queue, data=body(stamp)) for _ in range(count)]
+        messages=[v2_pb2.OutboundMessage(queue=queue, data=body()) for _ in range(count)]
+    )
+
+
+def stamped(queue: str, count: int, spacing: float) -> v2_pb2.PublishRequest:
+    """count messages to queue stamped as if queued by a batching client spacing seconds apart,
+    the last one now: each stamp is when its message would have been queued."""
+    now = time.perf_counter()
+    stamps = [now - (count - 1 - k) * spacing for k in range(count)]
+    return v2_pb2.PublishRequest(
+        messages=[v2_pb2.OutboundMessage(queue=queue, data=body(stamp)) for stamp in stamps]
     )
 
 
