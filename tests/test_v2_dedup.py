@@ -9,6 +9,7 @@ import threading
 import time
 from typing import Any
 
+import grpc
 import pytest
 
 from eventbus._generated import v2_pb2
@@ -147,7 +148,9 @@ def test_the_same_dedup_id_published_at_once_by_many_callers_is_stored_once(
         try:
             client.publish(message(queue, b"warm-up", dedup_id=f"warm-{n}"))
             barrier.wait(5)
-            results.extend(client.publish(message(queue, f"copy {n}".encode(), dedup_id="race")))
+            results.extend(
+                _publish_retrying(client, message(queue, f"copy {n}".encode(), dedup_id="race"))
+            )
         finally:
             client.close()
 
@@ -162,3 +165,17 @@ def test_the_same_dedup_id_published_at_once_by_many_callers_is_stored_once(
     got = stream.receive(callers + 1) + stream.quiet_for(1.0)
     copies = [m.data for m in got if m.data.startswith(b"copy")]
     assert (len(copies), sum(not r.duplicate for r in results)) == (1, 1)
+
+
+def _publish_retrying(
+    client: V2Client, outbound: v2_pb2.OutboundMessage, patience: float = 8
+) -> list[v2_pb2.PublishResult]:
+    """Publish as a client that retries UNAVAILABLE does (dedup_id set: safe to retry)."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return client.publish(outbound)
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
