@@ -162,11 +162,6 @@ def test_modify_ack_deadline_extends_a_pull(v2: V2Client) -> None:
     assert v2.acknowledge([held.ack_id]) == []
 
 
-@pytest.mark.xfail(
-    reason="api/v2.py SubscriberService._pull answers with up to max_messages deliveries in one "
-    "response whatever their size, past the 4 MiB a gRPC client takes by default",
-    strict=True,
-)
 def test_a_pull_of_large_messages_fits_a_client_with_the_default_receive_limit(
     v2: V2Client,
 ) -> None:

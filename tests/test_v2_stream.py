@@ -184,3 +184,23 @@ def test_ack_ids_longer_than_any_the_bus_hands_out_are_refused(v2: V2Client) -> 
         stream.next_response()
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "at most 64 characters" in caught.value.details()
+
+
+def test_streams_cancelled_at_any_moment_leave_the_node_connected(make_daemon: Any) -> None:
+    daemon = make_daemon()
+    daemon.wait_ready()
+    client = V2Client(daemon.grpc_address)
+    queue = unique_name("v2")
+    client.publish(*[message(queue, b"x") for _ in range(50)])
+    for n in range(40):
+        stream = client.stream(queue, max_outstanding_messages=5)
+        if n % 2:
+            stream.receive(1)
+        else:
+            time.sleep(0.005 * (n % 7))  # cancelled while opening, or just after
+        stream.cancel()
+    last = client.stream(queue, max_outstanding_messages=100)
+    assert len(last.receive(50, timeout=15)) >= 50  # every message is back, none held away
+    last.cancel()
+    assert "connection lost" not in daemon.log
+    assert "RabbitMQ: reconnected" not in daemon.log

@@ -141,12 +141,6 @@ def test_a_stopping_daemon_ends_its_streams_and_another_gets_their_messages(
     assert sorted(m.message_id for m in back) == sorted(r.message_id for r in results)
 
 
-@pytest.mark.xfail(
-    reason="delivery/stream.py StreamSession.next_batch puts up to MAX_SEND_BATCH (500) "
-    "deliveries in one response whatever their size: what piles up while a client reads "
-    "slowly goes out past the 4 MiB a gRPC client takes by default (RESOURCE_EXHAUSTED)",
-    strict=True,
-)
 def test_a_slow_reader_of_large_messages_gets_responses_it_can_take(v2: V2Client) -> None:
     queue = unique_name("large")
     for batch in range(10):  # 200 messages of 150 KiB, 30 MiB in all
@@ -354,11 +348,6 @@ def test_a_unary_nack_with_a_delay_comes_back_no_earlier(v2: V2Client) -> None:
     stream.cancel()
 
 
-@pytest.mark.xfail(
-    reason="redelivery.py _delayed gives a retry that falls due after the message's TTL a "
-    "TTL of 1 s counted from its due time, so it is handed out after it expired",
-    strict=True,
-)
 def test_a_message_whose_ttl_ends_during_its_nack_delay_is_never_handed_out(
     v2: V2Client,
 ) -> None:

@@ -26,7 +26,7 @@ from ..delivery.operations import Delivery
 from ..delivery.publisher import Publisher
 from ..delivery.redelivery import Failure, Redelivery
 from ..delivery.stream import MAX_DEADLINE, Lease, Streams, StreamSession, is_stream_ack_id
-from ..errors import InvalidArgument, ResourceExhausted, Unavailable
+from ..errors import InvalidArgument, Unavailable
 from ..ops.metrics import Metrics
 from .rpc import Gate
 
@@ -75,7 +75,7 @@ class Subscriptions:
         self.delivery = delivery
         self.redelivery = redelivery
         self.metrics = metrics
-        self.streams = Streams()
+        self.streams = Streams(config.server.max_streaming_pulls)
 
     async def queue_of(self, queue: str, topic: str) -> str:
         """The queue a subscription reads: queue itself, or the group queue bound to topic."""
@@ -135,8 +135,14 @@ class SubscriberService(v2_grpc.SubscriberBase):
         first = await stream.recv_message()
         if first is None:
             raise InvalidArgument("StreamingPull: the stream ended before its first request")
-        session = await self._open(first)
-        self._subs.streams.add(session)
+        streams = self._subs.streams
+        streams.take_slot()
+        try:
+            session = await self._open(first)
+        except BaseException:
+            streams.give_slot()
+            raise
+        streams.add(session)
         try:
             await _first_done(
                 self._apply_requests(stream, session, first),
@@ -146,7 +152,8 @@ class SubscriberService(v2_grpc.SubscriberBase):
                 self._until_draining(),
             )
         finally:
-            self._subs.streams.remove(session)
+            streams.remove(session)
+            streams.give_slot()
             await session.close()
 
     async def _until_draining(self) -> None:
@@ -156,12 +163,6 @@ class SubscriberService(v2_grpc.SubscriberBase):
         raise Unavailable("server is shutting down; open a new stream on another node")
 
     async def _open(self, first: v2_pb2.StreamingPullRequest) -> StreamSession:
-        most = self._subs.config.server.max_streaming_pulls
-        if len(self._subs.streams) >= most:
-            raise ResourceExhausted(
-                f"this node serves {most} StreamingPulls already (server.max_streaming_pulls); "
-                "retry later or on another node"
-            )
         outstanding = first.max_outstanding_messages or DEFAULT_OUTSTANDING
         if outstanding > MAX_OUTSTANDING:
             raise InvalidArgument(f"max_outstanding_messages must be 0-{MAX_OUTSTANDING}")

@@ -9,6 +9,7 @@ reserved before and marked stored after (dedup.Dedup).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 
@@ -38,7 +39,7 @@ class BatchPublishing:
         """Store every message of the batch; returns them with their ids, duplicates marked.
         Waits for RabbitMQ's confirms (and PostgreSQL's answer when dedup ids are set)."""
         batch = prepare(messages, self._limits)
-        await self._declare_delayed_queues(batch)
+        await self._declare_targets(batch)
         await self._dedup.reserve(batch)
         fresh = [m for m in batch if not m.duplicate]
         now = time.time()
@@ -51,13 +52,23 @@ class BatchPublishing:
             raise _failure(failed, len(batch))
         return batch
 
-    async def _declare_delayed_queues(self, batch: list[Prepared]) -> None:
-        """A delayed message's queue must exist now (NotFound when the bus may not create it),
-        as for v1's delayPublish."""
-        for queue in dict.fromkeys(
-            m.target for m in batch if m.delay_seconds and m.kind == "queue"
-        ):
-            await self._publisher.declare(queue)
+    async def _declare_targets(self, batch: list[Prepared]) -> None:
+        """Declare every queue and topic of the batch before anything of it is stored: one
+        RabbitMQ refuses (a queue missing where the bus may not create it, declared with other
+        settings) fails the whole call with its status (NOT_FOUND, FAILED_PRECONDITION)."""
+        targets = dict.fromkeys((m.kind, m.target) for m in batch)
+        declared = await asyncio.gather(
+            *(self._declare(kind, name) for kind, name in targets), return_exceptions=True
+        )
+        for error in declared:
+            if isinstance(error, BaseException):
+                raise error
+
+    async def _declare(self, kind: str, name: str) -> None:
+        if kind == "topic":
+            await self._publisher.declare_topic(name)
+        else:
+            await self._publisher.declare(name)
 
     def _amqp(self, message: Prepared, now: float) -> tuple[Target, Outgoing]:
         if not message.delay_seconds:

@@ -299,6 +299,10 @@ class Buffer:
         """The oldest item; only when there is one."""
         return self._popleft()
 
+    def peek(self) -> Buffered | None:
+        """The oldest item, left in place; None when there is none."""
+        return self._items[0] if self._items else None
+
     async def take(self) -> Buffered:
         """(asyncio side) The oldest item; waits until there is one."""
         if self._items:
@@ -686,13 +690,22 @@ class Consumers:
                     raise consumer.refusal from None
                 continue
 
-    def take_ready(self, queue: str, most: int) -> list[Buffered]:
-        """(asyncio side) Up to most messages of queue already in this node's buffer; no wait."""
+    async def started(self, queue: str) -> None:
+        """(asyncio side) Start queue's consumer unless it runs."""
+        consumer = self._running.get(queue)
+        if consumer is None or not consumer.active:
+            await aio.run_trio(self._start)(queue)
+
+    def take_ready(self, queue: str, most: int, room: int) -> list[Buffered]:
+        """(asyncio side) Up to most messages of queue already in this node's buffer, their
+        bodies within room bytes; no wait."""
         consumer = self.get(queue)
         taken: list[Buffered] = []
-        while (
-            consumer is not None and consumer.active and len(consumer.buffer) and len(taken) < most
-        ):
+        while consumer is not None and consumer.active and len(taken) < most:
+            head = consumer.buffer.peek()
+            if head is None or head.size > room:
+                break
+            room -= head.size
             taken.append(consumer.take_now())
         return taken
 

@@ -88,6 +88,10 @@ class Dedup:
             self._queries.fetch(RESERVE, *_keys(unique), self.window),
         )
         found = {(r["scope"], r["dedup_id"]): r for r in rows}
+        if any(r["message_id"] is None for r in rows):
+            # Another call stored the id after this statement's snapshot: its outcome is not
+            # visible here yet.
+            raise Unavailable("a dedup_id of this batch was being stored by another call; retry")
         for message in batch:
             row = found.get((message.scope, message.dedup_id))
             if row is not None:

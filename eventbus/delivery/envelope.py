@@ -21,6 +21,7 @@ from pamqp.commands import Basic
 PERSISTENT = 2  # AMQP delivery mode: written to disk
 BUS_HEADERS = "x-eventbus-"  # the prefix of the bus's own headers; any other is an attribute
 ATTEMPT_HEADER = "x-eventbus-attempt"
+MAX_ATTEMPT = 1_000_000  # another publisher's header beyond it (or below 1) reads as attempt 1
 EXPIRES_AT_HEADER = "x-eventbus-expires-at"  # epoch milliseconds
 PUBLISHED_AT_HEADER = "x-eventbus-published-at"  # epoch milliseconds
 CONTENT_TYPE = "application/octet-stream"
@@ -91,7 +92,7 @@ class Envelope:
         return cls(
             message_id=message_uuid(message.message_id),
             body=message.body,
-            attempt=attempt if isinstance(attempt, int) else 1,
+            attempt=attempt if isinstance(attempt, int) and 1 <= attempt <= MAX_ATTEMPT else 1,
             expires_at=expires_ms / 1000 if isinstance(expires_ms, int) else None,
             attributes=attributes_of(headers) if headers else NO_ATTRIBUTES,
             published_at=published_at_of(headers, message.timestamp),
@@ -297,7 +298,8 @@ def internal_message(body: bytes) -> Outgoing:
 
 @dataclass(frozen=True)
 class DelayedMessage:
-    """A message to publish later to a queue or a topic; its id becomes the message id."""
+    """A message to publish later to a queue or a topic; its id becomes the message id, unless it
+    is the retry of a message published before (message_id)."""
 
     id: str
     kind: Kind
@@ -308,9 +310,10 @@ class DelayedMessage:
     attributes: Mapping[str, str] = field(default_factory=no_attributes)
     attempt: int = 1  # a retry waiting here keeps its attempt
     published_at: float | None = None  # None: when it reaches its queue
+    message_id: str | None = None  # a retry's message, published before; None: id
 
     def encode(self) -> bytes:
-        fields = {
+        fields: dict[str, Any] = {
             "id": self.id,
             "kind": self.kind,
             "target": self.target,
@@ -319,6 +322,8 @@ class DelayedMessage:
         }
         if self.attempt != 1:
             fields["attempt"] = self.attempt
+        if self.message_id is not None:
+            fields["message_id"] = self.message_id
         return with_body(fields, self.body, self.attributes, self.published_at)
 
     @classmethod
@@ -329,4 +334,7 @@ class DelayedMessage:
         """The message as it is published when due."""
         expires_at = now + self.ttl_seconds if self.ttl_seconds > 0 else None
         published_at = now if self.published_at is None else self.published_at
-        return Envelope(self.id, self.body, self.attempt, expires_at, self.attributes, published_at)
+        message_id = self.message_id or self.id
+        return Envelope(
+            message_id, self.body, self.attempt, expires_at, self.attributes, published_at
+        )

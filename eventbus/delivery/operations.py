@@ -52,6 +52,7 @@ from .publisher import Publisher, Target
 logger = logging.getLogger(__name__)
 ratelog = RateLimitedLog(logger)
 
+PULL_BYTES = 3 * 1024 * 1024  # of bodies in one Pull reply: gRPC clients take 4 MiB by default
 LEDGER_TIMEOUT = 2.0  # a record or settlement written straight to PostgreSQL
 NOT_UTF8 = "data is not UTF-8: a v1 subscriber cannot receive it"
 
@@ -284,10 +285,18 @@ class Delivery:
         this node has buffered already."""
         if not self._broker.connected:
             raise Unavailable(f"RabbitMQ at {self._broker.address} is not connected")
+        await self._consumers.started(queue)  # outside the wait: a wait of 0 must not stop it
         first = await self._take_within(queue, wait)
         if first is None:
             return []
-        items = [first, *self._consumers.take_ready(queue, most - 1)]
+        room = PULL_BYTES - first.size
+        items = [first, *self._consumers.take_ready(queue, most - 1, room)]
+        # From here the messages belong to this call: they are recorded even if it is cancelled
+        # (and then come back after their deadline), never left unacked in hand.
+        giving = asyncio.ensure_future(self._give_all(queue, items))
+        return await asyncio.shield(giving)
+
+    async def _give_all(self, queue: str, items: list[Buffered]) -> list[DeliveryRecord]:
         given = await asyncio.gather(*(self._give(queue, i) for i in items), return_exceptions=True)
         records = [r for r in given if isinstance(r, DeliveryRecord)]
         failures = [r for r in given if isinstance(r, BaseException)]

@@ -20,6 +20,7 @@ from .envelope import Kind
 
 MAX_BATCH = 1000
 MAX_ATTRIBUTES = 100
+MAX_ATTRIBUTE_KEY_BYTES = 128  # pamqp cuts a longer header name down to 128 bytes
 # RabbitMQ's smallest frame_max is 4 KiB and its default 128 KiB: the properties of a message,
 # attributes included, travel in one frame.
 MAX_ATTRIBUTE_BYTES = 32 * 1024
@@ -124,9 +125,9 @@ def _attributes(where: str, attributes: Mapping[str, str]) -> dict[str, str]:
 
 
 def _attribute_key(where: str, key: str) -> None:
-    if not key or len(key.encode()) > validate.MAX_NAME_BYTES:
+    if not key or len(key.encode()) > MAX_ATTRIBUTE_KEY_BYTES:
         raise InvalidArgument(
-            f"{where}.attributes: a key must be 1-{validate.MAX_NAME_BYTES} bytes, got {key[:64]!r}"
+            f"{where}.attributes: a key must be 1-{MAX_ATTRIBUTE_KEY_BYTES} bytes, got {key[:64]!r}"
         )
     if not key.isprintable():
         raise InvalidArgument(f"{where}.attributes: key {key[:64]!r} has unprintable characters")

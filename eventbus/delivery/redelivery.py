@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -23,6 +24,7 @@ from .operations import InternalQueues
 from .policy import Cause, Policies, is_dead, retry_delay
 from .publisher import Publisher, Target
 
+RETRIES = uuid.UUID("3b9d4c1e-7f2a-4e58-9a61-0c5d8e2f7b43")  # names the rows of delayed retries
 DEAD_ON_REQUEST = "nacked to dead letters by the subscriber"
 
 
@@ -56,7 +58,8 @@ class Redelivery:
         steps = [self.next_steps(queue, envelope, failure, now) for envelope in envelopes]
         sending = [message for step in steps for message in step]
         outcomes = iter(await self._publisher.publish_many(sending) if sending else [])
-        return [all(next(outcomes).status == "confirmed" for _ in step) for step in steps]
+        confirmed = [[next(outcomes).status == "confirmed" for _ in step] for step in steps]
+        return [all(each) for each in confirmed]
 
     def next_steps(
         self, queue: str, envelope: Envelope, failure: Failure, now: float
@@ -78,14 +81,22 @@ class Redelivery:
         following = replace(envelope, attempt=envelope.attempt + 1)
         if delay <= 0:
             return [(("queue", queue), following.to_amqp(now))]
-        return [self._delayed(queue, following, now + delay)]
+        return self._delayed(queue, following, now + delay)
 
-    def _delayed(self, queue: str, envelope: Envelope, due_at: float) -> tuple[Target, Outgoing]:
+    def _delayed(
+        self, queue: str, envelope: Envelope, due_at: float
+    ) -> list[tuple[Target, Outgoing]]:
+        """The retry as a delayed message, due at due_at; none when it expires before."""
         ttl = 0
         if envelope.expires_at is not None:
+            if envelope.expires_at <= due_at:
+                return []
             ttl = max(1, math.ceil(envelope.expires_at - due_at))
         delayed = DelayedMessage(
-            id=envelope.message_id,
+            # One row per wait: a topic message nacked by two groups waits twice. The same
+            # retry sent twice (at least once) is one row.
+            id=str(uuid.uuid5(RETRIES, f"{envelope.message_id}/{queue}/{envelope.attempt}")),
+            message_id=envelope.message_id,
             kind="queue",
             target=queue,
             body=envelope.body,
@@ -95,7 +106,7 @@ class Redelivery:
             attempt=envelope.attempt,
             published_at=envelope.published_at,
         )
-        return ("queue", self._internal.delay), internal_message(delayed.encode())
+        return [(("queue", self._internal.delay), internal_message(delayed.encode()))]
 
     def _dead_letter(
         self, queue: str, envelope: Envelope, failure: Failure, now: float

@@ -31,7 +31,7 @@ import aiormq.abc
 
 from ..backends.broker import BROKER_ERRORS, CALL_TIMEOUT, Broker, check_channel_count
 from ..backends.retry import describe
-from ..errors import Unavailable
+from ..errors import ResourceExhausted, Unavailable
 from ..ops.metrics import Metrics
 from .envelope import Envelope
 from .redelivery import Failure, Redelivery
@@ -42,10 +42,12 @@ HOLD_LIMIT = 25 * 60.0  # seconds; below RabbitMQ's default consumer_timeout
 MAX_DEADLINE = 600  # seconds, per request
 LINGER = 0.002  # seconds a batch of deliveries waits for more before it is sent
 MAX_SEND_BATCH = 500
+MAX_SEND_BYTES = 3 * 1024 * 1024  # of bodies in one response: gRPC clients take 4 MiB by default
+UNREAD_LIMIT = 30.0  # seconds, at least: a stream whose client reads nothing for longer ends
 SWEEP_EVERY = 0.25  # seconds between looks for missed deadlines
 MAX_PENDING_INVALID = 10_000  # ids reported back at once; more are dropped
-OPEN_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, *BROKER_ERRORS)
 SETTLING_GRACE = 5.0  # seconds a closing stream waits for nacks being published
+CLOSE_WAIT = 10.0  # seconds a closing stream waits for its channel to close
 
 
 @dataclass(slots=True)
@@ -56,7 +58,8 @@ class Lease:
     envelope: Envelope
     ack_id: str
     received: float  # epoch seconds
-    deadline: float  # epoch seconds
+    deadline: float  # epoch seconds; counted from when it is sent
+    sent: bool = False
 
 
 class _Incoming:
@@ -75,8 +78,22 @@ class _Incoming:
 class Streams:
     """The node's open streams by token, so unary calls on this node reach their deliveries."""
 
-    def __init__(self) -> None:
+    def __init__(self, most: int) -> None:
         self._open: dict[str, StreamSession] = {}
+        self._most = most
+        self._slots = 0  # streams open or opening
+
+    def take_slot(self) -> None:
+        """Count a stream about to open; ResourceExhausted past server.max_streaming_pulls."""
+        if self._slots >= self._most:
+            raise ResourceExhausted(
+                f"this node serves {self._most} StreamingPulls already "
+                "(server.max_streaming_pulls); retry later or on another node"
+            )
+        self._slots += 1
+
+    def give_slot(self) -> None:
+        self._slots -= 1
 
     def add(self, session: StreamSession) -> None:
         self._open[session.token] = session
@@ -124,32 +141,60 @@ class StreamSession:
         self._retries: set[asyncio.Task[None]] = set()
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._amqp: aiormq.Channel | None = None
+        self._cancelled = asyncio.get_running_loop().create_future()
+        self._closing: asyncio.Future[None] | None = None
 
     async def open(self, broker: Broker, max_outstanding: int) -> None:
-        """Open the stream's channel and start consuming (queue declared already)."""
+        """Open the stream's channel and start consuming (queue declared already). The opening
+        runs as a task of its own that nothing cancels (see close); when the caller leaves or
+        RabbitMQ does not answer within CALL_TIMEOUT, the channel is closed once it is open."""
         connection = broker.connection
         check_channel_count(connection)
+        opening = asyncio.ensure_future(self._open(connection, max_outstanding))
         try:
-            async with asyncio.timeout(CALL_TIMEOUT):
-                self._channel = await connection.channel(publisher_confirms=False)
-                amqp = cast(aiormq.Channel, await self._channel.get_underlay_channel())
-                self._amqp = amqp
-                await amqp.basic_qos(prefetch_count=max_outstanding)
-                await amqp.basic_consume(self.queue, self._on_delivery)
-        except OPEN_ERRORS as error:
+            await asyncio.wait([opening], timeout=CALL_TIMEOUT)
+        finally:
+            if not opening.done():
+                opening.add_done_callback(self._close_soon)
+        if not opening.done():
+            raise Unavailable(f"RabbitMQ did not start consuming {self.queue!r} within 5 s")
+        error = opening.exception()
+        if error is not None:
             await self.close()
-            raise Unavailable(
-                f"RabbitMQ could not start consuming {self.queue!r}: {describe(error)}"
-            ) from None
+            if isinstance(error, BROKER_ERRORS):
+                raise Unavailable(
+                    f"RabbitMQ could not start consuming {self.queue!r}: {describe(error)}"
+                ) from None
+            raise error
+
+    async def _open(self, connection: aio_pika.abc.AbstractConnection, prefetch: int) -> None:
+        self._channel = await connection.channel(publisher_confirms=False)
+        amqp = cast(aiormq.Channel, await self._channel.get_underlay_channel())
+        self._amqp = amqp
+        await amqp.basic_qos(prefetch_count=prefetch)
+        amqp.on_consumer_cancel_callbacks.add(self._on_cancelled_by_broker)
+        await amqp.basic_consume(self.queue, self._on_delivery)
+
+    def _close_soon(self, _opening: asyncio.Future[None]) -> None:
+        self._closing = self._closing or asyncio.ensure_future(self._close())
 
     async def closed(self) -> str:
-        """Wait until RabbitMQ closes the channel (or its connection); returns why."""
+        """Wait until RabbitMQ closes the channel (or its connection) or cancels the consumer
+        (its queue was deleted, say); returns why."""
         assert self._amqp is not None
+        closing = asyncio.ensure_future(asyncio.shield(self._amqp.closing))
         try:
-            await asyncio.shield(self._amqp.closing)
-        except Exception as error:
-            return describe(error)
-        return "the channel closed"
+            await asyncio.wait([closing, self._cancelled], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+        if self._cancelled.done():
+            return "RabbitMQ cancelled the consumer: its queue was deleted"
+        error = None if closing.cancelled() else closing.exception()
+        return describe(error) if error is not None else "the channel closed"
+
+    def _on_cancelled_by_broker(self, _frame: object) -> None:
+        if not self._cancelled.done():
+            self._cancelled.set_result(None)
 
     async def _on_delivery(self, message: aiormq.abc.DeliveredMessage) -> None:
         # aiormq runs this as a task of its own per delivery; it never waits.
@@ -174,10 +219,27 @@ class StreamSession:
             await self._wake.wait()
         if self._ready and len(self._ready) < MAX_SEND_BATCH:
             await asyncio.sleep(LINGER)
-        batch, self._ready = self._ready[:MAX_SEND_BATCH], self._ready[MAX_SEND_BATCH:]
+        batch = self._take_ready()
         invalid, self._invalid = self._invalid, []
         self._count_sent(batch)
         return batch, invalid
+
+    def _take_ready(self) -> list[Lease]:
+        """The next deliveries to send (those still held), within MAX_SEND_BATCH and
+        MAX_SEND_BYTES (one at least); their deadlines start now."""
+        batch: list[Lease] = []
+        size, now, taken = 0, time.time(), 0
+        for lease in self._ready:
+            body = len(lease.envelope.body)
+            if len(batch) == MAX_SEND_BATCH or (batch and size + body > MAX_SEND_BYTES):
+                break
+            taken += 1
+            if self.leases.get(lease.tag) is lease:
+                lease.sent, lease.deadline = True, now + self.ack_deadline
+                batch.append(lease)
+                size += body
+        del self._ready[:taken]
+        return batch
 
     def _count_sent(self, batch: list[Lease]) -> None:
         if batch:
@@ -239,11 +301,19 @@ class StreamSession:
         return invalid + self.nack(nacked, Failure("nack"))
 
     async def expire(self) -> None:
-        """Forever: deliveries past their deadline come back as missed deadlines."""
+        """Forever: deliveries past their deadline come back as missed deadlines. Unavailable
+        when the client has left deliveries unread for long (they go back to the queue as the
+        stream ends, no attempt counted)."""
+        unread_limit = max(UNREAD_LIMIT, self.ack_deadline)
         while True:
             await asyncio.sleep(SWEEP_EVERY)
             now = time.time()
-            late = [lease for lease in self.leases.values() if lease.deadline <= now]
+            if any(not lease.sent and lease.received < now - unread_limit for lease in self._ready):
+                raise Unavailable(
+                    f"the client read nothing of its stream for {unread_limit:g} s; "
+                    "its messages went back to the queue"
+                )
+            late = [lease for lease in self.leases.values() if lease.sent and lease.deadline <= now]
             for lease in late:
                 del self.leases[lease.tag]
             if late:
@@ -268,11 +338,15 @@ class StreamSession:
                 "stream %s: a retry could not be published: %s", self.queue, describe(error)
             )
             done = [False] * len(leases)
-        finally:
+        except BaseException:
             self._settling.difference_update(lease.tag for lease in leases)
+            raise  # cancelled: the channel closes, and RabbitMQ requeues them
+        # The failed ones go back first, while the others still count as held: a `multiple`
+        # ack of the others must not cover them.
+        self._requeue([lease.tag for lease, ok in zip(leases, done, strict=True) if not ok])
+        self._settling.difference_update(lease.tag for lease in leases)
         self._ack_now([lease.tag for lease, ok in zip(leases, done, strict=True) if ok])
         self._metrics.republished.labels(self.queue).inc(sum(done))
-        self._requeue([lease.tag for lease, ok in zip(leases, done, strict=True) if not ok])
 
     def _ack_now(self, tags: list[int]) -> None:
         """AMQP-ack tags: one `multiple` ack for those below every delivery still held or being
@@ -305,17 +379,26 @@ class StreamSession:
         task.add_done_callback(_quietly)
 
     async def close(self) -> None:
-        """Close the channel: RabbitMQ puts every delivery still held back in the queue. Waits
-        up to SETTLING_GRACE for retries being published, so a message is not requeued beside
-        its next attempt."""
+        """Close the channel: RabbitMQ puts every delivery still held back in the queue. The
+        closing runs as a task of its own that nothing cancels: a Channel.Close cancelled
+        midway makes aiormq reuse the channel's number before RabbitMQ's Close-Ok, and RabbitMQ
+        then closes the whole connection, every other stream and consumer with it. Waits up to
+        CLOSE_WAIT for it (also when the caller is cancelled, the closing goes on)."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.wait([self._closing], timeout=CLOSE_WAIT)
+
+    async def _close(self) -> None:
+        """Wait up to SETTLING_GRACE for retries being published (so a message is not requeued
+        beside its next attempt), then close the channel."""
         if self._retries:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(SETTLING_GRACE):
-                    await asyncio.gather(*self._retries, return_exceptions=True)
-        if self._channel is not None and not self._channel.is_closed:
-            with contextlib.suppress(TimeoutError, *BROKER_ERRORS):
-                async with asyncio.timeout(CALL_TIMEOUT):
-                    await self._channel.close()
+            await asyncio.wait(list(self._retries), timeout=SETTLING_GRACE)
+        channel, self._channel = self._channel, None
+        if channel is not None and not channel.is_closed:
+            try:
+                await channel.close()
+            except BROKER_ERRORS as error:
+                logger.debug("stream %s: closing its channel: %s", self.queue, describe(error))
         self.leases.clear()
 
 

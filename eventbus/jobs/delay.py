@@ -44,12 +44,12 @@ BATCH = 500
 
 INSERT = """
 INSERT INTO delayed_messages (id, kind, target, body, due_at, ttl_seconds, attributes, attempt,
-                              published_at)
+                              published_at, message_id)
 SELECT m.id, m.kind, m.target, m.body, to_timestamp(m.due_at), m.ttl, m.attributes, m.attempt,
-       to_timestamp(m.published_at)
+       to_timestamp(m.published_at), m.message_id
 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::float8[], $6::bigint[],
-            $7::jsonb[], $8::int[], $9::float8[])
-     AS m(id, kind, target, body, due_at, ttl, attributes, attempt, published_at)
+            $7::jsonb[], $8::int[], $9::float8[], $10::uuid[])
+     AS m(id, kind, target, body, due_at, ttl, attributes, attempt, published_at, message_id)
 ON CONFLICT (id) DO NOTHING
 """
 
@@ -76,7 +76,7 @@ SET claim_token = $1, claimed_until = now() + make_interval(secs => $3)
 WHERE d.id IN (SELECT id FROM fresh UNION ALL
                (SELECT id FROM backlog LIMIT greatest(0, $2 - (SELECT count(*) FROM fresh))))
 RETURNING d.id, d.kind, d.target, d.body, extract(epoch FROM d.due_at) AS due_at, d.ttl_seconds,
-    d.attributes, d.attempt, extract(epoch FROM d.published_at) AS published_at
+    d.attributes, d.attempt, extract(epoch FROM d.published_at) AS published_at, d.message_id
 """
 
 FORGET = "DELETE FROM delayed_messages WHERE id = ANY($2::uuid[]) AND claim_token = $1"
@@ -122,12 +122,12 @@ SELECT extract(epoch FROM min(due_at) - now()) FROM delayed_messages WHERE due_a
 
 async def write(store: Store, messages: Sequence[DelayedMessage]) -> list[tuple[str, str, int]]:
     """Store delayed messages (repeats are ignored); the bookkeeping writer's signature."""
-    await store.execute(INSERT, *columns([_row(m) for m in messages], 9))
+    await store.execute(INSERT, *columns([_row(m) for m in messages], 10))
     return []
 
 
 def _row(m: DelayedMessage) -> tuple[Any, ...]:
-    """A delayed message as the 9 columns INSERT takes."""
+    """A delayed message as the 10 columns INSERT takes."""
     attributes = attributes_json(m.attributes)
     return (
         m.id,
@@ -139,6 +139,7 @@ def _row(m: DelayedMessage) -> tuple[Any, ...]:
         attributes,
         m.attempt,
         m.published_at,
+        m.message_id,
     )
 
 
@@ -155,13 +156,15 @@ class DueMessage:
     attributes: Mapping[str, str] = field(default_factory=no_attributes)
     attempt: int = 1
     published_at: float | None = None  # None: when it reaches its queue
+    message_id: str | None = None  # None: id
 
     def to_amqp(self, now: float) -> tuple[Target, Outgoing]:
         """Where it goes, and the message as it is published when due."""
         expires_at = now + self.ttl_seconds if self.ttl_seconds > 0 else None
         published_at = now if self.published_at is None else self.published_at
+        message_id = self.message_id or self.id
         envelope = Envelope(
-            self.id, self.body, self.attempt, expires_at, self.attributes, published_at
+            message_id, self.body, self.attempt, expires_at, self.attributes, published_at
         )
         target: Target = ("topic", self.target) if self.kind == "topic" else ("queue", self.target)
         return target, envelope.to_amqp(now)
@@ -184,6 +187,7 @@ async def claim_due(
             attributes_from(r["attributes"]),
             r["attempt"],
             epoch(r["published_at"]),
+            str(r["message_id"]) if r["message_id"] is not None else None,
         )
         for r in rows
     ]
