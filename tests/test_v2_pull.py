@@ -148,11 +148,6 @@ def test_a_unary_nack_of_a_pull_with_a_delay_comes_back_no_earlier(v2: V2Client)
     assert (again.message_id, again.attempt) == (held.message_id, 2)
 
 
-@pytest.mark.xfail(
-    reason="api/v2.py SubscriberService._modify_ack_deadline calls _settle with no v1 "
-    "outcome, so every Pull (recorded) ack id comes back invalid and keeps its deadline",
-    strict=True,
-)
 def test_modify_ack_deadline_extends_a_pull(v2: V2Client) -> None:
     queue = unique_name("pull-extend")
     v2.publish(message(queue, b"slow"))

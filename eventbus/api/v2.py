@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Iterable, Sequence
+import functools
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -36,6 +37,8 @@ MAX_IDS = 10_000  # ack ids in one request
 MAX_ACK_ID_LENGTH = 64  # stream ids are 37 characters at most, recorded ones 36
 MAX_PULL = 1000  # messages in one Pull
 MAX_WAIT = 300.0  # seconds a Pull may wait
+
+Settle = Callable[[str], Awaitable[None]]  # settles one recorded delivery
 
 
 class PublisherService(v2_grpc.PublisherBase):
@@ -200,7 +203,8 @@ class SubscriberService(v2_grpc.SubscriberBase):
 
     async def _acknowledge(self, request: v2_pb2.AcknowledgeRequest) -> v2_pb2.AcknowledgeResponse:
         _check_ids(request.ack_ids)
-        invalid = await self._settle(request.ack_ids, "ack", lambda s, ids: s.ack(ids))
+        ack = self._subs.delivery.ack
+        invalid = await self._settle(request.ack_ids, ack, lambda s, ids: s.ack(ids))
         return v2_pb2.AcknowledgeResponse(invalid_ack_ids=invalid)
 
     async def _nack(self, request: v2_pb2.NackRequest) -> v2_pb2.NackResponse:
@@ -208,7 +212,8 @@ class SubscriberService(v2_grpc.SubscriberBase):
         if request.delay_seconds > self._subs.config.delivery.max_delay_seconds:
             raise InvalidArgument("delay_seconds is over delivery.max_delay_seconds")
         failure = Failure("nack", float(request.delay_seconds) or None, request.dead_letter)
-        invalid = await self._settle(request.ack_ids, "nack", lambda s, ids: s.nack(ids, failure))
+        nack = self._subs.delivery.nack
+        invalid = await self._settle(request.ack_ids, nack, lambda s, ids: s.nack(ids, failure))
         return v2_pb2.NackResponse(invalid_ack_ids=invalid)
 
     async def _modify_ack_deadline(
@@ -218,34 +223,46 @@ class SubscriberService(v2_grpc.SubscriberBase):
         seconds = request.ack_deadline_seconds
         if seconds > MAX_DEADLINE:
             raise InvalidArgument(f"ack_deadline_seconds must be 0-{MAX_DEADLINE}")
-        invalid = await self._settle(request.ack_ids, "", lambda s, ids: s.modify(ids, seconds))
+        extend = functools.partial(self._subs.delivery.extend, seconds=seconds)
+        invalid = await self._settle(request.ack_ids, extend, lambda s, ids: s.modify(ids, seconds))
         return v2_pb2.ModifyAckDeadlineResponse(invalid_ack_ids=invalid)
 
-    async def _settle(self, ack_ids: Iterable[str], v1_outcome: str, on_stream: Any) -> list[str]:
+    async def _settle(self, ack_ids: Iterable[str], recorded: Settle, on_stream: Any) -> list[str]:
         """Apply a unary settlement: a stream's ids go to their stream on this node (any other
         node's stream is gone from here: invalid); recorded ids (UUIDs, as Pull and v1 hand
-        out) to the bookkeeping, as v1 does."""
+        out) to the bookkeeping through recorded, as v1 does."""
         invalid: list[str] = []
         by_stream: dict[StreamSession, list[str]] = {}
+        records: list[str] = []
         for ack_id in ack_ids:
             owner = self._subs.streams.owner(ack_id) if is_stream_ack_id(ack_id) else None
             if owner is not None:
                 by_stream.setdefault(owner, []).append(ack_id)
-            elif is_stream_ack_id(ack_id) or not v1_outcome:
+            elif is_stream_ack_id(ack_id):
                 invalid.append(ack_id)
             else:
-                invalid += await self._settle_recorded(ack_id, v1_outcome)
+                records.append(ack_id)
+        if records:
+            invalid += await self._settle_recorded(records, recorded)
         for session, ids in by_stream.items():
             invalid += on_stream(session, ids)
         return invalid
 
-    async def _settle_recorded(self, ack_id: str, outcome: str) -> list[str]:
-        try:
-            settle = self._subs.delivery.ack if outcome == "ack" else self._subs.delivery.nack
-            await settle(ack_id)
-        except InvalidArgument:
-            return [ack_id]
-        return []
+    async def _settle_recorded(self, ack_ids: list[str], settle: Settle) -> list[str]:
+        """Settle recorded ids; those PostgreSQL knows to be stale (their delivery done, or
+        nacked: one query for them all) and those the bus never issued are invalid, and left
+        alone."""
+        stale = await self._subs.delivery.stale(ack_ids)
+        return [i for i in ack_ids if i in stale or not await _settled(settle, i)]
+
+
+async def _settled(settle: Settle, ack_id: str) -> bool:
+    """Whether settle took ack_id (False: an id the bus never issued)."""
+    try:
+        await settle(ack_id)
+    except InvalidArgument:
+        return False
+    return True
 
 
 def _received(lease: Lease, queue: str) -> v2_pb2.ReceivedMessage:

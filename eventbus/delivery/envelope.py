@@ -34,7 +34,7 @@ def no_attributes() -> Mapping[str, str]:
     return NO_ATTRIBUTES
 
 
-Outcome = Literal["ack", "nack", "returned"]
+Outcome = Literal["ack", "nack", "returned", "deadline"]
 Kind = Literal["queue", "topic"]
 
 
@@ -219,12 +219,33 @@ class Marker:
         return json.dumps({"marker": self.at}).encode()
 
 
+@dataclass(frozen=True)
+class DeadlineChange(Settlement):
+    """A new ack deadline (epoch seconds) for a recorded delivery, asked for at `at` (v2
+    ModifyAckDeadline), outcome "deadline". It travels the settlements queue as acks do, in
+    order, and settles nothing: the bookkeeping moves the delivery's deadline while it is open.
+    Acks and nacks are encoded as before, without the field."""
+
+    deadline: float
+
+
+def _settlement(fields: Any) -> Settlement:
+    """A settlement or deadline change from its JSON fields (TypeError when they are neither)."""
+    if isinstance(fields, dict) and ("deadline" in fields or fields.get("outcome") == "deadline"):
+        change = DeadlineChange(**fields)
+        if change.outcome != "deadline":
+            raise ValueError(f"a deadline change with outcome {change.outcome!r}")
+        _time(change.deadline)
+        return change
+    return Settlement(**fields)
+
+
 def decode_settlement(raw: bytes) -> Settlement | Marker:
     """A message of the settlements queue: a settlement, or a marker."""
     fields = json.loads(raw)
     if isinstance(fields, dict) and set(fields) == {"marker"}:
         return Marker(_time(fields["marker"]))
-    settlement = Settlement(**fields)
+    settlement = _settlement(fields)
     _time(settlement.at)
     return settlement
 

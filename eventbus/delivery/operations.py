@@ -30,13 +30,14 @@ from ..backends.broker import Blocked, Broker, BrokerUnavailable
 from ..backends.retry import describe
 from ..backends.store import Queries
 from ..config import Config
-from ..errors import Unavailable
+from ..errors import InvalidArgument, Unavailable
 from ..jobs import ledger
 from ..ops.metrics import Metrics
 from ..ops.ratelog import RateLimitedLog
 from . import validate
 from .consumer import Buffered, Consumers
 from .envelope import (
+    DeadlineChange,
     DelayedMessage,
     DeliveryRecord,
     Envelope,
@@ -333,6 +334,49 @@ class Delivery:
         except Blocked:
             await self._write_directly(outcome, ledger.write_settlements, [settlement])
         self._metrics.settlements_received.labels(outcome).inc()
+
+    async def extend(self, delivery_id: str, seconds: int) -> None:
+        """v2 ModifyAckDeadline of a recorded delivery: its deadline becomes seconds from now
+        (0: a nack now). Returns once the change is confirmed in the internal ack queue (or,
+        while RabbitMQ blocks publishers, stored); the bookkeeping then moves the deadline if
+        the delivery is still open."""
+        if seconds == 0:
+            await self.nack(delivery_id)
+            return
+        issued = self._ids.check(validate.delivery_id(delivery_id))
+        now = time.time()
+        change = DeadlineChange(issued, "deadline", now, now + seconds)
+        try:
+            await self._publisher.publish(self.internal.ack, internal_message(change.encode()))
+        except Blocked:
+            await self._write_directly("deadline change", ledger.write_settlements, [change])
+        self._metrics.settlements_received.labels("deadline").inc()
+
+    async def stale(self, delivery_ids: list[str]) -> set[str]:
+        """Those of delivery_ids (as sent) whose delivery PostgreSQL knows is no longer
+        current: done (retried, dead, expired) or nacked. One query, within
+        ledger.STALE_TIMEOUT; when PostgreSQL does not answer in time, none. Ids this bus did
+        not issue are left for the settling to refuse."""
+        issued = self._issued(delivery_ids)
+        if not issued:
+            return set()
+        try:
+            async with asyncio.timeout(ledger.STALE_TIMEOUT):
+                known = await ledger.stale(self._ledger, list(issued))
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            ratelog.info("stale ids", "ack ids taken as current, unchecked: %s", describe(error))
+            return set()
+        return {issued[delivery_id] for delivery_id in known}
+
+    def _issued(self, delivery_ids: list[str]) -> dict[str, str]:
+        """The well-formed ids this bus issued, canonical, each to the id as sent."""
+        issued = {}
+        for delivery_id in delivery_ids:
+            try:
+                issued[self._ids.check(validate.delivery_id(delivery_id))] = delivery_id
+            except InvalidArgument:
+                continue
+        return issued
 
 
 def utf8(body: bytes) -> bool:

@@ -15,7 +15,13 @@ from typing import Any
 import trio
 
 from ..backends.store import Queries, Store
-from ..delivery.envelope import NO_ATTRIBUTES, DeliveryRecord, Settlement, no_attributes
+from ..delivery.envelope import (
+    NO_ATTRIBUTES,
+    DeadlineChange,
+    DeliveryRecord,
+    Settlement,
+    no_attributes,
+)
 from ..delivery.policy import Cause
 from .quarantine import printable
 
@@ -135,7 +141,9 @@ async def write_records(
         await store.execute(INSERT_RECORDS, *columns(handed_out, 11))
     if dead:
         await store.execute(INSERT_DEAD_RECORDS, *columns(dead, 11))
-    return settled_counts(await store.fetch(COUNT_SETTLED, [r.id for r in records]))
+    ids = [r.id for r in records]
+    await store.execute(APPLY_DEADLINES, ids)  # a change stored before its record
+    return settled_counts(await store.fetch(COUNT_SETTLED, ids))
 
 
 def _record_row(r: DeliveryRecord) -> tuple[Any, ...]:
@@ -171,9 +179,14 @@ def one_record_per_message(records: Sequence[DeliveryRecord]) -> list[DeliveryRe
 async def write_settlements(
     store: Queries, settlements: Sequence[Settlement]
 ) -> list[tuple[str, str, int]]:
-    """Record acks and nacks (and hand-outs returned); returns (queue, outcome, count) of the
-    acks and nacks whose record is known, taken once each."""
-    unique = merge_settlements(settlements)
+    """Record acks and nacks (and hand-outs returned), and apply deadline changes; returns
+    (queue, outcome, count) of the acks and nacks whose record is known, taken once each."""
+    changes = [s for s in settlements if isinstance(s, DeadlineChange)]
+    if changes:
+        await change_deadlines(store, changes)
+    unique = merge_settlements([s for s in settlements if not isinstance(s, DeadlineChange)])
+    if not unique:
+        return []
     rows = [(s.delivery_id, s.outcome, s.at) for s in unique]
     ids, outcomes, times = columns(rows, 3)
     await store.execute(INSERT_SETTLEMENTS, ids, outcomes, times)
@@ -184,6 +197,53 @@ async def advance(store: Store, name: str, applied_through: float) -> None:
     """Record that every message of an in-order internal queue published up to
     applied_through has been applied."""
     await store.execute(ADVANCE, name, applied_through)
+
+
+# A deadline change is kept, the one asked for last winning, then applied to its delivery while
+# that is open. Its record may be stored after it (they travel through different queues): both
+# writers apply the kept changes of their deliveries once their own rows are committed, so
+# whichever of the two is stored second sees both.
+KEEP_DEADLINES = """
+INSERT INTO deadline_changes (delivery_id, deadline, asked_at)
+SELECT c.id, to_timestamp(c.deadline), to_timestamp(c.at)
+FROM unnest($1::uuid[], $2::float8[], $3::float8[]) AS c(id, deadline, at)
+ON CONFLICT (delivery_id) DO UPDATE
+    SET deadline = EXCLUDED.deadline, asked_at = EXCLUDED.asked_at
+    WHERE deadline_changes.asked_at <= EXCLUDED.asked_at
+"""
+APPLY_DEADLINES = """
+UPDATE deliveries d SET deadline = c.deadline
+FROM deadline_changes c
+WHERE c.delivery_id = ANY($1::uuid[]) AND d.id = c.delivery_id AND NOT d.done
+  AND d.deadline <> c.deadline
+"""
+
+
+async def change_deadlines(store: Queries, changes: Sequence[DeadlineChange]) -> None:
+    """Keep deadline changes and move the deadlines of their open deliveries."""
+    latest: dict[str, DeadlineChange] = {}
+    for change in changes:
+        earlier = latest.get(change.delivery_id)
+        if earlier is None or change.at >= earlier.at:
+            latest[change.delivery_id] = change
+    rows = [(c.delivery_id, c.deadline, c.at) for c in latest.values()]
+    await store.execute(KEEP_DEADLINES, *columns(rows, 3))
+    await store.execute(APPLY_DEADLINES, list(latest))
+
+
+# Deliveries whose ids are no longer current: done (retried, dead, expired), or nacked.
+STALE = """
+SELECT i.id FROM unnest($1::uuid[]) AS i(id)
+WHERE EXISTS (SELECT 1 FROM deliveries d WHERE d.id = i.id AND d.done)
+   OR EXISTS (SELECT 1 FROM settlements s WHERE s.delivery_id = i.id AND s.outcome = 'nack')
+"""
+STALE_TIMEOUT = 0.5  # seconds a call waits to learn which of its ids are stale
+
+
+async def stale(store: Queries, ids: Sequence[str]) -> set[str]:
+    """Of these delivery ids (canonical UUIDs), those PostgreSQL knows to be no longer current:
+    their delivery is done, or was nacked. One query."""
+    return {str(row["id"]) for row in await store.fetch(STALE, list(ids))}
 
 
 def merge_settlements(settlements: Sequence[Settlement]) -> list[Settlement]:
@@ -431,18 +491,28 @@ DELETE FROM deliveries WHERE id IN (
     LIMIT $1)
 """
 
+# A kept deadline change whose deadline has passed changes nothing any more, stored or not.
+CLEAN_DEADLINES = """
+DELETE FROM deadline_changes WHERE delivery_id IN (
+    SELECT delivery_id FROM deadline_changes WHERE deadline < now() - make_interval(secs => $2)
+    LIMIT $1)
+"""
+KEEP_PASSED_DEADLINES = 60.0
+
 
 async def clean(
     store: Store, limit: int, keep_done_seconds: float, budget_seconds: float = CLEAN_BUDGET
 ) -> None:
-    """Forget acked deliveries and, after keep_done_seconds, retried, dead or expired ones: each
-    statement deletes up to limit rows a pass, and runs again while a pass deletes that many,
-    for budget_seconds in all; what is left waits for the next clean."""
+    """Forget acked deliveries and, after keep_done_seconds, retried, dead or expired ones (and
+    deadline changes a minute after their deadline): each statement deletes up to limit rows a
+    pass, and runs again while a pass deletes that many, for budget_seconds in all; what is
+    left waits for the next clean."""
     with trio.move_on_after(budget_seconds):
         for statement, args in (
             (CLEAN_ACKED, ()),
             (CLEAN_DONE, (keep_done_seconds,)),
             (CLEAN_ORPHANS, (keep_done_seconds,)),
+            (CLEAN_DEADLINES, (KEEP_PASSED_DEADLINES,)),
         ):
             while row_count(await store.execute(statement, limit, *args)) >= limit:
                 pass
