@@ -116,12 +116,6 @@ def test_an_unacked_pull_comes_back_and_a_pull_ack_works_on_another_node(
     other.close()
 
 
-@pytest.mark.xfail(
-    reason="api/v2.py SubscriberService._settle hands a Pull's (recorded) ack id to "
-    "Delivery.nack, which knows neither delay_seconds nor dead_letter: the message comes back "
-    "as after any v1 nack",
-    strict=True,
-)
 def test_a_unary_nack_of_a_pull_can_dead_letter_it(v2: V2Client, backends: Any) -> None:
     queue = unique_name("pull-dead")
     (result,) = v2.publish(message(queue, b"doomed"))
@@ -132,11 +126,6 @@ def test_a_unary_nack_of_a_pull_can_dead_letter_it(v2: V2Client, backends: Any) 
     assert pull(v2, queue, wait=1.0) == []
 
 
-@pytest.mark.xfail(
-    reason="api/v2.py SubscriberService._settle drops a Nack's delay_seconds for a Pull's "
-    "(recorded) ack id: the message comes back after nack_redelivery_delay_seconds",
-    strict=True,
-)
 def test_a_unary_nack_of_a_pull_with_a_delay_comes_back_no_earlier(v2: V2Client) -> None:
     queue = unique_name("pull-delay")
     v2.publish(message(queue, b"later"))

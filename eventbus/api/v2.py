@@ -25,7 +25,7 @@ from ..delivery.batches import BatchPublishing
 from ..delivery.envelope import DeliveryRecord
 from ..delivery.operations import Delivery
 from ..delivery.publisher import Publisher
-from ..delivery.redelivery import Failure, Redelivery
+from ..delivery.redelivery import DEAD_ON_REQUEST, Failure, Redelivery
 from ..delivery.stream import MAX_DEADLINE, Lease, Streams, StreamSession, is_stream_ack_id
 from ..errors import InvalidArgument, Unavailable
 from ..ops.metrics import Metrics
@@ -212,9 +212,24 @@ class SubscriberService(v2_grpc.SubscriberBase):
         if request.delay_seconds > self._subs.config.delivery.max_delay_seconds:
             raise InvalidArgument("delay_seconds is over delivery.max_delay_seconds")
         failure = Failure("nack", float(request.delay_seconds) or None, request.dead_letter)
-        nack = self._subs.delivery.nack
-        invalid = await self._settle(request.ack_ids, nack, lambda s, ids: s.nack(ids, failure))
+        recorded = self._recorded_nack(request.delay_seconds, request.dead_letter)
+        invalid = await self._settle(request.ack_ids, recorded, lambda s, ids: s.nack(ids, failure))
         return v2_pb2.NackResponse(invalid_ack_ids=invalid)
+
+    def _recorded_nack(self, delay: int, dead_letter: bool) -> Settle:
+        """How a Nack settles a recorded id: to dead letters, later (its deadline moved to
+        delay from now: it then comes as the next attempt), or as v1's nack."""
+        delivery = self._subs.delivery
+        if dead_letter:
+
+            async def bury(ack_id: str) -> None:
+                if not await delivery.bury(ack_id, DEAD_ON_REQUEST):
+                    raise InvalidArgument(f"{ack_id} names no open delivery")
+
+            return bury
+        if delay:
+            return functools.partial(delivery.extend, seconds=delay)
+        return delivery.nack
 
     async def _modify_ack_deadline(
         self, request: v2_pb2.ModifyAckDeadlineRequest

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import asyncpg
@@ -55,6 +55,8 @@ ratelog = RateLimitedLog(logger)
 
 PULL_BYTES = 3 * 1024 * 1024  # of bodies in one Pull reply: gRPC clients take 4 MiB by default
 LEDGER_TIMEOUT = 2.0  # a record or settlement written straight to PostgreSQL
+BURY_WAIT = 2.0  # seconds a dead-lettering Nack waits for its delivery's record to be stored
+BURY_LOOKS = 5
 NOT_UTF8 = "data is not UTF-8: a v1 subscriber cannot receive it"
 
 
@@ -351,6 +353,36 @@ class Delivery:
         except Blocked:
             await self._write_directly("deadline change", ledger.write_settlements, [change])
         self._metrics.settlements_received.labels("deadline").inc()
+
+    async def bury(self, delivery_id: str, reason: str) -> bool:
+        """v2 Nack to dead letters of a recorded delivery: its record, read back from
+        PostgreSQL, goes through the confirm queue again with the reason, which makes it a dead
+        letter. False when PostgreSQL holds no open delivery of that id (yet: a record takes a
+        moment to arrive; up to BURY_WAIT is given to it)."""
+        issued = self._ids.check(validate.delivery_id(delivery_id))
+        record = await self._open_record(issued)
+        if record is None:
+            return False
+        dead = replace(record, dead_reason=reason)
+        await self._publisher.publish(self.internal.confirm, internal_message(dead.encode()))
+        self._metrics.dead_lettered.labels(record.queue).inc()
+        return True
+
+    async def _open_record(self, delivery_id: str) -> DeliveryRecord | None:
+        try:
+            async with asyncio.timeout(BURY_WAIT):
+                for _ in range(BURY_LOOKS):  # PostgreSQL is polled: no event tells
+                    record = await ledger.open_delivery(self._ledger, delivery_id, time.time())
+                    if record is not None:
+                        return record
+                    await asyncio.sleep(BURY_WAIT / BURY_LOOKS)
+        except TimeoutError:
+            pass
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            raise Unavailable(
+                f"PostgreSQL could not be asked for the delivery: {describe(error)}"
+            ) from None
+        return None
 
     async def stale(self, delivery_ids: list[str]) -> set[str]:
         """Those of delivery_ids (as sent) whose delivery PostgreSQL knows is no longer

@@ -246,6 +246,37 @@ async def stale(store: Queries, ids: Sequence[str]) -> set[str]:
     return {str(row["id"]) for row in await store.fetch(STALE, list(ids))}
 
 
+OPEN_DELIVERY = """
+SELECT d.message_id, d.queue, d.body, d.attempt, d.attributes,
+       extract(epoch FROM d.published_at) AS published_at,
+       extract(epoch FROM d.expires_at) AS expires_at
+FROM deliveries d
+WHERE d.id = $1 AND NOT d.done
+  AND NOT EXISTS (SELECT 1 FROM settlements s WHERE s.delivery_id = d.id)
+"""
+
+
+async def open_delivery(store: Queries, delivery_id: str, now: float) -> DeliveryRecord | None:
+    """The record of a delivery still open (not done, not settled), as it was handed out but
+    due now; None when PostgreSQL holds no such delivery."""
+    rows = await store.fetch(OPEN_DELIVERY, delivery_id)
+    if not rows:
+        return None
+    row = rows[0]
+    return DeliveryRecord(
+        id=delivery_id,
+        message_id=str(row["message_id"]),
+        queue=row["queue"],
+        body=row["body"],
+        attempt=row["attempt"],
+        delivered_at=now,
+        deadline=now,
+        expires_at=epoch(row["expires_at"]),
+        attributes=attributes_from(row["attributes"]),
+        published_at=epoch(row["published_at"]),
+    )
+
+
 def merge_settlements(settlements: Sequence[Settlement]) -> list[Settlement]:
     """One settlement per delivery: an ack wins over a nack, else the first one stands."""
     merged: dict[str, Settlement] = {}
