@@ -21,6 +21,7 @@ from tests.test_quarantine import count, record, with_store, work_through
 @dataclass
 class Raw:
     body: bytes
+    headers: dict[str, Any] | None = None
 
 
 async def test_a_batch_ends_once_its_bodies_reach_the_byte_bound() -> None:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import aio_pika.abc
 from pamqp.commands import Basic
@@ -22,11 +22,14 @@ PERSISTENT = 2  # AMQP delivery mode: written to disk
 BUS_HEADERS = "x-eventbus-"  # the prefix of the bus's own headers; any other is an attribute
 ATTEMPT_HEADER = "x-eventbus-attempt"
 MAX_ATTEMPT = 1_000_000  # another publisher's header beyond it (or below 1) reads as attempt 1
+ROWS_HEADER = "x-eventbus-rows"  # how many records or settlements a packed message carries
 EXPIRES_AT_HEADER = "x-eventbus-expires-at"  # epoch milliseconds
 PUBLISHED_AT_HEADER = "x-eventbus-published-at"  # epoch milliseconds
 CONTENT_TYPE = "application/octet-stream"
 
 NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})
+
+T = TypeVar("T")
 
 
 def no_attributes() -> Mapping[str, str]:
@@ -179,6 +182,10 @@ class DeliveryRecord:
     dead_reason: str | None = None
 
     def encode(self) -> bytes:
+        return encoded(self.fields(), self.body)
+
+    def fields(self) -> dict[str, Any]:
+        """Every field but the body, the optional ones only when set."""
         fields = {
             "id": self.id,
             "message_id": self.message_id,
@@ -188,7 +195,7 @@ class DeliveryRecord:
             "deadline": self.deadline,
             "expires_at": self.expires_at,
         }
-        return with_body(fields, self.body, self.attributes, self.published_at, self.dead_reason)
+        return optional_fields(fields, self.attributes, self.published_at, self.dead_reason)
 
     @classmethod
     def decode(cls, raw: bytes) -> DeliveryRecord:
@@ -204,7 +211,7 @@ class Settlement:
     at: float
 
     def encode(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        return json.dumps(vars(self), separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True)
@@ -240,14 +247,76 @@ def _settlement(fields: Any) -> Settlement:
     return Settlement(**fields)
 
 
-def decode_settlement(raw: bytes) -> Settlement | Marker:
-    """A message of the settlements queue: a settlement, or a marker."""
+def decode_settlement(raw: bytes) -> Settlement | Marker | Packed[Settlement]:
+    """A message of the settlements queue: a settlement, a marker, or several settlements
+    packed (pack_settlements)."""
     fields = json.loads(raw)
+    if isinstance(fields, list):
+        return Packed([settlement_of(one) for one in fields])
     if isinstance(fields, dict) and set(fields) == {"marker"}:
         return Marker(_time(fields["marker"]))
+    return settlement_of(fields)
+
+
+def settlement_of(fields: Any) -> Settlement:
+    """A settlement from its JSON fields; ValueError or TypeError when they are not one."""
+    if not isinstance(fields, dict):
+        raise TypeError("a settlement is not a JSON object")
     settlement = _settlement(fields)
     _time(settlement.at)
     return settlement
+
+
+@dataclass(frozen=True)
+class Packed(Generic[T]):
+    """What one packed internal message carried: several records or settlements, in order."""
+
+    items: list[T]
+
+
+def pack_records(records: Sequence[DeliveryRecord]) -> Outgoing:
+    """Delivery records as one internal message. One alone is written as DeliveryRecord.encode
+    writes it; several as one line, a JSON array of their fields, each with its body's length
+    as `size`, then their bodies' bytes one after another."""
+    if len(records) == 1:
+        return internal_message(records[0].encode())
+    heads = []
+    for record in records:
+        fields = record.fields()
+        fields["size"] = len(record.body)
+        heads.append(fields)
+    header = json.dumps(heads, separators=(",", ":")).encode()
+    body = b"".join([header, b"\n", *(record.body for record in records)])
+    return internal_message(body, rows=len(records))
+
+
+def decode_records(raw: bytes) -> DeliveryRecord | Packed[DeliveryRecord]:
+    """A message of the confirm queue: one delivery record, or several packed (pack_records)."""
+    if not raw.startswith(b"["):
+        return DeliveryRecord.decode(raw)
+    header, _, bodies = raw.partition(b"\n")
+    records, offset = [], 0
+    for fields in json.loads(header):
+        if not isinstance(fields, dict):
+            raise ValueError("a packed record is not a JSON object")
+        size = fields.pop("size", None)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"a packed record's size is not a length: {size!r}")
+        fields["body"] = bodies[offset : offset + size]
+        offset += size
+        records.append(DeliveryRecord(**_checked_attributes(fields)))
+    if offset != len(bodies):
+        raise ValueError("a packed message's bodies are not as long as its records say")
+    return Packed(records)
+
+
+def pack_settlements(settlements: Sequence[Settlement]) -> Outgoing:
+    """Settlements as one internal message: one alone as Settlement.encode writes it, several as
+    a JSON array of their fields."""
+    if len(settlements) == 1:
+        return internal_message(settlements[0].encode())
+    body = json.dumps([vars(s) for s in settlements], separators=(",", ":")).encode()
+    return internal_message(body, rows=len(settlements))
 
 
 LATEST_TIME = 1e11  # epoch seconds, in the year 5138: anything later is no clock's reading
@@ -270,16 +339,31 @@ def with_body(
     published_at: float | None = None,
     dead_reason: str | None = None,
 ) -> bytes:
-    """A record for an internal queue: its fields but the body as one line of JSON, then the
-    body's bytes as they are. JSON would escape a control character into six bytes, so a body
-    that fits RabbitMQ's message size as a message could otherwise not fit as a record. The
-    optional fields are written only when set."""
+    """A record for an internal queue (see encoded), the optional fields written only when
+    set."""
+    return encoded(optional_fields(fields, attributes, published_at, dead_reason), body)
+
+
+def optional_fields(
+    fields: dict[str, Any],
+    attributes: Mapping[str, str],
+    published_at: float | None,
+    dead_reason: str | None,
+) -> dict[str, Any]:
+    """fields, with those of the optional ones that are set."""
     if attributes:
         fields["attributes"] = dict(attributes)
     if published_at is not None:
         fields["published_at"] = published_at
     if dead_reason is not None:
         fields["dead_reason"] = dead_reason
+    return fields
+
+
+def encoded(fields: dict[str, Any], body: bytes) -> bytes:
+    """A record for an internal queue: its fields but the body as one line of JSON, then the
+    body's bytes as they are. JSON would escape a control character into six bytes, so a body
+    that fits RabbitMQ's message size as a message could otherwise not fit as a record."""
     return json.dumps(fields, separators=(",", ":")).encode() + b"\n" + body
 
 
@@ -297,6 +381,10 @@ def without_body(raw: bytes) -> dict[str, Any]:
         fields["body"] = inside.encode()
     else:
         raise ValueError("a record's body is not text")
+    return _checked_attributes(fields)
+
+
+def _checked_attributes(fields: dict[str, Any]) -> dict[str, Any]:
     attributes = fields.get("attributes")
     if attributes is not None and not _text_mapping(attributes):
         raise ValueError("a record's attributes are not a JSON object of strings")
@@ -307,12 +395,14 @@ def _text_mapping(value: Any) -> bool:
     return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
 
 
-def internal_message(body: bytes) -> Outgoing:
-    """A persistent message for the bus's own queues."""
+def internal_message(body: bytes, rows: int = 1) -> Outgoing:
+    """A persistent message for the bus's own queues; rows > 1: a packed message of that many
+    records or settlements, so named in a header (the bookkeeping sizes its batches by it)."""
     properties = Basic.Properties(
         message_id=uuid.uuid4().hex,  # RabbitMQ names a returned message by it
         delivery_mode=PERSISTENT,
         content_type="application/json",
+        headers={ROWS_HEADER: rows} if rows > 1 else None,
     )
     return Outgoing(body, properties)
 

@@ -45,8 +45,11 @@ from .envelope import (
     Settlement,
     internal_message,
     new_envelope,
+    pack_records,
+    pack_settlements,
 )
 from .ids import DeliveryIds
+from .packing import Packer
 from .policy import Policies
 from .publisher import Publisher, Target
 
@@ -57,6 +60,7 @@ PULL_BYTES = 3 * 1024 * 1024  # of bodies in one Pull reply: gRPC clients take 4
 LEDGER_TIMEOUT = 2.0  # a record or settlement written straight to PostgreSQL
 BURY_WAIT = 2.0  # seconds a dead-lettering Nack waits for its delivery's record to be stored
 BURY_LOOKS = 5
+RECORD_PACKS = 2  # packs of delivery records on their way to the confirm queue at once
 NOT_UTF8 = "data is not UTF-8: a v1 subscriber cannot receive it"
 
 
@@ -95,6 +99,10 @@ class Delivery:
         self._ids = ids
         self.namespace = config.amqp.namespace
         self.internal = InternalQueues.of(self.namespace)
+        # Settlements go one pack after another: the ack queue holds them in the order their
+        # acks and nacks were answered.
+        self._records = Packer(self._send_records, in_flight=RECORD_PACKS, size=_record_size)
+        self._settlements = Packer(self._send_settlements, in_flight=1)
         self._broker = broker
         self._publisher = publisher
         self._consumers = consumers
@@ -240,32 +248,38 @@ class Delivery:
             self._metrics.redelivered.labels(record.queue).inc()
 
     async def _keep_record(self, record: DeliveryRecord) -> None:
-        """Send the record through the confirm queue, or while RabbitMQ blocks publishers,
-        write it to PostgreSQL. A record that may have been sent although this failed is
-        settled as returned first, so it is never retried."""
+        """Send the record through the confirm queue, packed with those of other hand-outs;
+        returns once it is confirmed (or stored, see _send_records)."""
+        await self._records.put(record)
+
+    async def _send_records(self, records: list[DeliveryRecord]) -> None:
+        """Send records through the confirm queue as one message, or while RabbitMQ blocks
+        publishers, write them to PostgreSQL. Records that may have been sent although this
+        failed are settled as returned first, so they are never retried."""
         try:
             try:
-                await self._publisher.publish(
-                    self.internal.confirm, internal_message(record.encode())
-                )
+                await self._publisher.publish(self.internal.confirm, pack_records(records))
             except Blocked:
-                await self._write_directly("delivery record", ledger.write_records, [record])
+                await self._write_directly("delivery records", ledger.write_records, records)
         except BrokerUnavailable:
             raise  # not connected: nothing was sent
         except BaseException:
-            await self._mark_returned(record)  # sent, or stored directly, it may be there
+            await self._mark_returned(records)  # sent, or stored directly, they may be there
             raise
 
-    async def _mark_returned(self, record: DeliveryRecord) -> None:
+    async def _mark_returned(self, records: list[DeliveryRecord]) -> None:
         """Best effort, within LEDGER_TIMEOUT: PostgreSQL may be away too."""
-        returned = Settlement(record.id, "returned", time.time())
+        now = time.time()
+        returned = [Settlement(record.id, "returned", now) for record in records]
         try:
             async with asyncio.timeout(LEDGER_TIMEOUT):
-                await ledger.write_settlements(self._ledger, [returned])
+                await ledger.write_settlements(self._ledger, returned)
         except Exception as error:
             logger.info(
-                "a failed hand-out of %s could not be marked returned (%s); it may come twice",
-                record.message_id,
+                "%d failed hand-out(s), of %s first, could not be marked returned (%s); they "
+                "may come twice",
+                len(records),
+                records[0].message_id,
                 describe(error),
             )
 
@@ -330,12 +344,16 @@ class Delivery:
 
     async def _settle(self, delivery_id: str, outcome: Outcome) -> None:
         issued = self._ids.check(validate.delivery_id(delivery_id))
-        settlement = Settlement(issued, outcome, time.time())
-        try:
-            await self._publisher.publish(self.internal.ack, internal_message(settlement.encode()))
-        except Blocked:
-            await self._write_directly(outcome, ledger.write_settlements, [settlement])
+        await self._settlements.put(Settlement(issued, outcome, time.time()))
         self._metrics.settlements_received.labels(outcome).inc()
+
+    async def _send_settlements(self, settlements: list[Settlement]) -> None:
+        """Send settlements through the ack queue as one message, or while RabbitMQ blocks
+        publishers, write them to PostgreSQL."""
+        try:
+            await self._publisher.publish(self.internal.ack, pack_settlements(settlements))
+        except Blocked:
+            await self._write_directly("settlements", ledger.write_settlements, settlements)
 
     async def extend(self, delivery_id: str, seconds: int) -> None:
         """v2 ModifyAckDeadline of a recorded delivery: its deadline becomes seconds from now
@@ -420,6 +438,10 @@ def utf8(body: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+def _record_size(record: DeliveryRecord) -> int:
+    return len(record.body) + 256  # its fields take about that much
 
 
 def _log_failure(recording: asyncio.Future[None]) -> None:

@@ -5,7 +5,9 @@ to BATCH_SIZE messages (or what arrived within BATCH_WAIT seconds of the first);
 `background.workers` writers then write batches concurrently, one statement each, and only then
 ack their messages. While PostgreSQL is down the messages wait, unacked and durable, in RabbitMQ.
 A batch PostgreSQL refuses because of some of its rows is split until those are found: they are
-quarantined (the `quarantine` table) and every other row is stored.
+quarantined (the `quarantine` table) and every other row is stored. A message of the confirm or
+ack queue may carry many records or settlements (packed, see delivery/packing.py): they count as
+rows of their own, and one PostgreSQL refuses is quarantined alone, encoded as one message.
 
 The ack queue is applied in order: one node at a time consumes it (an exclusive consumer; the
 others stand by and take over when it goes, or when it cannot write for IN_ORDER_GIVE_UP
@@ -35,10 +37,12 @@ from ..backends.retry import describe, keep_running
 from ..backends.store import Store
 from ..delivery.consumer import close_after_failed_call
 from ..delivery.envelope import (
+    ROWS_HEADER,
     DelayedMessage,
-    DeliveryRecord,
     Marker,
+    Packed,
     Settlement,
+    decode_records,
     decode_settlement,
 )
 from ..delivery.operations import InternalQueues
@@ -85,6 +89,9 @@ Item = TypeVar("Item")
 T = TypeVar("T")
 Counts = list[tuple[str, str, int]]
 Bad = tuple[bytes, str]  # a raw message and why it is set aside
+# An item and the message it came in; None: one of a packed message's, set aside on its own
+# (encoded alone) should PostgreSQL refuse it.
+Decoded = tuple[bytes | None, Item]
 Writer = Callable[[Store, Sequence[Item]], Awaitable[Counts]]
 
 
@@ -250,7 +257,7 @@ class Worker(Generic[Item]):
             pause = min(pause * 2, WRITE_RETRY_MAX)
 
     async def _isolate(
-        self, items: list[tuple[bytes, Item]], *, split_heavy: bool
+        self, items: list[Decoded[Item]], *, split_heavy: bool
     ) -> tuple[Counts, list[Bad]]:
         """Write items; when PostgreSQL refuses them for a reason of theirs, split them in halves
         until the refused ones are alone. Returns the counts and the refused (raw, reason).
@@ -265,7 +272,7 @@ class Worker(Generic[Item]):
                 raise
         except Exception as error:
             if len(items) == 1:
-                return [], [(items[0][0], f"PostgreSQL refused it: {describe(error)}")]
+                return [], [(_raw(items[0]), f"PostgreSQL refused it: {describe(error)}")]
         half = len(items) // 2
         counts, bad = await self._isolate(items[:half], split_heavy=split_heavy)
         more_counts, more_bad = await self._isolate(items[half:], split_heavy=split_heavy)
@@ -289,13 +296,21 @@ class Worker(Generic[Item]):
 
     def _decode_all(
         self, batch: list[aio_pika.abc.AbstractIncomingMessage]
-    ) -> tuple[list[tuple[bytes, Item]], list[Bad]]:
-        items, bad = [], []
+    ) -> tuple[list[Decoded[Item]], list[Bad]]:
+        """The items of a batch's messages, in order (a packed message's one by one), and the
+        messages that cannot be read."""
+        items: list[Decoded[Item]] = []
+        bad = []
         for message in batch:
             try:
-                items.append((message.body, self._decode(message.body)))
+                decoded: Any = self._decode(message.body)
             except (ValueError, TypeError) as error:
                 bad.append((message.body, f"malformed: {describe(error)}"))
+                continue
+            if isinstance(decoded, Packed):
+                items.extend((None, item) for item in decoded.items)
+            else:
+                items.append((message.body, decoded))
         return items, bad
 
     def _report(self, bad: list[Bad]) -> None:
@@ -357,6 +372,18 @@ async def write_settlements(store: Store, items: Sequence[Settlement | Marker]) 
     return await ledger.write_settlements(store, settlements) if settlements else []
 
 
+def _raw(decoded: Decoded[Any]) -> bytes:
+    """The message an item came in; one of a packed message's encoded alone."""
+    raw, item = decoded
+    return raw if raw is not None else item.encode()
+
+
+def _rows(message: aio_pika.abc.AbstractIncomingMessage) -> int:
+    """How many records or settlements a message carries: a packed one names it."""
+    rows = message.headers.get(ROWS_HEADER, 1) if message.headers else 1
+    return rows if isinstance(rows, int) and rows > 0 else 1
+
+
 async def _ack_each(batch: list[aio_pika.abc.AbstractIncomingMessage]) -> None:
     """(asyncio side) Ack every message of a batch; batches finish out of order, so one
     multiple-ack could cover messages another writer still holds."""
@@ -365,18 +392,19 @@ async def _ack_each(batch: list[aio_pika.abc.AbstractIncomingMessage]) -> None:
 
 
 async def _gather(receive: trio.MemoryReceiveChannel[Any]) -> list[Any]:
-    """Up to BATCH_SIZE messages, ending with the one that brings their bodies to BATCH_BYTES:
-    waits for the first (at most a second), then BATCH_WAIT more."""
+    """Messages of up to BATCH_SIZE records or settlements (a packed message counts those it
+    carries), ending with the one that brings their bodies to BATCH_BYTES: waits for the first
+    (at most a second), then BATCH_WAIT more."""
     batch: list[Any] = []
     with trio.move_on_after(1):
         batch.append(await receive.receive())
     if not batch:
         return batch
-    size = len(batch[0].body)
+    size, rows = len(batch[0].body), _rows(batch[0])
     with trio.move_on_after(BATCH_WAIT):
-        while len(batch) < BATCH_SIZE and size < BATCH_BYTES:
+        while rows < BATCH_SIZE and size < BATCH_BYTES:
             batch.append(await receive.receive())
-            size += len(batch[-1].body)
+            size, rows = size + len(batch[-1].body), rows + _rows(batch[-1])
     return batch
 
 
@@ -386,7 +414,7 @@ async def run(
     """Write the internal queues to PostgreSQL forever, up to `workers` batches at a time each."""
     settlements_in_order = InOrder(ledger.SETTLEMENTS_PROGRESS, lambda item: item.at)
     writers: list[tuple[str, Callable[[bytes], Any], Writer[Any], InOrder | None]] = [
-        (internal.confirm, DeliveryRecord.decode, ledger.write_records, None),
+        (internal.confirm, decode_records, ledger.write_records, None),
         (internal.ack, decode_settlement, write_settlements, settlements_in_order),
         (internal.delay, DelayedMessage.decode, delay.write, None),
     ]

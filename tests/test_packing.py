@@ -1,0 +1,197 @@
+"""Records and settlements packed into one internal message each, what coalesces them (Packer),
+and the bookkeeping reading packed messages beside single ones."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import pytest
+
+from eventbus.backends import aio
+from eventbus.backends.store import Store
+from eventbus.delivery.envelope import (
+    ROWS_HEADER,
+    DeadlineChange,
+    DeliveryRecord,
+    Packed,
+    Settlement,
+    decode_records,
+    decode_settlement,
+    pack_records,
+    pack_settlements,
+)
+from eventbus.delivery.packing import Packer
+from eventbus.jobs import ledger, quarantine
+from tests.test_quarantine import count, record, with_store, work_through
+
+T = TypeVar("T")
+
+
+NOW = time.time()
+
+
+async def on_asyncio(scenario: Callable[[], Awaitable[T]]) -> T:
+    """Run scenario on the asyncio side of a trio-asyncio loop of its own."""
+    async with aio.open_loop(lambda: None):
+        return await aio.call(scenario)
+
+
+def records() -> list[DeliveryRecord]:
+    now = NOW
+    return [
+        DeliveryRecord("a", "m1", "q", b"line\nbreak\x00\xff", 1, now, now + 60, None),
+        DeliveryRecord("b", "m2", "q", b"", 3, now, now + 60, now + 5, {"k": "v"}, now - 1),
+        DeliveryRecord("c", "m3", "r", b"[not a pack]", 1, now, now + 60, None, dead_reason="x"),
+    ]
+
+
+def test_packed_records_read_back_as_sent() -> None:
+    message = pack_records(records())
+    assert message.properties.headers == {ROWS_HEADER: 3}
+    assert decode_records(message.body) == Packed(records())
+
+
+def test_one_record_alone_is_written_as_before() -> None:
+    alone = records()[2]
+    message = pack_records([alone])
+    assert message.body == alone.encode() and message.properties.headers is None
+    assert decode_records(message.body) == DeliveryRecord.decode(message.body) == alone
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'[{"id":"a","message_id":"m","queue":"q","attempt":1,"delivered_at":1,"deadline":2,'
+        b'"expires_at":null,"size":5}]\nabc',  # shorter than it says
+        b'[{"id":"a","message_id":"m","queue":"q","attempt":1,"delivered_at":1,"deadline":2,'
+        b'"expires_at":null,"size":1}]\nabc',  # longer
+        b'[{"id":"a","size":-1}]\n',
+        b"[1,2]\n",
+        b'[{"id":"a","message_id":"m","queue":"q","attempt":1,"delivered_at":1,"deadline":2,'
+        b'"expires_at":null,"size":0,"attributes":{"k":1}}]\n',
+    ],
+)
+def test_a_pack_that_does_not_add_up_is_refused(raw: bytes) -> None:
+    with pytest.raises((ValueError, TypeError)):
+        decode_records(raw)
+
+
+def test_packed_settlements_read_back_in_order() -> None:
+    sent = [
+        Settlement(str(uuid.uuid4()), "ack", 10.0),
+        DeadlineChange(str(uuid.uuid4()), "deadline", 11.0, 99.0),
+        Settlement(str(uuid.uuid4()), "nack", 12.0),
+    ]
+    message = pack_settlements(sent)
+    assert message.properties.headers == {ROWS_HEADER: 3}
+    assert decode_settlement(message.body) == Packed(sent)
+    assert decode_settlement(pack_settlements(sent[:1]).body) == sent[0]
+    with pytest.raises(ValueError):
+        decode_settlement(pack_settlements([Settlement("x", "ack", -5.0)] * 2).body)
+
+
+@dataclass
+class Sender:
+    """A send for a Packer: records each pack, and waits for `release` while it is set."""
+
+    packs: list[list[int]] = field(default_factory=list)
+    release: asyncio.Event | None = None
+    fail: set[int] = field(default_factory=set)  # packs holding one of these fail
+
+    async def __call__(self, items: list[int]) -> None:
+        self.packs.append(items)
+        if self.release is not None:
+            await self.release.wait()
+        if self.fail & set(items):
+            raise RuntimeError(f"pack {items} failed")
+
+
+async def test_items_of_one_turn_go_in_one_pack_and_the_next_pack_waits_its_turn() -> None:
+    async def scenario() -> tuple[list[list[int]], list[int]]:
+        sender = Sender(release=asyncio.Event())
+        packer: Packer[int] = Packer(sender, in_flight=1)
+        answered: list[int] = []
+
+        async def put(item: int) -> None:
+            await packer.put(item)
+            answered.append(item)
+
+        first = [asyncio.ensure_future(put(i)) for i in range(5)]
+        await asyncio.sleep(0.01)  # the first pack is on its way, waiting for release
+        later = [asyncio.ensure_future(put(i)) for i in range(5, 8)]
+        await asyncio.sleep(0.01)
+        assert sender.packs == [[0, 1, 2, 3, 4]] and answered == []
+        sender.release.set()
+        await asyncio.gather(*first, *later)
+        return sender.packs, answered
+
+    packs, answered = await on_asyncio(scenario)
+    assert packs == [[0, 1, 2, 3, 4], [5, 6, 7]]
+    assert answered == list(range(8))  # answered in the order the queue holds them
+
+
+async def test_a_failed_pack_fails_each_of_its_callers_and_no_other() -> None:
+    async def scenario() -> list[str]:
+        sender = Sender(fail={2})
+        packer: Packer[int] = Packer(sender, in_flight=2, most=3)
+        results = await asyncio.gather(*(packer.put(i) for i in range(6)), return_exceptions=True)
+        assert sender.packs == [[0, 1, 2], [3, 4, 5]]
+        return [type(r).__name__ for r in results]
+
+    assert await on_asyncio(scenario) == ["RuntimeError"] * 3 + ["NoneType"] * 3
+
+
+async def test_a_pack_ends_at_most_items_or_with_the_item_that_reaches_most_bytes() -> None:
+    async def scenario() -> list[list[int]]:
+        sender = Sender()
+        packer: Packer[int] = Packer(sender, in_flight=1, most=4, most_bytes=100, size=lambda n: n)
+        await asyncio.gather(*(packer.put(n) for n in [1, 1, 1, 1, 1, 60, 50, 1, 200, 1]))
+        return sender.packs
+
+    assert await on_asyncio(scenario) == [[1, 1, 1, 1], [1, 60, 50], [1, 200], [1]]
+
+
+async def test_a_caller_that_leaves_leaves_its_item_in_the_pack() -> None:
+    async def scenario() -> list[list[int]]:
+        sender = Sender(release=asyncio.Event())
+        packer: Packer[int] = Packer(sender, in_flight=1)
+        leaving = asyncio.ensure_future(packer.put(1))
+        staying = asyncio.ensure_future(packer.put(2))
+        await asyncio.sleep(0.01)
+        leaving.cancel()
+        sender.release.set()
+        await staying
+        assert leaving.cancelled()
+        return sender.packs
+
+    assert await on_asyncio(scenario) == [[1, 2]]
+
+
+async def test_the_bookkeeping_reads_packed_records_and_quarantines_a_refused_one_alone(
+    amqp_url: str, postgres_dsn: str
+) -> None:
+    good = [record(f"m{i}") for i in range(12)]
+    refused = record("far", expires_at=1e19)  # beyond PostgreSQL's timestamps
+    bodies = [
+        pack_records([*good[:5], refused, *good[5:8]]).body,
+        good[8].encode(),  # one alone, as older nodes and single hand-outs write it
+        pack_records(good[9:]).body,
+        b'[{"id":"x"}]\nnot a pack',
+    ]
+
+    async def work(store: Store) -> None:
+        async def done() -> bool:
+            return await count(store, "deliveries") + await count(store, "quarantine") == 14
+
+        await work_through(amqp_url, store, bodies, decode_records, ledger.write_records, done)
+        rows = await store.fetch("SELECT id::text, body FROM deliveries")
+        assert {r["id"]: r["body"] for r in rows} == {r.id: r.body for r in good}
+        kept = await quarantine.listed(store, None, 10)
+        assert sorted(q.body for q in kept) == sorted([refused.encode(), bodies[-1]])
+
+    await with_store(postgres_dsn, work)
