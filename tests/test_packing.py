@@ -1,5 +1,6 @@
 """Records and settlements packed into one internal message each, what coalesces them (Packer),
-and the bookkeeping reading packed messages beside single ones."""
+the acks of consumed deliveries written together (Acks), and the bookkeeping reading packed
+messages beside single ones."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 
 from eventbus.backends import aio
 from eventbus.backends.store import Store
+from eventbus.delivery.acks import Acks
 from eventbus.delivery.envelope import (
     ROWS_HEADER,
     DeadlineChange,
@@ -170,6 +172,49 @@ async def test_a_caller_that_leaves_leaves_its_item_in_the_pack() -> None:
         return sender.packs
 
     assert await on_asyncio(scenario) == [[1, 2]]
+
+
+@dataclass
+class AckingChannel:
+    """An aiormq channel as Acks uses it: the acks written, in order, as (tag, multiple)."""
+
+    written: list[tuple[int, bool]] = field(default_factory=list)
+    closed: bool = False
+
+    async def basic_ack(self, tag: int, multiple: bool = False, wait: bool = True) -> None:
+        if self.closed:
+            raise ConnectionError("channel closed")
+        self.written.append((tag, multiple))
+
+
+async def ack_all(acks: Acks, tags: list[int]) -> list[bool]:
+    return list(await asyncio.gather(*(acks.ack(tag) for tag in tags)))
+
+
+async def test_acks_of_one_turn_go_as_one_multiple_ack_below_every_unsettled_delivery() -> None:
+    async def scenario() -> list[tuple[int, bool]]:
+        channel = AckingChannel()
+        acks = Acks(channel)  # type: ignore[arg-type]
+        assert await ack_all(acks, [3, 1, 2]) == [True] * 3
+        assert await ack_all(acks, [5, 7]) == [True] * 2  # 4 and 6 are still out
+        acks.settled(4)  # requeued meanwhile
+        assert await ack_all(acks, [8, 6]) == [True] * 2
+        return channel.written
+
+    assert await on_asyncio(scenario) == [
+        (3, True),  # 1, 2 and 3
+        (5, False),
+        (7, False),  # 4 and 6 out: each alone
+        (8, True),  # 6 and 8 (4 requeued, 5 and 7 acked already)
+    ]
+
+
+async def test_acks_on_a_failed_channel_answer_false() -> None:
+    async def scenario() -> list[bool]:
+        acks = Acks(AckingChannel(closed=True))  # type: ignore[arg-type]
+        return await ack_all(acks, [1, 2])
+
+    assert await on_asyncio(scenario) == [False, False]
 
 
 async def test_the_bookkeeping_reads_packed_records_and_quarantines_a_refused_one_alone(

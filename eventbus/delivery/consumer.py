@@ -12,10 +12,11 @@ takes one of its channel's prefetch slots, so RabbitMQ sends that channel one me
 once all its slots are parked). Parked deliveries of all queues go back to RabbitMQ in one order,
 oldest first, each once the room covers it, with its bytes kept for it until it comes again.
 After consuming starts, the channels see no call that waits for a reply, only acks, nacks and
-their close. Prefetched messages nobody takes go back to RabbitMQ after
-amqp.buffer_hold_seconds, long before RabbitMQ's consumer_timeout (30 min by default) could
-close the channel; a queue nobody has pulled from for amqp.consumer_idle_seconds stops being
-consumed altogether. A consumer that loses its connection starts again on the next one.
+their close; the acks of a channel asked for together go together (acks.py). Prefetched
+messages nobody takes go back to RabbitMQ after amqp.buffer_hold_seconds, long before
+RabbitMQ's consumer_timeout (30 min by default) could close the channel; a queue nobody has
+pulled from for amqp.consumer_idle_seconds stops being consumed altogether. A consumer that
+loses its connection starts again on the next one.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from ..errors import CallError, FailedPrecondition, NotFound, ResourceExhausted,
 from ..ops.metrics import Metrics
 from ..ops.ratelog import RateLimitedLog
 from ..ops.supervise import Supervisor
+from .acks import Acks
 
 logger = logging.getLogger(__name__)
 refusal_log = RateLimitedLog(logger)
@@ -82,12 +84,21 @@ class Buffered:
     received_at: float
     on_settled: Callable[[], None] = lambda: None
     size: int = 0  # body bytes, counted against the ByteBudget while buffered
+    acks: Acks | None = None  # its channel's, which writes acks together
 
     async def settle(self, *, ack: bool) -> bool:
-        """(asyncio side) Ack or requeue the delivery (module settle), then tell its consumer
-        the hand-out is over."""
+        """(asyncio side) Ack (with the channel's other acks of this turn) or requeue the
+        delivery, then tell its consumer the hand-out is over; False when its channel failed."""
+        tag = self.message.delivery_tag
         try:
-            return await settle(self.message, ack=ack)
+            if self.acks is None or tag is None:
+                return await settle(self.message, ack=ack)
+            if ack:
+                return await self.acks.ack(tag)
+            requeued = await settle(self.message, ack=False)
+            if requeued:
+                self.acks.settled(tag)
+            return requeued
         finally:
             self.on_settled()
 
@@ -229,6 +240,7 @@ class Parked:
     delivery_tag: int
     size: int
     parked_at: float
+    acks: Acks | None = None
 
     async def give_back(self) -> None:
         """(asyncio side) Requeue the delivery; RabbitMQ sends it again at once to a consumer
@@ -238,6 +250,9 @@ class Parked:
                 await self.channel.basic_nack(self.delivery_tag, requeue=True)
         except SETTLE_ERRORS as error:
             logger.debug("handing back a parked delivery failed: %s", describe(error))
+            return
+        if self.acks is not None:
+            self.acks.settled(self.delivery_tag)
 
 
 class Buffer:
@@ -378,6 +393,7 @@ class QueueConsumer:
         self.finished = trio.Event()  # run() has returned and its channels are closed
         self._scope = trio.CancelScope()
         self._in_hand = 0  # messages taken and not yet settled (recording their delivery)
+        self._acks: dict[int, Acks] = {}  # the session's, per channel (by id: each holds its own)
 
     @property
     def _typical_size(self) -> int:
@@ -492,6 +508,7 @@ class QueueConsumer:
             self._in_session = False  # what still arrives dies with its channel
             self._budget.forget(self._share)  # the room it held goes to the others
             self.buffer.clear()  # closing the channels hands their messages back to RabbitMQ
+            self._acks.clear()
             with trio.CancelScope(shield=True):  # each close is bounded by itself
                 async with trio.open_nursery() as nursery:
                     for channel in channels:
@@ -555,14 +572,27 @@ class QueueConsumer:
         )
         self._budget.claim(self._share, size)  # the room kept for it, if it was handed back
         alone = self.buffer.waiting > 0 or len(self.buffer) == 0
+        acks = self._acks_of(message)
         if self._budget.admits(size, alone=alone):
-            self.buffer.put(Buffered(message, time.monotonic(), size=size))
+            self.buffer.put(Buffered(message, time.monotonic(), size=size, acks=acks))
         elif message.delivery_tag is not None:
             with contextlib.suppress(*BROKER_ERRORS):  # its channel closed: it is requeued
                 self._parked.append(
-                    Parked(message.channel, message.delivery_tag, size, time.monotonic())
+                    Parked(message.channel, message.delivery_tag, size, time.monotonic(), acks)
                 )
             self._budget.hand_out()  # the room it leaves may fit an older one
+
+    def _acks_of(self, message: aio_pika.abc.AbstractIncomingMessage) -> Acks | None:
+        """The acks of the message's channel (one a robust connection restored included); None
+        once that channel closed (RabbitMQ requeues the message by itself)."""
+        try:
+            channel = message.channel
+        except BROKER_ERRORS:
+            return None
+        acks = self._acks.get(id(channel))
+        if acks is None:
+            acks = self._acks[id(channel)] = Acks(channel)
+        return acks
 
     async def _watch(self, channels: list[Channel]) -> None:
         """Return when idle or when a channel dies; meanwhile give back what was held too long,
@@ -576,7 +606,7 @@ class QueueConsumer:
                 return
             cutoff = time.monotonic() - self._hold_seconds
             for item in self.buffer.take_older_than(cutoff):
-                await aio.call(settle, item.message, ack=False)
+                await aio.call(item.settle, ack=False)
                 self._metrics.given_back.labels(self.queue).inc()
             leaving = self._unpark(cutoff)
             if leaving:
