@@ -1,6 +1,6 @@
 """Records and settlements packed into one internal message each, what coalesces them (Packer),
-the acks of consumed deliveries written together (Acks), and the bookkeeping reading packed
-messages beside single ones."""
+the acks of consumed deliveries written together (Acks), single publishes of one turn written
+together (Outbox), and the bookkeeping reading packed messages beside single ones."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
+from pamqp.commands import Basic
 
 from eventbus.backends import aio
 from eventbus.backends.store import Store
+from eventbus.delivery import bulk
 from eventbus.delivery.acks import Acks
 from eventbus.delivery.envelope import (
     ROWS_HEADER,
@@ -27,7 +29,9 @@ from eventbus.delivery.envelope import (
     pack_records,
     pack_settlements,
 )
+from eventbus.delivery.outbox import Outbox
 from eventbus.delivery.packing import Packer
+from eventbus.delivery.publisher import until_confirmed
 from eventbus.jobs import ledger, quarantine
 from tests.test_quarantine import count, record, with_store, work_through
 
@@ -215,6 +219,103 @@ async def test_acks_on_a_failed_channel_answer_false() -> None:
         return await ack_all(acks, [1, 2])
 
     assert await on_asyncio(scenario) == [False, False]
+
+
+class BulkChannel:
+    """An aiormq channel as bulk.send uses it; what reaches its write queue can be read."""
+
+    number = 1
+
+    def __init__(self) -> None:
+        self.delivery_tag = 0
+        self.confirmations: dict[int, asyncio.Future[Any]] = {}
+        self.message_id_delivery_tag: dict[str, int] = {}
+        self.write_queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._lock = asyncio.Lock()
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        return self._lock
+
+    def create_future(self) -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().create_future()
+
+    def _split_body(self, body: bytes) -> list[Any]:
+        from pamqp.body import ContentBody
+
+        return [ContentBody(body)]
+
+
+def publish(n: int) -> bulk.Publish:
+    return bulk.Publish("", "q", False, b"m%d" % n, Basic.Properties(message_id=f"id{n}"))
+
+
+async def test_single_publishes_of_one_turn_are_written_together() -> None:
+    async def scenario() -> tuple[int, list[int]]:
+        channel = BulkChannel()
+        outbox = Outbox()
+        sends = [outbox.send(channel, publish(n)) for n in range(5)]  # type: ignore[arg-type]
+        confirmations = await asyncio.gather(*sends)
+        tags = sorted(channel.confirmations)
+        assert [channel.confirmations[t] for t in tags] == confirmations  # each its own
+        return channel.write_queue.qsize(), tags
+
+    assert await on_asyncio(scenario) == (1, [1, 2, 3, 4, 5])
+
+
+async def test_the_first_publish_of_a_turn_leaving_does_not_take_the_others_with_it() -> None:
+    async def scenario() -> list[int]:
+        channel = BulkChannel()
+        outbox = Outbox()
+        first = asyncio.ensure_future(outbox.send(channel, publish(0)))  # type: ignore[arg-type]
+        await asyncio.sleep(0)  # it waits for the rest of the turn
+        others = [
+            asyncio.ensure_future(outbox.send(channel, publish(n)))  # type: ignore[arg-type]
+            for n in (1, 2)
+        ]
+        first.cancel()
+        await asyncio.gather(*others)
+        assert first.cancelled()
+        return sorted(channel.confirmations)
+
+    assert await on_asyncio(scenario) == [1, 2]  # the others written, the first not
+
+
+class FakeBroker:
+    """What until_confirmed asks of the broker: whether, and once, it blocks publishers."""
+
+    def __init__(self) -> None:
+        self.blocked: str | None = None
+        self._changed = asyncio.Event()
+
+    def block(self) -> None:
+        self.blocked = "memory alarm"
+        self._changed.set()
+
+    async def until_blocked(self) -> None:
+        while not self.blocked:
+            await self._changed.wait()
+
+
+async def test_confirmations_are_waited_for_until_all_come_a_block_or_the_time_is_up() -> None:
+    async def scenario() -> list[float]:
+        loop = asyncio.get_running_loop()
+        taken = []
+        for ending in ("confirmed", "blocked", "timeout"):
+            broker = FakeBroker()
+            confirmations = [loop.create_future() for _ in range(3)]
+            if ending == "confirmed":
+                for delay, future in enumerate(confirmations):
+                    loop.call_later(0.01 * delay, future.set_result, None)
+            elif ending == "blocked":
+                loop.call_later(0.02, broker.block)
+            started = loop.time()
+            await until_confirmed(confirmations, 0.3, broker)  # type: ignore[arg-type]
+            taken.append(loop.time() - started)
+        return taken
+
+    confirmed, blocked, timed_out = await on_asyncio(scenario)
+    assert confirmed < 0.2 and blocked < 0.2 and timed_out >= 0.29
 
 
 async def test_the_bookkeeping_reads_packed_records_and_quarantines_a_refused_one_alone(

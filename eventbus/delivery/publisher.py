@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import weakref
 import zlib
 from collections.abc import Awaitable, Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ from .channels import (
     bounded,
 )
 from .envelope import Kind, Outgoing
+from .outbox import Outbox
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +118,7 @@ class Publisher:
         self._auto_create = auto_create_queues
         self._expiry_ms = config.queue_idle_expiry_seconds * 1000
         self._turn: Iterator[int] = itertools.count()
+        self._outbox = Outbox()  # single publishes of one turn, written together per channel
 
     @property
     def generation(self) -> int:
@@ -179,10 +182,9 @@ class Publisher:
         channel = options[next(self._turn) % len(options)]
         self._broker.refuse_while_blocked()  # a block may have begun while declaring
         try:
-            (confirmation,) = await bulk.send(channel, [_publish_of(target, message)])
+            return await self._outbox.send(channel, _publish_of(target, message))
         except REFUSALS as error:
             raise ChannelRefused(describe(error)) from None
-        return confirmation
 
     async def _declare_target(self, target: Target) -> None:
         kind, name = target
@@ -461,15 +463,73 @@ async def until_confirmed(
     waiting = [c for c in confirmations if not c.done()]
     if not waiting or broker.blocked or seconds <= 0:
         return
-    all_done = asyncio.ensure_future(asyncio.wait(waiting))
-    blocked = asyncio.ensure_future(broker.until_blocked())
+    woken = asyncio.get_running_loop().create_future()
+    countdown = Countdown(len(waiting), woken)
+    watch = BlockWatch.of(broker)
+    blocked = watch.enter()
+    for confirmation in waiting:
+        confirmation.add_done_callback(countdown.one_done)
+    blocked.add_done_callback(countdown.wake)
     try:
-        await asyncio.wait(
-            [all_done, blocked], timeout=seconds, return_when=asyncio.FIRST_COMPLETED
-        )
+        await asyncio.wait([woken], timeout=seconds)
     finally:
-        all_done.cancel()  # cancels the waiting, not the confirmations
-        blocked.cancel()
+        for confirmation in waiting:
+            confirmation.remove_done_callback(countdown.one_done)
+        blocked.remove_done_callback(countdown.wake)
+        watch.leave()
+
+
+class Countdown:
+    """Wakes a future once count futures are done, or at once by wake()."""
+
+    def __init__(self, count: int, woken: asyncio.Future[None]) -> None:
+        self._left = count
+        self._woken = woken
+
+    def one_done(self, _: asyncio.Future[Any]) -> None:
+        self._left -= 1
+        if self._left <= 0:
+            self.wake(_)
+
+    def wake(self, _: asyncio.Future[Any]) -> None:
+        if not self._woken.done():
+            self._woken.set_result(None)
+
+
+class BlockWatch:
+    """(asyncio side) One task per broker waiting for RabbitMQ to block publishers, shared by
+    whoever waits for confirmations meanwhile (a task each would cost every publish one), and
+    cancelled once nobody does."""
+
+    _watches: weakref.WeakKeyDictionary[Broker, BlockWatch] = weakref.WeakKeyDictionary()
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+        self._task: asyncio.Future[None] | None = None
+        self._users = 0
+
+    @classmethod
+    def of(cls, broker: Broker) -> BlockWatch:
+        watch = cls._watches.get(broker)
+        if watch is None:
+            watch = cls._watches[broker] = cls(broker)
+        return watch
+
+    def enter(self) -> asyncio.Future[None]:
+        """A future done once RabbitMQ blocks publishers; leave() when no longer waiting."""
+        task = self._task
+        if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
+            task = self._task = asyncio.ensure_future(self._broker.until_blocked())
+            task.add_done_callback(_retrieve)
+        self._users += 1
+        return task
+
+    def leave(self) -> None:
+        self._users -= 1
+        if self._users <= 0 and self._task is not None:
+            self._users = 0
+            self._task.cancel()
+            self._task = None
 
 
 async def _confirmed(confirmation: asyncio.Future[Any], target: Target) -> None:
