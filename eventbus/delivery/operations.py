@@ -365,11 +365,8 @@ class Delivery:
             return
         issued = self._ids.check(validate.delivery_id(delivery_id))
         now = time.time()
-        change = DeadlineChange(issued, "deadline", now, now + seconds)
-        try:
-            await self._publisher.publish(self.internal.ack, internal_message(change.encode()))
-        except Blocked:
-            await self._write_directly("deadline change", ledger.write_settlements, [change])
+        # with the acks and nacks, so the ack queue holds them all in the order answered
+        await self._settlements.put(DeadlineChange(issued, "deadline", now, now + seconds))
         self._metrics.settlements_received.labels("deadline").inc()
 
     async def bury(self, delivery_id: str, reason: str) -> bool:
