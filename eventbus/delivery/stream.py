@@ -153,10 +153,11 @@ class StreamSession:
         opening = asyncio.ensure_future(self._open(connection, max_outstanding))
         try:
             await asyncio.wait([opening], timeout=CALL_TIMEOUT)
-        finally:
-            if not opening.done():
-                opening.add_done_callback(self._close_soon)
+        except BaseException:
+            opening.add_done_callback(self._close_soon)  # also when it is open already
+            raise
         if not opening.done():
+            opening.add_done_callback(self._close_soon)
             raise Unavailable(f"RabbitMQ did not start consuming {self.queue!r} within 5 s")
         error = opening.exception()
         if error is not None:
