@@ -14,10 +14,12 @@ import pytest
 import trio
 import trio_asyncio
 from grpclib.const import Status
+from grpclib.exceptions import ProtocolError
 
 from eventbus._generated import v2_pb2
 from eventbus.client import Client, Message, OutboundMessage, PublishError, RpcError
 from eventbus.client.channel import parse_target
+from eventbus.client.errors import as_rpc_error
 from eventbus.client.leases import Leases, Pending
 from eventbus.client.retry import backoff_delay, is_retryable
 from tests.fake_bus import FakeBus, serving
@@ -483,3 +485,9 @@ def test_targets() -> None:
     for bad in ("localhost", "host:port", "host:70000"):
         with pytest.raises(ValueError, match="host:port"):
             parse_target(bad)
+
+
+def test_a_stream_grpclib_cannot_end_cleanly_is_unavailable_and_retried() -> None:
+    error = as_rpc_error(ProtocolError("Outgoing stream was not ended"))
+    assert error is not None and error.status == Status.UNAVAILABLE
+    assert is_retryable(error.status)

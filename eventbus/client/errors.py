@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from grpclib.const import Status
-from grpclib.exceptions import GRPCError, StreamTerminatedError
+from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 
 class RpcError(Exception):
@@ -36,7 +36,9 @@ def as_rpc_error(error: BaseException) -> RpcError | None:
         return RpcError(error.status, error.message or "")
     if isinstance(error, asyncio.TimeoutError):  # before OSError: TimeoutError is one
         return RpcError(Status.DEADLINE_EXCEEDED, "the call's deadline passed")
-    if isinstance(error, StreamTerminatedError | OSError):
+    # ProtocolError: the stream broke in a way grpclib could not end cleanly (the server reset
+    # it while our side was still open, say)
+    if isinstance(error, StreamTerminatedError | ProtocolError | OSError):
         return RpcError(Status.UNAVAILABLE, str(error) or type(error).__name__)
     return None
 
