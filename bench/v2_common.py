@@ -45,11 +45,19 @@ class Bus:
     pid: int
 
 
-def arguments(doc: str | None, seconds: float, **numbers: float) -> argparse.Namespace:
+def arguments(
+    doc: str | None, seconds: float, batches: tuple[int, ...], **numbers: float
+) -> argparse.Namespace:
     """The command line every v2 benchmark takes, plus a --NAME option for each of numbers (its
     default)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--seconds", type=float, default=seconds, help="length of each figure")
+    parser.add_argument(
+        "--batches",
+        type=lambda text: tuple(int(n) for n in text.split(",")),
+        default=batches,
+        help="messages per Publish call, comma-separated (default: %(default)s)",
+    )
     for name, default in numbers.items():
         parser.add_argument(f"--{name}", type=float, default=default)
     parser.add_argument("--json", type=Path, help="also write the figures to this file")

@@ -1,8 +1,8 @@
 """Latency from publish to receipt at a steady rate: v2 Publish -> StreamingPull beside aio-pika's
 publish -> consumer callback, in one run.
 
-Usage: .venv/bin/python bench/v2_latency.py [--seconds 15] [--rate 1000] [--json FILE]
-       [--profile FILE]
+Usage: .venv/bin/python bench/v2_latency.py [--seconds 15] [--rate 1000] [--batches 1,10]
+       [--json FILE] [--profile FILE]
 
 Every message (100 bytes) carries in its body a time.perf_counter() stamp; the receiving side,
 in the same process, takes the difference on receipt. Publishes start on a fixed schedule, RATE
@@ -169,13 +169,13 @@ def summary(latencies: list[float], achieved: float | None = None) -> dict[str, 
 
 
 def main() -> None:
-    args = arguments(__doc__, 15.0, rate=RATE)
+    args = arguments(__doc__, 15.0, BATCHES, rate=RATE)
     with backends() as run:
         before = asyncio.run(aio_pika_latencies(run.url, args.seconds, args.rate))
         with daemon(run, args.profile) as bus:
             rows = [
                 asyncio.run(bus_figures(bus.port, run.url, b, args.seconds, args.rate))
-                for b in BATCHES
+                for b in args.batches
             ]
         after = asyncio.run(aio_pika_latencies(run.url, args.seconds, args.rate))
     baseline = pooled([before, after])
