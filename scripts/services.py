@@ -80,6 +80,23 @@ def trust_loopback(hba_path: str) -> None:
             file.write(lines + text)
 
 
+def start_rabbitmq() -> None:
+    """Start a detached node and wait until it has booted.
+
+    `rabbitmqctl await_startup` fails at once while the new node has not yet registered with
+    epmd, so first wait for `rabbitmqctl ping` to reach it.
+    """
+    run("rabbitmq-server -detached")
+    deadline = time.monotonic() + WAIT_SECONDS
+    ping = ["rabbitmqctl", "-q", "ping"]
+    while subprocess.run(ping, capture_output=True).returncode != 0:
+        if time.monotonic() > deadline:
+            run("tail -n 40 /var/log/rabbitmq/*.log || true")
+            sys.exit("rabbitmq: the node did not start")
+        time.sleep(1)
+    run(f"rabbitmqctl -q await_startup --timeout {WAIT_SECONDS}")
+
+
 STARTERS = {
     "postgresql": start_postgres,
     "redis": lambda: run(
@@ -87,7 +104,7 @@ STARTERS = {
         '-::1 --port 6379 --save "" --appendonly no --dir /var/lib/redis '
         "--logfile /var/log/redis/ci.log"
     ),
-    "rabbitmq": lambda: run("rabbitmq-server -detached && rabbitmqctl await_startup --timeout 90"),
+    "rabbitmq": start_rabbitmq,
 }
 
 
