@@ -65,13 +65,14 @@ HOST = _text(r"\S+", "a host name or address")
 BOOL = Rule(bool, "true or false")
 PORT = _int(1, 65535)
 URL = _text(r"\S+://\S+", "a URL")
+SECRET_PATH = Rule(str, "a path to a file holding the value, or empty")
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     grpc_host: str = _setting("0.0.0.0", HOST)
     grpc_port: int = _setting(9091, PORT)
-    http_host: str = _setting("0.0.0.0", HOST)
+    http_host: str = _setting("127.0.0.1", HOST)
     http_port: int = _setting(7878, PORT)
     node_name: str = _setting(
         "", _text(r"[A-Za-z0-9_.:-]{0,64}", "up to 64 of A-Z a-z 0-9 _ . : -")
@@ -88,6 +89,7 @@ class ServerConfig:
     client_reset_window_seconds: float = _setting(10.0, _float(0.1, 3600))
     auto_create_queues: bool = _setting(True, BOOL)
     max_streaming_pulls: int = _setting(500, _int(0, 1800))
+    reflection: bool = _setting(True, BOOL)
 
     @property
     def node(self) -> str:
@@ -100,6 +102,7 @@ class AmqpConfig:
     url: str = _setting(
         "amqp://guest:guest@127.0.0.1:5672/", _text(r"amqps?://\S+", "an amqp:// URL")
     )
+    url_file: str = _setting("", SECRET_PATH)
     namespace: str = _setting(
         "event_bus",
         _text(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", "a name of 1-64 of A-Z a-z 0-9 _ . -"),
@@ -120,6 +123,7 @@ class AmqpConfig:
 @dataclass(frozen=True)
 class PostgresConfig:
     dsn: str = _setting("postgresql://postgres@127.0.0.1:5432/eventbus", URL)
+    dsn_file: str = _setting("", SECRET_PATH)
     pool_size: int = _setting(10, _int(1, 200))
 
 
@@ -128,6 +132,7 @@ class RedisConfig:
     url: str = _setting(
         "redis://127.0.0.1:6379/0", _text(r"(redis|rediss|unix)://\S+", "a redis:// URL")
     )
+    url_file: str = _setting("", SECRET_PATH)
     key_prefix: str = _setting("event_bus:", ANY_TEXT)
     lock_timeout_seconds: float = _setting(0.25, _float(0.01, 5))
 
@@ -180,6 +185,61 @@ class BackgroundConfig:
     workers: int = _setting(20, _int(1, 1000))
 
 
+PEM_PATH = Rule(str, "a path to a PEM file, or empty")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS on the gRPC port (and on HTTP with http = true). A relative path is looked up in
+    $CREDENTIALS_DIRECTORY (systemd's LoadCredential=) when that is set."""
+
+    cert_file: str = _setting("", PEM_PATH)
+    key_file: str = _setting("", PEM_PATH)
+    client_ca_file: str = _setting("", PEM_PATH)  # with it, clients must present a certificate
+    http: bool = _setting(False, BOOL)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+
+AUTH_MODES = ("off", "token", "mtls", "any")
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    mode: str = _setting("off", _one_of(*AUTH_MODES))
+    identities: tuple[IdentityConfig, ...] = ()  # [auth.identities.NAME] tables, file only
+
+
+IDENTITY_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+SHA256_HEX = _text(r"[0-9a-f]{64}", "the hex SHA-256 of a token: 64 of 0-9 a-f")
+
+
+def _globs_rule() -> Rule:
+    def check(value: list[Any]) -> bool:
+        return all(isinstance(v, str) and GLOB.fullmatch(v) for v in value)
+
+    return Rule(list, "a list of globs of queue and topic names", check)
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    """One [auth.identities.NAME] table: how a caller proves it is NAME, and what NAME may do."""
+
+    name: str
+    token_sha256: str = _setting(
+        "", Rule(str, SHA256_HEX.expected, lambda v: v == "" or SHA256_HEX.check(v))
+    )
+    certificate_subject: str = _setting("", ANY_TEXT)
+    publish: tuple[str, ...] = _setting((), _globs_rule())
+    subscribe: tuple[str, ...] = _setting((), _globs_rule())
+    admin: bool = _setting(False, BOOL)
+    publish_rate: float = _setting(0.0, _float(0, 10_000_000))  # messages/s; 0: no limit
+    publish_burst: int = _setting(0, _int(0, 10_000_000))  # 0: one second's worth
+    max_waiting_pulls: int = _setting(0, _int(0, 1_000_000))  # 0: no limit
+
+
 @dataclass(frozen=True)
 class LogConfig:
     level: str = _setting("info", _one_of("debug", "info", "warning", "error"))
@@ -196,6 +256,8 @@ class Config:
     cron: CronConfig = CronConfig()
     background: BackgroundConfig = BackgroundConfig()
     log: LogConfig = LogConfig()
+    tls: TlsConfig = TlsConfig()
+    auth: AuthConfig = AuthConfig()
     queues: tuple[QueuePolicyConfig, ...] = ()  # in file order: the first matching glob wins
 
 
@@ -214,6 +276,7 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
     source = os.path.basename(path)
     environ = os.environ if environ is None else environ
     sections = {name: _section_of(raw, name, source) for name in SECTIONS}
+    identities = _identity_tables(source, sections["auth"].pop(IDENTITIES, {}))
     for name in raw:
         if name not in SECTIONS and name != QUEUES:
             raise ConfigError(f"{source}: {name}: unknown section")
@@ -223,9 +286,105 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
     for var, (section, key, value) in _env_overrides(environ).items():
         sections[section][key] = value
         _check_value(var, section, key, value)
+    credentials = environ.get(CREDENTIALS_DIRECTORY, "")
+    _read_secrets(source, sections, credentials)
     config = Config(**{name: SECTIONS[name](**table) for name, table in sections.items()})
     _check_channel_budget(source, config.amqp, config.server.max_streaming_pulls)
-    return dataclasses.replace(config, queues=_policies(source, queues, config))
+    config = dataclasses.replace(
+        config,
+        queues=_policies(source, queues, config),
+        tls=_located(config.tls, credentials),
+        auth=dataclasses.replace(config.auth, identities=identities),
+    )
+    _check_security(source, config)
+    return config
+
+
+IDENTITIES = "identities"  # [auth.identities.NAME] tables, set in the file only
+IDENTITY_RULES: dict[str, Rule] = {
+    f.name: f.metadata["rule"] for f in dataclasses.fields(IdentityConfig) if f.metadata
+}
+CREDENTIALS_DIRECTORY = "CREDENTIALS_DIRECTORY"  # systemd's LoadCredential= puts files there
+SECRETS = {"amqp": "url", "postgres": "dsn", "redis": "url"}  # KEY_file reads KEY from a file
+
+
+def _identity_tables(source: str, tables: Any) -> tuple[IdentityConfig, ...]:
+    """The [auth.identities.NAME] tables, every key checked; tokens and subjects unique."""
+    if not isinstance(tables, dict):
+        raise ConfigError(f"{source}: auth.{IDENTITIES}: expected a table, got {_show(tables)}")
+    identities = []
+    for name, table in tables.items():
+        section = f"auth.{IDENTITIES}.{_show(name)}"
+        if not IDENTITY_NAME.fullmatch(name):
+            raise ConfigError(f"{source}: {section}: expected a name of 1-64 of A-Z a-z 0-9 _ . -")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: {section}: expected a table, got {_show(table)}")
+        _check_table(source, section, table, IDENTITY_RULES)
+        lists = {key: tuple(table[key]) for key in ("publish", "subscribe") if key in table}
+        identities.append(IdentityConfig(name, **{**table, **lists}))
+    for key in ("token_sha256", "certificate_subject"):
+        seen: dict[str, str] = {}
+        for identity in identities:
+            value = getattr(identity, key)
+            if value and value in seen:
+                raise ConfigError(
+                    f"{source}: auth.{IDENTITIES}.{identity.name}.{key}: the same as "
+                    f"{seen[value]}'s; each identity needs its own"
+                )
+            seen[value] = identity.name
+    return tuple(identities)
+
+
+def _read_secrets(source: str, sections: dict[str, dict[str, Any]], credentials: str) -> None:
+    """amqp.url_file, postgres.dsn_file, redis.url_file: the value read from that file (a
+    relative path in $CREDENTIALS_DIRECTORY), checked like the key itself."""
+    for section, key in SECRETS.items():
+        path = sections[section].get(f"{key}_file", "")
+        if not path:
+            continue
+        where = f"{source}: {section}.{key}_file"
+        try:
+            with open(_in_credentials(path, credentials), encoding="utf-8") as file:
+                value = file.read().strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{where}: cannot read {path}: {error}") from None
+        rule = _rules(section)[key]
+        if not rule.check(value):
+            raise ConfigError(f"{where}: the file must hold {rule.expected}")
+        sections[section][key] = value
+
+
+def _in_credentials(path: str, credentials: str) -> str:
+    return os.path.join(credentials, path) if credentials and not os.path.isabs(path) else path
+
+
+def _located(tls: TlsConfig, credentials: str) -> TlsConfig:
+    return TlsConfig(
+        cert_file=tls.cert_file and _in_credentials(tls.cert_file, credentials),
+        key_file=tls.key_file and _in_credentials(tls.key_file, credentials),
+        client_ca_file=tls.client_ca_file and _in_credentials(tls.client_ca_file, credentials),
+        http=tls.http,
+    )
+
+
+def _check_security(source: str, config: Config) -> None:
+    """The [tls] and [auth] keys that only make sense together."""
+    tls, auth = config.tls, config.auth
+    if bool(tls.cert_file) != bool(tls.key_file):
+        raise ConfigError(f"{source}: tls.cert_file: and tls.key_file must be set together")
+    if tls.client_ca_file and not tls.cert_file:
+        raise ConfigError(f"{source}: tls.client_ca_file: needs tls.cert_file and tls.key_file")
+    if tls.http and not tls.cert_file:
+        raise ConfigError(f"{source}: tls.http: needs tls.cert_file and tls.key_file")
+    if auth.mode in ("mtls", "any") and not tls.client_ca_file:
+        raise ConfigError(
+            f"{source}: auth.mode: {_show(auth.mode)} needs tls.client_ca_file (client "
+            "certificates are checked against it)"
+        )
+    if auth.mode != "off" and not auth.identities:
+        raise ConfigError(
+            f"{source}: auth.mode: {_show(auth.mode)} needs at least one [auth.identities.NAME]"
+        )
 
 
 CHANNEL_BUDGET = 1800  # of RabbitMQ's default channel_max 2047; the rest is the bus's own
@@ -338,7 +497,7 @@ def _check_table(
 
 
 def _rules(section: str) -> dict[str, Rule]:
-    return {f.name: f.metadata["rule"] for f in dataclasses.fields(SECTIONS[section])}
+    return {f.name: f.metadata["rule"] for f in dataclasses.fields(SECTIONS[section]) if f.metadata}
 
 
 def _check_value(

@@ -16,6 +16,7 @@ serve
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
@@ -55,8 +56,16 @@ from .ops.memory import give_back_freed_memory
 from .ops.metrics import Metrics, label_values
 from .ops.notify import Notifier
 from .ops.supervise import Supervisor
+from .security.access import Access
 
 logger = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 class Daemon:
@@ -71,7 +80,8 @@ class Daemon:
         self.ready = False
         self.stop_requested = trio.Event()
         self.http_stopped = trio.Event()
-        self.gate = rpc.Gate(self.metrics, config.server.max_concurrent_calls)
+        self.access = Access(config.auth)
+        self.gate = rpc.Gate(self.metrics, config.server.max_concurrent_calls, self.access)
         self.supervisor = Supervisor(self.metrics)
 
     async def serve(self) -> None:
@@ -104,6 +114,7 @@ class Daemon:
         self.broker = await root.start(broker.run, cfg.amqp, self.metrics)
 
     def _announce_ready(self) -> None:
+        self._warn_when_open()
         self.ready = True
         self.notifier.send("READY=1")
         server = self.config.server
@@ -117,6 +128,17 @@ class Daemon:
             server.http_port,
         )
 
+    def _warn_when_open(self) -> None:
+        """Anyone who can reach a non-loopback port may then do anything: say so, once."""
+        server = self.config.server
+        if self.config.auth.mode == "off" and not is_loopback(server.grpc_host):
+            logger.warning(
+                "eventbus: auth.mode is off and gRPC listens on %s: anyone who reaches port %d "
+                "may publish, take, ack and manage every queue (see Security in the README)",
+                server.grpc_host,
+                server.grpc_port,
+            )
+
     async def _start(self, root: trio.Nursery) -> None:
         """Everything that serves or works, on top of the connections."""
         cfg = self.config
@@ -126,6 +148,7 @@ class Daemon:
             self.broker, cfg.amqp, self.metrics, self.supervisor, self.publisher.declare_queue, root
         )
         self.delivery_ids = delivery_ids = await DeliveryIds.load(self.store)
+        delivery_ids.owners = lambda: self.gate.access.identities if self.gate.access else ()
         self.policies = Policies(cfg)  # every queue's retry policy, for each path alike
         self.delivery = Delivery(
             cfg,
@@ -143,7 +166,9 @@ class Daemon:
         # grpclib binds to the running asyncio loop when built, so only now.
         services = self._services()
         codec = SizeLimitedCodec(cfg.server.max_message_bytes)
-        self.grpc = rpc.GrpcServer(services, self.gate, codec, limits_of(cfg.server))
+        self.grpc = rpc.GrpcServer(
+            services, self.gate, codec, limits_of(cfg.server), reflection=cfg.server.reflection
+        )
         await root.start(rpc.run, self.grpc, cfg.server.grpc_host, cfg.server.grpc_port)
         app = http.make_app(self._readiness_checks(), self.metrics, self.stats)
         await root.start(self._serve_http, app)

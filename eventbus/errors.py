@@ -46,3 +46,15 @@ class NotFound(CallError):
     false)."""
 
     status = Status.NOT_FOUND
+
+
+class Unauthenticated(CallError):
+    """No credentials, or credentials no identity holds."""
+
+    status = Status.UNAUTHENTICATED
+
+
+class PermissionDenied(CallError):
+    """An identity asked for something its permissions do not cover."""
+
+    status = Status.PERMISSION_DENIED

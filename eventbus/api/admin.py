@@ -23,10 +23,19 @@ from ..errors import Unavailable
 from ..jobs import admin
 from ..jobs.deadletters import DeadLetter
 from ..jobs.delay import Pending
+from ..security.access import Permission, require
 from .rpc import Gate
 
+ACTIONS = {"RequeueDeadLetters", "CancelDelayed", "PurgeQueue"}  # what changes something: logged
 Request = TypeVar("Request")
 Reply = TypeVar("Reply")
+
+
+def _target_of(request: Any) -> str:
+    """What an admin action acts on, for its log line."""
+    ids = getattr(request, "message_ids", ())
+    what = getattr(request, "queue", "") or "every queue"
+    return f"{what} ({len(ids)} message ids)" if ids else what
 
 
 def _time(moment: datetime) -> Timestamp:
@@ -89,7 +98,16 @@ class AdminService(v2_grpc.AdminBase):
     async def _unary(
         self, stream: Any, method: str, work: Callable[[Request], Awaitable[Reply]]
     ) -> None:
-        await self._gate.unary(stream, f"eventbus.v2.Admin/{method}", aio.run_trio(work))
+        crossing = aio.run_trio(work)
+        name = f"eventbus.v2.Admin/{method}"
+
+        async def allowed(request: Request) -> Reply:
+            identity = require(Permission.ADMIN)
+            if method in ACTIONS:
+                self._gate.audit_action(stream, name, identity, _target_of(request))
+            return await crossing(request)
+
+        await self._gate.unary(stream, name, allowed)
 
     async def GetQueue(self, stream: Any) -> None:
         await self._unary(stream, "GetQueue", self._get_queue)

@@ -23,11 +23,15 @@ from grpclib.reflection.service import ServerReflection
 from grpclib.server import Stream
 
 from ..backends import aio
-from ..errors import CallError
+from ..errors import CallError, PermissionDenied, Unauthenticated
 from ..ops.metrics import Metrics
+from ..ops.ratelog import RateLimitedLog
+from ..security.access import NOBODY, Access, Identity, reset_caller, set_caller
 from .h2limits import GuardedServer, Limits
 
 logger = logging.getLogger(__name__)
+# Refusals with who, from where, what: at most one line a minute per method, code and identity.
+audit = RateLimitedLog(logging.getLogger("eventbus.audit"))
 
 Request = TypeVar("Request")
 Reply = TypeVar("Reply")
@@ -39,8 +43,11 @@ DEADLINE_SLACK = 0.1  # seconds
 class Gate:
     """Admits calls while serving, counts them, and maps their errors to status codes."""
 
-    def __init__(self, metrics: Metrics, max_calls: int = 10_000) -> None:
+    def __init__(
+        self, metrics: Metrics, max_calls: int = 10_000, access: Access | None = None
+    ) -> None:
         self.metrics = metrics
+        self.access = access  # None: every caller may do everything (auth.mode "off")
         self.max_calls = max_calls
         self.draining = False
         self.stopping = asyncio.Event()  # set with draining: long-lived calls end themselves
@@ -76,8 +83,10 @@ class Gate:
                 Status.RESOURCE_EXHAUSTED,
                 f"{self.in_flight} calls in flight (server.max_concurrent_calls); retry later",
             )
+        identity = self._authenticate(stream, method)
         self._enter()
         code = Status.OK
+        token = set_caller(identity)
         try:
             await work()
         except asyncio.CancelledError:  # the client went away, or its deadline passed
@@ -88,6 +97,8 @@ class Gate:
                 code = _cancelled_code(stream)
                 raise asyncio.CancelledError from None
             code = error.status
+            if isinstance(error, PermissionDenied):
+                self._refused(stream, method, identity, error)
             raise GRPCError(error.status, error.message) from None
         except GRPCError as error:
             code = error.status
@@ -97,7 +108,48 @@ class Gate:
             logger.exception("gRPC %s failed", method)
             raise GRPCError(Status.INTERNAL, "internal error") from None
         finally:
+            reset_caller(token)
             self._leave(method, code)
+
+    def _authenticate(self, stream: Stream[Any, Any], method: str) -> Identity:
+        """The caller's identity, or UNAUTHENTICATED (counted, logged at most once a minute
+        per method and reason)."""
+        if self.access is None or not self.access.enabled:
+            return NOBODY
+        try:
+            return self.access.authenticate(stream.metadata or {}, _certificate(stream))
+        except Unauthenticated as error:
+            self.metrics.grpc_requests.labels(method, error.status.name).inc()
+            self._refused(stream, method, None, error)
+            raise GRPCError(error.status, error.message) from None
+
+    def audit_action(
+        self, stream: Stream[Any, Any], method: str, identity: Identity, target: str
+    ) -> None:
+        """An admin action: counted, and logged with who, from where, what and on what."""
+        self.metrics.admin_actions.labels(method, identity.name or "-").inc()
+        audit.info(
+            f"{method} {identity.name}",
+            "admin: %s from %s: %s on %s",
+            f"identity {identity.name}" if identity.name else "a caller (auth off)",
+            peer_of(stream),
+            method,
+            target,
+        )
+
+    def _refused(
+        self, stream: Stream[Any, Any], method: str, identity: Identity | None, error: CallError
+    ) -> None:
+        self.metrics.auth_refusals.labels(method, error.status.name).inc()
+        who = f"identity {identity.name}" if identity is not None else "a caller"
+        audit.warning(
+            f"{method} {error.status.name} {who}",
+            "auth: %s from %s: %s refused: %s",
+            who,
+            peer_of(stream),
+            method,
+            error.message,
+        )
 
     def _enter(self) -> None:
         self.in_flight += 1
@@ -119,6 +171,22 @@ class Gate:
         with trio.move_on_after(grace):
             await self._idle.wait()
         return self.in_flight
+
+
+def _certificate(stream: Stream[Any, Any]) -> dict[str, Any] | None:
+    try:
+        return stream.peer.cert()
+    except AttributeError:  # the connection is closed already
+        return None
+
+
+def peer_of(stream: Stream[Any, Any]) -> str:
+    """The client's address as host:port, for log lines."""
+    try:
+        address = stream.peer.addr()
+    except AttributeError:  # the connection is closed already
+        address = None
+    return f"{address[0]}:{address[1]}" if address else "a client"
 
 
 def _being_cancelled() -> bool:
@@ -145,12 +213,20 @@ class GrpcServer:
     """The listening grpclib server with health and reflection services beside the bus's own."""
 
     def __init__(
-        self, services: Collection[Any], gate: Gate, codec: CodecBase, limits: Limits
+        self,
+        services: Collection[Any],
+        gate: Gate,
+        codec: CodecBase,
+        limits: Limits,
+        *,
+        reflection: bool = True,
     ) -> None:
         self.gate = gate
         self.status = ServiceStatus()
         health = Health({service: [self.status] for service in services})
-        handlers = ServerReflection.extend([*services, health])
+        handlers = [*services, health]
+        if reflection:
+            handlers = ServerReflection.extend(handlers)
         self._server = GuardedServer(handlers, codec=codec, limits=limits)
         self._closed = False
 

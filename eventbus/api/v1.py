@@ -17,7 +17,10 @@ from grpclib.exceptions import GRPCError
 from .._generated import mq_grpc, mq_pb2
 from ..delivery.envelope import DeliveryRecord
 from ..delivery.operations import Delivery
+from ..security.access import Permission, require
 from .rpc import Gate
+
+PUBLISH, SUBSCRIBE = Permission.PUBLISH, Permission.SUBSCRIBE
 
 EMPTY = Empty()
 
@@ -89,16 +92,19 @@ class MqService(_Service, mq_grpc.MqBase):
         await self._gate.unary(stream, "mq.Mq/nack", self._nack)
 
     async def _publish(self, request: mq_pb2.PublishRequest) -> Empty:
+        require(PUBLISH, request.queue)
         await self._delivery.publish(request.queue, request.data, request.ExpirationSeconds)
         return EMPTY
 
     async def _delay_publish(self, request: mq_pb2.DelayPublishRequest) -> Empty:
+        require(PUBLISH, request.queue)
         await self._delivery.delay_publish(
             ("queue", request.queue), request.data, request.delaySeconds, request.ExpirationSeconds
         )
         return EMPTY
 
     async def _subscribe(self, request: mq_pb2.SubscribeRequest) -> mq_pb2.SubscribeResponse:
+        require(SUBSCRIBE, request.queue)
         return _reply(await self._delivery.subscribe(request.queue))
 
 
@@ -121,14 +127,19 @@ class MqTopicService(_Service, mq_grpc.MqTopicBase):
         await self._gate.unary(stream, "mq.MqTopic/nack", self._nack)
 
     async def _publish(self, request: mq_pb2.TopicPublishRequest) -> Empty:
+        require(PUBLISH, request.topic)
         await self._delivery.publish_topic(request.topic, request.data, request.ExpirationSeconds)
         return EMPTY
 
     async def _delay_publish(self, request: mq_pb2.DelayTopicPublishRequest) -> Empty:
+        require(PUBLISH, request.topic)
         await self._delivery.delay_publish(
             ("topic", request.topic), request.data, request.delaySeconds, request.ExpirationSeconds
         )
         return EMPTY
 
     async def _subscribe(self, request: mq_pb2.TopicSubscribeRequest) -> mq_pb2.SubscribeResponse:
+        # The group queue is bound to the topic: reading it reads both.
+        require(SUBSCRIBE, request.topic)
+        require(SUBSCRIBE, request.queueName)
         return _reply(await self._delivery.subscribe_topic(request.topic, request.queueName))

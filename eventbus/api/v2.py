@@ -27,8 +27,9 @@ from ..delivery.operations import Delivery
 from ..delivery.publisher import Publisher
 from ..delivery.redelivery import DEAD_ON_REQUEST, Failure, Redelivery
 from ..delivery.stream import MAX_DEADLINE, Lease, Streams, StreamSession, is_stream_ack_id
-from ..errors import InvalidArgument, Unavailable
+from ..errors import InvalidArgument, PermissionDenied, Unavailable
 from ..ops.metrics import Metrics
+from ..security.access import Permission, caller, require
 from .rpc import Gate
 
 MAX_OUTSTANDING = 10_000
@@ -52,12 +53,25 @@ class PublisherService(v2_grpc.PublisherBase):
         await self._gate.unary(stream, "eventbus.v2.Publisher/Publish", self._publish)
 
     async def _publish(self, request: v2_pb2.PublishRequest) -> v2_pb2.PublishResponse:
+        _check_publishing(request.messages)
         batch = await self._publishing.publish(request.messages)
         return v2_pb2.PublishResponse(
             results=[
                 v2_pb2.PublishResult(message_id=m.message_id, duplicate=m.duplicate) for m in batch
             ]
         )
+
+
+def _check_publishing(messages: Sequence[v2_pb2.OutboundMessage]) -> None:
+    """The whole batch is refused when the caller may not publish to one of its targets."""
+    identity = caller()
+    for i, message in enumerate(messages):
+        target = message.topic or message.queue
+        if not identity.may(Permission.PUBLISH, target):
+            try:
+                require(Permission.PUBLISH, target)
+            except PermissionDenied as error:
+                raise PermissionDenied(f"messages[{i}]: {error.message}") from None
 
 
 class Subscriptions:
@@ -83,6 +97,9 @@ class Subscriptions:
     async def queue_of(self, queue: str, topic: str) -> str:
         """The queue a subscription reads: queue itself, or the group queue bound to topic."""
         namespace = self.config.amqp.namespace
+        require(Permission.SUBSCRIBE, queue)
+        if topic:  # the group queue is bound to the topic: reading it reads both
+            require(Permission.SUBSCRIBE, topic)
         validate.name("queue", queue, namespace)
         if topic:
             validate.name("topic", topic, namespace)
@@ -251,7 +268,9 @@ class SubscriberService(v2_grpc.SubscriberBase):
         records: list[str] = []
         for ack_id in ack_ids:
             owner = self._subs.streams.owner(ack_id) if is_stream_ack_id(ack_id) else None
-            if owner is not None:
+            if owner is not None and not caller().may(Permission.SUBSCRIBE, owner.queue):
+                invalid.append(ack_id)  # never tells which queue the id belongs to
+            elif owner is not None:
                 by_stream.setdefault(owner, []).append(ack_id)
             elif is_stream_ack_id(ack_id):
                 invalid.append(ack_id)
@@ -272,10 +291,11 @@ class SubscriberService(v2_grpc.SubscriberBase):
 
 
 async def _settled(settle: Settle, ack_id: str) -> bool:
-    """Whether settle took ack_id (False: an id the bus never issued)."""
+    """Whether settle took ack_id (False: an id the bus never issued, or issued to another
+    identity)."""
     try:
         await settle(ack_id)
-    except InvalidArgument:
+    except (InvalidArgument, PermissionDenied):  # one id of the batch, never the batch
         return False
     return True
 

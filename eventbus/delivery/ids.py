@@ -1,9 +1,10 @@
 """Delivery ids that carry their own proof of origin.
 
 A delivery id is a UUID (version 8, canonical text form): ten random bytes, then six bytes of
-an HMAC-SHA256 of them under a key all nodes share (kept in PostgreSQL). An
-ack or nack of an id the bus never issued is refused at once, so a client cannot fill the
-bookkeeping with settlements of made-up ids.
+an HMAC-SHA256 of them (and, with authentication on, of the name of the identity the delivery
+was handed to) under a key all nodes share (kept in PostgreSQL). An ack or nack of an id the
+bus never issued is refused at once, so a client cannot fill the bookkeeping with settlements
+of made-up ids; nor can one identity settle what was handed to another.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import hashlib
 import hmac
 import os
 import uuid
+from collections.abc import Callable, Iterable
 
 from ..backends.store import Store
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, PermissionDenied
 
 KEY_NAME = "delivery_ids"
 # 74 random bits (10 bytes less the version and variant bits): ids of a billion deliveries
@@ -30,6 +32,7 @@ class DeliveryIds:
 
     def __init__(self, key: bytes) -> None:
         self._key = key
+        self.owners: Callable[[], Iterable[str]] = tuple  # identity names, for check's refusals
 
     @classmethod
     async def load(cls, store: Store) -> DeliveryIds:
@@ -37,19 +40,27 @@ class DeliveryIds:
         key = await store.fetchval("SELECT key FROM cluster_keys WHERE name = $1", KEY_NAME)
         return cls(bytes(key))
 
-    def issue(self) -> str:
+    def issue(self, owner: str = "") -> str:
+        """A new id, for a delivery handed to the identity named owner ("": nobody in
+        particular, as with authentication off)."""
         nonce = bytearray(os.urandom(NONCE_BYTES))
         nonce[6] = VERSION_8 | (nonce[6] & 0x0F)
         nonce[8] = VARIANT_RFC | (nonce[8] & 0x3F)
-        return str(uuid.UUID(bytes=bytes(nonce) + self._tag(bytes(nonce))))
+        return str(uuid.UUID(bytes=bytes(nonce) + self._tag(bytes(nonce), owner)))
 
-    def check(self, value: str) -> str:
-        """value, a canonical UUID (validate.delivery_id), if this bus issued it; else
-        InvalidArgument."""
+    def check(self, value: str, owner: str = "") -> str:
+        """value, a canonical UUID (validate.delivery_id), if this bus issued it to owner;
+        PermissionDenied if it issued it to another identity; else InvalidArgument."""
         raw = uuid.UUID(value).bytes
-        if not hmac.compare_digest(raw[NONCE_BYTES:], self._tag(raw[:NONCE_BYTES])):
-            raise InvalidArgument(f"id {value!r} was not issued by this bus")
-        return value
+        nonce, tag = raw[:NONCE_BYTES], raw[NONCE_BYTES:]
+        if hmac.compare_digest(tag, self._tag(nonce, owner)):
+            return value
+        if any(hmac.compare_digest(tag, self._tag(nonce, other)) for other in self.owners()):
+            raise PermissionDenied(
+                f"id {value!r} was handed to another identity; only it may settle it"
+            )
+        raise InvalidArgument(f"id {value!r} was not issued by this bus")
 
-    def _tag(self, nonce: bytes) -> bytes:
-        return hmac.new(self._key, nonce, hashlib.sha256).digest()[: 16 - NONCE_BYTES]
+    def _tag(self, nonce: bytes, owner: str) -> bytes:
+        message = nonce + b"\0" + owner.encode() if owner else nonce
+        return hmac.new(self._key, message, hashlib.sha256).digest()[: 16 - NONCE_BYTES]

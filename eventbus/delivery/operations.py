@@ -30,10 +30,11 @@ from ..backends.broker import Blocked, Broker, BrokerUnavailable
 from ..backends.retry import describe
 from ..backends.store import Queries
 from ..config import Config
-from ..errors import InvalidArgument, Unavailable
+from ..errors import InvalidArgument, PermissionDenied, Unavailable
 from ..jobs import ledger
 from ..ops.metrics import Metrics
 from ..ops.ratelog import RateLimitedLog
+from ..security.access import caller
 from . import validate
 from .consumer import Buffered, Consumers
 from .envelope import (
@@ -199,7 +200,7 @@ class Delivery:
         record dead-letters it instead (it is not handed out)."""
         now = time.time()
         record = DeliveryRecord(
-            id=self._ids.issue(),
+            id=self._ids.issue(caller().name),
             message_id=envelope.message_id,
             queue=queue,
             body=envelope.body,
@@ -343,7 +344,7 @@ class Delivery:
         await self._settle(delivery_id, "nack")
 
     async def _settle(self, delivery_id: str, outcome: Outcome) -> None:
-        issued = self._ids.check(validate.delivery_id(delivery_id))
+        issued = self._ids.check(validate.delivery_id(delivery_id), caller().name)
         await self._settlements.put(Settlement(issued, outcome, time.time()))
         self._metrics.settlements_received.labels(outcome).inc()
 
@@ -363,7 +364,7 @@ class Delivery:
         if seconds == 0:
             await self.nack(delivery_id)
             return
-        issued = self._ids.check(validate.delivery_id(delivery_id))
+        issued = self._ids.check(validate.delivery_id(delivery_id), caller().name)
         now = time.time()
         # with the acks and nacks, so the ack queue holds them all in the order answered
         await self._settlements.put(DeadlineChange(issued, "deadline", now, now + seconds))
@@ -374,7 +375,7 @@ class Delivery:
         PostgreSQL, goes through the confirm queue again with the reason, which makes it a dead
         letter. False when PostgreSQL holds no open delivery of that id (yet: a record takes a
         moment to arrive; up to BURY_WAIT is given to it)."""
-        issued = self._ids.check(validate.delivery_id(delivery_id))
+        issued = self._ids.check(validate.delivery_id(delivery_id), caller().name)
         record = await self._open_record(issued)
         if record is None:
             return False
@@ -420,8 +421,10 @@ class Delivery:
         issued = {}
         for delivery_id in delivery_ids:
             try:
-                issued[self._ids.check(validate.delivery_id(delivery_id))] = delivery_id
-            except InvalidArgument:
+                issued[self._ids.check(validate.delivery_id(delivery_id), caller().name)] = (
+                    delivery_id
+                )
+            except (InvalidArgument, PermissionDenied):
                 continue
         return issued
 

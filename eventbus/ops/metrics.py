@@ -98,6 +98,18 @@ class Metrics:
         self.grpc_in_flight = Gauge(
             "eventbus_grpc_in_flight", "gRPC calls being handled now", registry=self.registry
         )
+        self.auth_refusals = Counter(
+            "eventbus_auth_refusals",
+            "gRPC calls refused as UNAUTHENTICATED or PERMISSION_DENIED, by method and code",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.admin_actions = Counter(
+            "eventbus_admin_actions",
+            "Admin calls that change something (requeue, cancel, purge), by method and identity",
+            ["method", "identity"],
+            registry=self.registry,
+        )
         self.stray_asyncio_errors = Counter(
             "eventbus_stray_asyncio_errors",
             "Errors that reached the asyncio loop's exception handler (logged, not fatal)",
