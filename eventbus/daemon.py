@@ -57,6 +57,7 @@ from .ops.metrics import Metrics, label_values
 from .ops.notify import Notifier
 from .ops.supervise import Supervisor
 from .security.access import Access
+from .security.tls import ServerTls
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ class Daemon:
         self.stop_requested = trio.Event()
         self.http_stopped = trio.Event()
         self.access = Access(config.auth)
+        # TLS on the gRPC port, its files read now so a bad one stops the start at once
+        self.tls = ServerTls(config.tls, config.auth.mode) if config.tls.enabled else None
         self.gate = rpc.Gate(self.metrics, config.server.max_concurrent_calls, self.access)
         self.supervisor = Supervisor(self.metrics)
 
@@ -169,7 +172,8 @@ class Daemon:
         self.grpc = rpc.GrpcServer(
             services, self.gate, codec, limits_of(cfg.server), reflection=cfg.server.reflection
         )
-        await root.start(rpc.run, self.grpc, cfg.server.grpc_host, cfg.server.grpc_port)
+        tls = self.tls.context if self.tls else None
+        await root.start(rpc.run, self.grpc, cfg.server.grpc_host, cfg.server.grpc_port, tls)
         app = http.make_app(self._readiness_checks(), self.metrics, self.stats)
         await root.start(self._serve_http, app)
         supervise = self.supervisor.forever

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any, TypeVar
@@ -230,8 +231,8 @@ class GrpcServer:
         self._server = GuardedServer(handlers, codec=codec, limits=limits)
         self._closed = False
 
-    async def start(self, host: str, port: int) -> None:
-        await aio.call(self._server.start, host, port)
+    async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
+        await aio.call(self._server.start, host, port, ssl=tls)
         self.status.set(True)
 
     async def stop(self, grace: float) -> None:
@@ -261,12 +262,14 @@ async def run(
     server: GrpcServer,
     host: str,
     port: int,
+    tls: ssl.SSLContext | None = None,
     *,
     task_status: trio.TaskStatus[GrpcServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen on host:port until cancelled; the daemon drains calls with stop() before that."""
-    await server.start(host, port)
-    logger.info("gRPC: serving on %s:%d", host, port)
+    """Listen on host:port (over TLS with a context) until cancelled; the daemon drains calls
+    with stop() before that."""
+    await server.start(host, port, tls)
+    logger.info("gRPC: serving on %s:%d%s", host, port, " over TLS" if tls else "")
     try:
         task_status.started(server)
         await trio.sleep_forever()
