@@ -174,7 +174,9 @@ class Daemon:
         )
         tls = self.tls.context if self.tls else None
         await root.start(rpc.run, self.grpc, cfg.server.grpc_host, cfg.server.grpc_port, tls)
-        app = http.make_app(self._readiness_checks(), self.metrics, self.stats)
+        app = http.make_app(
+            self._readiness_checks(), self.metrics, self.stats, lambda: self.gate.access
+        )
         await root.start(self._serve_http, app)
         supervise = self.supervisor.forever
         root.start_soon(supervise, "nodes", partial(nodes.keep_registered, self.store, self.node))
@@ -285,6 +287,7 @@ class Daemon:
                 server.http_host,
                 server.http_port,
                 self.stop_requested,
+                tls=self.tls.context if self.tls and self.config.tls.http else None,
                 task_status=task_status,
             )
         finally:

@@ -2,11 +2,17 @@
 
 /readyz is 200 while no check raises; a check may instead report its part degraded (working,
 but with a reason operators should see), which keeps the node ready and names the reason.
+
+With auth.mode other than "off", /metrics and /stats (queue names, counts) need the bearer token
+of an identity with admin = true; /healthz and /readyz stay open for load balancers. With
+tls.http the port serves HTTPS with the gRPC port's context (certificate, client CA, renewal).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,16 +27,23 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from ..backends.retry import describe
+from ..errors import Unauthenticated
 from ..ops.metrics import Metrics
+from ..ops.ratelog import RateLimitedLog
+from ..security.access import Access, Permission
 
 logger = logging.getLogger(__name__)
+# Refusals with who, from where, what: at most one line a minute per page and reason.
+audit = RateLimitedLog(logging.getLogger("eventbus.audit"))
 
 CHECK_TIMEOUT = 2.0
 GRACEFUL_TIMEOUT = 3.0
+TLS_HANDSHAKE_TIMEOUT = 10.0
 
 Check = Callable[[], Awaitable[str | None]]
 """A readiness check: raises when its part is down (/readyz 503); returns a reason when its
 part works but is degraded (/readyz still 200, the reason under "degraded"); None when well."""
+Page = Callable[[Request], Awaitable[Response]]
 
 
 @dataclass(frozen=True)
@@ -69,9 +82,13 @@ async def check_readiness(checks: Mapping[str, Check]) -> Readiness:
 
 
 def make_app(
-    checks: Mapping[str, Check], metrics: Metrics, stats: Callable[[], Awaitable[dict[str, Any]]]
+    checks: Mapping[str, Check],
+    metrics: Metrics,
+    stats: Callable[[], Awaitable[dict[str, Any]]],
+    access: Callable[[], Access | None] = lambda: None,
 ) -> Starlette:
-    """The ASGI application; checks name what /readyz requires, stats() feeds /stats."""
+    """The ASGI application; checks name what /readyz requires, stats() feeds /stats, access()
+    (asked at each request, so a reload's takes effect) guards /metrics and /stats."""
 
     async def healthz(_: Request) -> Response:
         return PlainTextResponse("ok\n")
@@ -88,20 +105,69 @@ def make_app(
     async def stats_page(_: Request) -> Response:
         return JSONResponse(await stats())
 
+    def admin_only(page: Page) -> Page:
+        async def guarded(request: Request) -> Response:
+            refusal = admitted(request, access(), metrics)
+            return refusal if refusal is not None else await page(request)
+
+        return guarded
+
     return Starlette(
         routes=[
             Route("/healthz", healthz),
             Route("/readyz", readyz),
-            Route("/metrics", metrics_page),
-            Route("/stats", stats_page),
+            Route("/metrics", admin_only(metrics_page)),
+            Route("/stats", admin_only(stats_page)),
         ]
     )
 
 
-def bounded_config() -> HypercornConfig:
+def admitted(request: Request, access: Access | None, metrics: Metrics) -> Response | None:
+    """None when the request may see an admin page; else the refusal to send: 401 without a
+    token or with one no identity holds, 403 for an identity without admin."""
+    if access is None or not access.enabled:
+        return None
+    authorization = request.headers.get("authorization")
+    try:
+        if authorization is None:
+            raise Unauthenticated("this page needs an admin's bearer token")
+        identity = _by_token(access).authenticate({"authorization": authorization}, None)
+    except Unauthenticated as error:
+        _refused(request, metrics, "a caller", "UNAUTHENTICATED", error.message)
+        return PlainTextResponse(
+            f"{error.message}\n", 401, headers={"WWW-Authenticate": 'Bearer realm="eventbus"'}
+        )
+    if identity.may(Permission.ADMIN):
+        return None
+    reason = f"identity {identity.name!r} lacks the admin permission"
+    _refused(request, metrics, f"identity {identity.name}", "PERMISSION_DENIED", reason)
+    return PlainTextResponse(f"{reason}\n", 403)
+
+
+def _by_token(access: Access) -> Access:
+    """access, taking bearer tokens whatever auth.mode says: hypercorn does not hand the
+    application the client's certificate, so a token is how HTTP tells an admin apart."""
+    if access.mode in ("token", "any"):
+        return access
+    tokens = copy.copy(access)  # shares the identities; only the mode differs
+    tokens.mode = "token"
+    return tokens
+
+
+def _refused(request: Request, metrics: Metrics, who: str, code: str, reason: str) -> None:
+    page = f"HTTP {request.url.path}"
+    metrics.auth_refusals.labels(page, code).inc()
+    client = request.client
+    peer = f"{client.host}:{client.port}" if client else "a client"
+    message = "auth: %s from %s: %s refused: %s"
+    audit.warning(f"{page} {code} {who}", message, who, peer, page, reason)
+
+
+def bounded_config(tls: ssl.SSLContext | None = None) -> HypercornConfig:
     """hypercorn's settings for a port that only operators and scrapers use: every request is
-    a small GET, so headers, bodies, streams and waits are kept short."""
-    config = HypercornConfig()
+    a small GET, so headers, bodies, streams and waits are kept short. With tls, HTTPS."""
+    config = HypercornConfig() if tls is None else _Tls(tls)
+    config.ssl_handshake_timeout = TLS_HANDSHAKE_TIMEOUT
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = GRACEFUL_TIMEOUT
@@ -122,10 +188,28 @@ async def run(
     port: int,
     shutdown: trio.Event,
     *,
+    tls: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve app on host:port until shutdown is set; in-flight requests get GRACEFUL_TIMEOUT."""
-    config = bounded_config()
+    """Serve app on host:port (HTTPS with a tls context) until shutdown is set; in-flight
+    requests get GRACEFUL_TIMEOUT."""
+    config = bounded_config(tls)
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     await serve(app, config, shutdown_trigger=shutdown.wait, task_status=task_status)  # type: ignore[arg-type]
     logger.info("HTTP: stopped")
+
+
+class _Tls(HypercornConfig):
+    """hypercorn's settings serving over a given context (the gRPC port's, whose certificates
+    a reload renews for new connections here too) rather than one built from file names."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        super().__init__()
+        self._context = context
+
+    @property
+    def ssl_enabled(self) -> bool:
+        return True
+
+    def create_ssl_context(self) -> ssl.SSLContext:
+        return self._context
