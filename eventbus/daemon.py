@@ -57,6 +57,7 @@ from .ops.metrics import Metrics, label_values
 from .ops.notify import Notifier
 from .ops.supervise import Supervisor
 from .security.access import Access
+from .security.quotas import Quotas
 from .security.tls import ServerTls
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class Daemon:
         self.stop_requested = trio.Event()
         self.http_stopped = trio.Event()
         self.access = Access(config.auth)
+        self.quotas = Quotas(config.auth.identities, self.metrics)  # update() on reload
         # TLS on the gRPC port, its files read now so a bad one stops the start at once
         self.tls = ServerTls(config.tls, config.auth.mode) if config.tls.enabled else None
         self.gate = rpc.Gate(self.metrics, config.server.max_concurrent_calls, self.access)
@@ -196,10 +198,10 @@ class Daemon:
             cfg, self.broker, self.publisher, self.delivery, redelivery, self.metrics
         )
         return [
-            MqService(self.gate, self.delivery),
-            MqTopicService(self.gate, self.delivery),
-            v2.PublisherService(self.gate, publishing),
-            v2.SubscriberService(self.gate, self.subscriptions),
+            MqService(self.gate, self.delivery, self.quotas),
+            MqTopicService(self.gate, self.delivery, self.quotas),
+            v2.PublisherService(self.gate, publishing, self.quotas),
+            v2.SubscriberService(self.gate, self.subscriptions, self.quotas),
             AdminService(
                 self.gate,
                 self.store,

@@ -17,7 +17,8 @@ from grpclib.exceptions import GRPCError
 from .._generated import mq_grpc, mq_pb2
 from ..delivery.envelope import DeliveryRecord
 from ..delivery.operations import Delivery
-from ..security.access import Permission, require
+from ..security.access import Permission, caller, require
+from ..security.quotas import Quotas
 from .rpc import Gate
 
 PUBLISH, SUBSCRIBE = Permission.PUBLISH, Permission.SUBSCRIBE
@@ -60,9 +61,10 @@ def _reply(record: DeliveryRecord) -> mq_pb2.SubscribeResponse:
 class _Service:
     """What both services share: the gate, the delivery logic, ack and nack."""
 
-    def __init__(self, gate: Gate, delivery: Delivery) -> None:
+    def __init__(self, gate: Gate, delivery: Delivery, quotas: Quotas | None = None) -> None:
         self._gate = gate
         self._delivery = delivery
+        self._quotas = quotas or Quotas()
 
     async def _ack(self, request: mq_pb2.QueueId) -> Empty:
         await self._delivery.ack(request.id)
@@ -92,20 +94,21 @@ class MqService(_Service, mq_grpc.MqBase):
         await self._gate.unary(stream, "mq.Mq/nack", self._nack)
 
     async def _publish(self, request: mq_pb2.PublishRequest) -> Empty:
-        require(PUBLISH, request.queue)
+        self._quotas.publish(require(PUBLISH, request.queue))
         await self._delivery.publish(request.queue, request.data, request.ExpirationSeconds)
         return EMPTY
 
     async def _delay_publish(self, request: mq_pb2.DelayPublishRequest) -> Empty:
-        require(PUBLISH, request.queue)
+        self._quotas.publish(require(PUBLISH, request.queue))
         await self._delivery.delay_publish(
             ("queue", request.queue), request.data, request.delaySeconds, request.ExpirationSeconds
         )
         return EMPTY
 
     async def _subscribe(self, request: mq_pb2.SubscribeRequest) -> mq_pb2.SubscribeResponse:
-        require(SUBSCRIBE, request.queue)
-        return _reply(await self._delivery.subscribe(request.queue))
+        with self._quotas.waiting_pull(caller()):
+            require(SUBSCRIBE, request.queue)
+            return _reply(await self._delivery.subscribe(request.queue))
 
 
 class MqTopicService(_Service, mq_grpc.MqTopicBase):
@@ -127,19 +130,20 @@ class MqTopicService(_Service, mq_grpc.MqTopicBase):
         await self._gate.unary(stream, "mq.MqTopic/nack", self._nack)
 
     async def _publish(self, request: mq_pb2.TopicPublishRequest) -> Empty:
-        require(PUBLISH, request.topic)
+        self._quotas.publish(require(PUBLISH, request.topic))
         await self._delivery.publish_topic(request.topic, request.data, request.ExpirationSeconds)
         return EMPTY
 
     async def _delay_publish(self, request: mq_pb2.DelayTopicPublishRequest) -> Empty:
-        require(PUBLISH, request.topic)
+        self._quotas.publish(require(PUBLISH, request.topic))
         await self._delivery.delay_publish(
             ("topic", request.topic), request.data, request.delaySeconds, request.ExpirationSeconds
         )
         return EMPTY
 
     async def _subscribe(self, request: mq_pb2.TopicSubscribeRequest) -> mq_pb2.SubscribeResponse:
-        # The group queue is bound to the topic: reading it reads both.
-        require(SUBSCRIBE, request.topic)
-        require(SUBSCRIBE, request.queueName)
-        return _reply(await self._delivery.subscribe_topic(request.topic, request.queueName))
+        with self._quotas.waiting_pull(caller()):
+            # The group queue is bound to the topic: reading it reads both.
+            require(SUBSCRIBE, request.topic)
+            require(SUBSCRIBE, request.queueName)
+            return _reply(await self._delivery.subscribe_topic(request.topic, request.queueName))

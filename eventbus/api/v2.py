@@ -30,6 +30,7 @@ from ..delivery.stream import MAX_DEADLINE, Lease, Streams, StreamSession, is_st
 from ..errors import InvalidArgument, PermissionDenied, Unavailable
 from ..ops.metrics import Metrics
 from ..security.access import Permission, caller, require
+from ..security.quotas import Quotas
 from .rpc import Gate
 
 MAX_OUTSTANDING = 10_000
@@ -45,15 +46,19 @@ Settle = Callable[[str], Awaitable[None]]  # settles one recorded delivery
 class PublisherService(v2_grpc.PublisherBase):
     """Batches of messages to queues and topics."""
 
-    def __init__(self, gate: Gate, publishing: BatchPublishing) -> None:
+    def __init__(
+        self, gate: Gate, publishing: BatchPublishing, quotas: Quotas | None = None
+    ) -> None:
         self._gate = gate
         self._publishing = publishing
+        self._quotas = quotas or Quotas()
 
     async def Publish(self, stream: Any) -> None:
         await self._gate.unary(stream, "eventbus.v2.Publisher/Publish", self._publish)
 
     async def _publish(self, request: v2_pb2.PublishRequest) -> v2_pb2.PublishResponse:
         _check_publishing(request.messages)
+        self._quotas.publish(caller(), len(request.messages))  # the whole batch, or nothing
         batch = await self._publishing.publish(request.messages)
         return v2_pb2.PublishResponse(
             results=[
@@ -118,9 +123,12 @@ class Subscriptions:
 class SubscriberService(v2_grpc.SubscriberBase):
     """Pull, StreamingPull, Acknowledge, Nack and ModifyAckDeadline."""
 
-    def __init__(self, gate: Gate, subscriptions: Subscriptions) -> None:
+    def __init__(
+        self, gate: Gate, subscriptions: Subscriptions, quotas: Quotas | None = None
+    ) -> None:
         self._gate = gate
         self._subs = subscriptions
+        self._quotas = quotas or Quotas()
 
     async def Pull(self, stream: Any) -> None:
         await self._gate.unary(stream, "eventbus.v2.Subscriber/Pull", self._pull)
@@ -147,14 +155,19 @@ class SubscriberService(v2_grpc.SubscriberBase):
             raise InvalidArgument(f"max_messages must be 0-{MAX_PULL}")
         if not 0 <= request.wait_seconds <= MAX_WAIT:  # also refuses NaN
             raise InvalidArgument(f"wait_seconds must be 0-{MAX_WAIT}")
-        queue = await self._subs.queue_of(request.queue, request.topic)
-        records = await self._subs.delivery.pull_many(queue, most, request.wait_seconds)
+        with self._quotas.waiting_pull(caller()):
+            queue = await self._subs.queue_of(request.queue, request.topic)
+            records = await self._subs.delivery.pull_many(queue, most, request.wait_seconds)
         return v2_pb2.PullResponse(messages=[_recorded(record) for record in records])
 
     async def _stream(self, stream: Stream[Any, Any]) -> None:
         first = await stream.recv_message()
         if first is None:
             raise InvalidArgument("StreamingPull: the stream ended before its first request")
+        with self._quotas.waiting_pull(caller()):  # one waiting pull while the stream is open
+            await self._serve_stream(stream, first)
+
+    async def _serve_stream(self, stream: Stream[Any, Any], first: Any) -> None:
         streams = self._subs.streams
         streams.take_slot()
         try:

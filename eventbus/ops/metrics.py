@@ -110,6 +110,12 @@ class Metrics:
             ["method", "identity"],
             registry=self.registry,
         )
+        self.quota_refusals = Counter(
+            "eventbus_quota_refusals",
+            "Calls refused by an identity's quota (publish_rate, publish_burst, max_waiting_pulls)",
+            ["identity", "quota"],
+            registry=self.registry,
+        )
         self.stray_asyncio_errors = Counter(
             "eventbus_stray_asyncio_errors",
             "Errors that reached the asyncio loop's exception handler (logged, not fatal)",
