@@ -19,6 +19,7 @@ from .daemon import Daemon
 from .delivery import validate
 from .errors import CallError, FatalError, InvalidArgument
 from .jobs import admin, deadletters, delay
+from .ops.reload import set_log_level
 
 logger = logging.getLogger("eventbus")
 
@@ -164,8 +165,8 @@ def _command(commands: Any, name: str, run: Command, summary: str) -> argparse.A
     return sub
 
 
-async def _serve(config: Config, _args: argparse.Namespace) -> None:
-    await Daemon(config).serve()
+async def _serve(config: Config, args: argparse.Namespace) -> None:
+    await Daemon(config, config_path=args.config).serve()
 
 
 async def _migrate(config: Config, _args: argparse.Namespace) -> None:
@@ -183,12 +184,11 @@ def _configure_logging(config: Config) -> None:
         handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=config.log.level.upper(), handlers=[handler], force=True)
+    logging.basicConfig(handlers=[handler], force=True)
     # grpclib logs each cancelled call, h2 and hpack each frame and header: lines a client
-    # triggers at will. The daemon's own lines about them are rate-limited.
-    noisy_loggers = ("aiormq", "aio_pika", "asyncio", "hypercorn.error", "redis")
-    for noisy in (*noisy_loggers, "grpclib", "h2", "hpack"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # triggers at will, kept at warning or above. The daemon's own lines about them are
+    # rate-limited.
+    set_log_level(config.log.level)
     # aiormq logs every failed connect as an ERROR; the broker supervisor already reports each
     # attempt in one warning line, and the final failure once.
     logging.getLogger("aiormq.connection").setLevel(logging.CRITICAL)

@@ -1,7 +1,7 @@
 """The daemon: one trio task tree that starts every part in order and stops them in reverse.
 
 serve
-└── root nursery: signals, sd_notify
+└── root nursery: signals (SIGHUP reloads config.toml), sd_notify
     ├── trio-asyncio loop (opened around the nursery)
     ├── PostgreSQL pool (migrations applied at start)
     ├── Redis client
@@ -35,7 +35,8 @@ from .api.v2 import Subscriptions
 from .backends import aio, broker, lock, store
 from .backends.lock import RedisLock
 from .backends.retry import describe
-from .config import Config
+from .config import Config, ConfigError
+from .config import load as load_config
 from .delivery.batches import BatchPublishing
 from .delivery.consumer import Consumers
 from .delivery.dedup import Dedup, forget_expired_forever
@@ -50,7 +51,7 @@ from .jobs import bookkeeping
 from .jobs.cron import Cron
 from .jobs.delay import Dispatcher
 from .jobs.republish import Republisher, RetryRules
-from .ops import fdlimit, lag, nodes
+from .ops import fdlimit, lag, nodes, reload
 from .ops.gauges import Gauges
 from .ops.memory import give_back_freed_memory
 from .ops.metrics import Metrics, label_values
@@ -58,7 +59,7 @@ from .ops.notify import Notifier
 from .ops.supervise import Supervisor
 from .security.access import Access
 from .security.quotas import Quotas
-from .security.tls import ServerTls
+from .security.tls import ServerTls, TlsError
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +74,11 @@ def is_loopback(host: str) -> bool:
 class Daemon:
     """One running eventbus node."""
 
-    def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
-        self.config = config
+    def __init__(
+        self, config: Config, notifier: Notifier | None = None, config_path: str | None = None
+    ) -> None:
+        self.config = config  # the running configuration: a reload changes its live keys
+        self.config_path = config_path  # read again on SIGHUP
         self.node = config.server.node
         self.metrics = Metrics(self.node)
         self.notifier = notifier or Notifier()
@@ -88,9 +92,11 @@ class Daemon:
         self.tls = ServerTls(config.tls, config.auth.mode) if config.tls.enabled else None
         self.gate = rpc.Gate(self.metrics, config.server.max_concurrent_calls, self.access)
         self.supervisor = Supervisor(self.metrics)
+        self.crons: list[Cron] = []
+        self.reload_pending = False  # SIGHUP while starting: reload once ready
 
     async def serve(self) -> None:
-        """Run until SIGTERM/SIGINT (graceful stop) or a fatal error (raised)."""
+        """Run until SIGTERM/SIGINT (graceful stop) or a fatal error (raised); SIGHUP reloads."""
         open_files = fdlimit.raise_open_file_limit()
         fdlimit.check_connection_budget(open_files, self.config.server.max_connections)
         async with (
@@ -104,6 +110,8 @@ class Daemon:
             async with trio.open_nursery() as work:
                 await self._start(work)
                 self._announce_ready()
+                if self.reload_pending:
+                    self._reload()
                 await self.stop_requested.wait()
                 await self._stop()
                 work.cancel_scope.cancel()
@@ -264,6 +272,7 @@ class Daemon:
                     upkeep=job.settle_unconfirmed,
                 )
                 root.start_soon(supervise, f"cron {name}", cron.run)
+                self.crons.append(cron)
         rebalancer = Rebalancer(
             self.node,
             self.broker,
@@ -303,8 +312,11 @@ class Daemon:
             await self.http_stopped.wait()
 
     async def _watch_signals(self, root_scope: trio.CancelScope) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    self._reload_when_ready()
+                    continue
                 if self.stop_requested.is_set():
                     logger.warning(
                         "eventbus: second %s; exiting at once", signal.Signals(signum).name
@@ -314,6 +326,49 @@ class Daemon:
                 self.stop_requested.set()
                 if not self.ready:
                     root_scope.cancel()  # still starting: nothing to drain
+
+    def _reload_when_ready(self) -> None:
+        if self.stop_requested.is_set():
+            logger.info("eventbus: SIGHUP received while stopping; not reloading")
+        elif not self.ready:
+            logger.info("eventbus: SIGHUP received while starting; reloading once ready")
+            self.reload_pending = True
+        else:
+            self._reload()
+
+    def _reload(self) -> None:
+        """Read config.toml again and apply what can change live, telling systemd (RELOADING=1,
+        then READY=1). A file that fails validation, or TLS files that cannot be used, change
+        nothing; neither connections nor calls in flight are touched."""
+        self.reload_pending = False
+        if self.config_path is None:
+            logger.warning("reload: this daemon was given no configuration file to read again")
+            return
+        self.notifier.reloading()
+        try:
+            self._apply(load_config(self.config_path))
+        except (ConfigError, TlsError) as error:
+            logger.error("reload refused: %s; the running configuration stays", error)
+        except Exception:
+            logger.exception("reload: failed part-way; restart to be sure of the configuration")
+        finally:
+            self.notifier.send("READY=1")
+
+    def _apply(self, new: Config) -> None:
+        """Take new's live keys (TLS first: its files may still be refused), name the rest."""
+        live = reload.live_keys(new, tls_running=self.tls is not None)
+        result = reload.plan(self.config, new, live)
+        running = result.config
+        if self.tls is not None and new.tls.enabled:
+            self.tls.reload(running.tls, running.auth.mode)  # read again even when unchanged
+        self.access = self.gate.access = Access(running.auth)
+        self.quotas.update(running.auth.identities)  # buckets carry their tokens over
+        self.policies.replace(running)
+        reload.set_log_level(running.log.level)
+        for cron in self.crons:
+            cron.set_interval(running.cron.interval_seconds)
+        self.config = running
+        reload.report(result)
 
     def _readiness_checks(self) -> dict[str, http.Check]:
         async def grpc_serving() -> None:

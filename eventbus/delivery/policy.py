@@ -64,12 +64,20 @@ def queue_policy(table: QueuePolicyConfig) -> Policy:
 
 
 class Policies:
-    """Every queue's policy under one configuration."""
+    """Every queue's policy under one configuration; one object the whole daemon reads, whose
+    tables a reload replaces in place."""
 
     def __init__(self, config: Config) -> None:
+        self.replace(config)
+
+    def replace(self, config: Config) -> None:
+        """Follow config's [delivery] and [queues."GLOB"] tables from now on."""
         self.default = default_policy(config.delivery)
         self._globs = [(table.glob, queue_policy(table)) for table in config.queues]
         self._lookup = functools.lru_cache(maxsize=CACHE_SIZE)(self._match)
+        floors = [float(config.delivery.nack_redelivery_delay_seconds)]
+        floors += [table.backoff_min_seconds * (1 - JITTER) for table in config.queues]
+        self.nack_floor = min(floors)  # the shortest wait any policy gives a nacked delivery
 
     def for_queue(self, name: str) -> Policy:
         """The policy of the first glob, in file order, that matches name; else the default."""

@@ -48,6 +48,8 @@ class Cron:
         self._maybe_held = False  # a hold timed out, or a release was skipped: ours, perhaps
         self._lock = lock
         self._interval = interval
+        self._waiting: trio.CancelScope | None = None  # the wait for the next tick
+        self._tick_started = 0.0
         self._renew_every = max(0.05, lock_ttl / 3)
         self._redis_down = False
         self.holding = False
@@ -64,7 +66,8 @@ class Cron:
 
     async def _tick_forever(self) -> None:
         while True:
-            next_tick = trio.current_time() + self._interval
+            self._tick_started = trio.current_time()
+            next_tick = self._tick_started + self._interval
             wanted_in = None
             await self._run_upkeep()
             if await self._may_run():
@@ -79,7 +82,16 @@ class Cron:
                         await self._release()
             if wanted_in is not None:
                 next_tick = min(next_tick, trio.current_time() + max(SHORTEST_WAIT, wanted_in))
-            await trio.sleep_until(next_tick)
+            with trio.move_on_at(next_tick) as self._waiting:
+                await trio.sleep_forever()
+            self._waiting = None
+
+    def set_interval(self, interval: float) -> None:
+        """Tick every interval seconds from now on; a wait under way ends once the new interval
+        since its tick started has passed, when that comes sooner (at once if it has)."""
+        self._interval = interval
+        if self._waiting is not None:
+            self._waiting.deadline = min(self._waiting.deadline, self._tick_started + interval)
 
     async def _may_run(self) -> bool:
         """Whether to run the next tick: while holding the lock, or at once on row claims alone

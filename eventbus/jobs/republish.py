@@ -29,7 +29,7 @@ from typing import Any
 from ..backends.store import Store
 from ..config import Config, DeliveryConfig
 from ..delivery.envelope import Envelope, Marker, Outgoing, internal_message
-from ..delivery.policy import JITTER, Policies, Policy, is_dead, retry_delay
+from ..delivery.policy import Policies, Policy, is_dead, retry_delay
 from ..delivery.publisher import Outcome, Publisher, Target
 from ..errors import CallError, Unavailable
 from ..ops.metrics import Metrics
@@ -60,15 +60,17 @@ class RetryRules:
     a nacked delivery (the claim's lower bound), and how a delivery's jitter is drawn."""
 
     policies: Policies
-    nack_floor: float
     jitter: Callable[[str], float] = seeded_jitter
 
     @classmethod
     def of(cls, config: Config, policies: Policies | None = None) -> RetryRules:
         """The rules of config; policies, when given, must be Policies(config)."""
-        floors = [float(config.delivery.nack_redelivery_delay_seconds)]
-        floors += [table.backoff_min_seconds * (1 - JITTER) for table in config.queues]
-        return cls(policies or Policies(config), min(floors))
+        return cls(policies or Policies(config))
+
+    @property
+    def nack_floor(self) -> float:
+        """The policies' shortest wait for a nack, so a reload of them moves it too."""
+        return self.policies.nack_floor
 
     def due_at(self, delivery: DueDelivery, policy: Policy) -> float:
         """When delivery may come again: when it failed plus its policy's wait; -inf when the

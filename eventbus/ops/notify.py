@@ -1,10 +1,12 @@
-"""systemd notifications (sd_notify): READY=1, STOPPING=1 and the watchdog keep-alive."""
+"""systemd notifications (sd_notify): READY=1, RELOADING=1, STOPPING=1 and the watchdog
+keep-alive."""
 
 from __future__ import annotations
 
 import logging
 import os
 import socket
+import time
 
 import trio
 
@@ -33,6 +35,12 @@ class Notifier:
                 sock.sendto(message.encode(), self._address)
         except OSError as error:
             logger.warning("sd_notify %r failed: %s", message, error)
+
+    def reloading(self) -> None:
+        """RELOADING=1 with the monotonic clock's time, as Type=notify-reload (systemd 253)
+        asks for it; READY=1 tells that the reload is over."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.send(f"RELOADING=1\nMONOTONIC_USEC={usec}")
 
     async def keep_alive(self) -> None:
         """Send WATCHDOG=1 at half the watchdog interval, forever; returns at once without one."""
