@@ -15,11 +15,8 @@ handler that only counts it (returning: acked). Messages/s from the first publis
 handler return of everything published; then the subscription stops gracefully, every
 published id must have been handled and a Pull that waits a second must find nothing left in
 the queue: the table reports ids never handled, handled twice, or left.
-Both run in this one process, on one event loop, as an application using the client would.
-That loop, and the baselines', is a plain asyncio one: importing trio_asyncio (as the helpers
-shared with the other benchmarks do) makes asyncio.run() start trio-asyncio's loop instead,
-on which aio-pika runs about a third as fast. (asyncio.get_running_loop and current_task stay
-wrapped by trio_asyncio even so, which costs the client some 15% of its CPU here.)
+Both run in this one process, on one plain asyncio event loop, as an application using the
+client would.
 
 Baselines, aio-pika measured before the daemon starts and after it stops, the mean of the two:
 publish: persistent 100-byte messages to a durable queue with publisher confirms, 64 publishes
@@ -70,7 +67,8 @@ T = TypeVar("T")
 
 
 def run_plain(coroutine: Coroutine[Any, Any, T]) -> T:
-    """asyncio.run() on a plain asyncio loop, whatever trio_asyncio did to the default."""
+    """asyncio.run() on a plain asyncio loop, even should trio-asyncio be imported (it makes
+    asyncio.run() start its own loop, on which aio-pika runs about a third as fast)."""
     with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
         return runner.run(coroutine)
 

@@ -9,13 +9,15 @@ import subprocess
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import asyncpg
 import redis
 
-from eventbus.backends import aio
-from eventbus.backends.store import Store, open_store
 from eventbus.config import PostgresConfig
+
+if TYPE_CHECKING:
+    from eventbus.backends.store import Store
 
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 AMQP_HOST = "127.0.0.1:5672"
@@ -107,6 +109,11 @@ def delete_redis_keys(prefix: str) -> None:
 
 async def with_store(postgres_dsn: str, work: Callable[[Store], Awaitable[None]]) -> None:
     """Run work on a Store of the database at postgres_dsn (migrated), closed after."""
+    # Imported here: trio-asyncio, once imported, makes asyncio.run() use its loop, which
+    # would slow down the benchmarks' plain aio-pika baselines that import this module.
+    from eventbus.backends import aio
+    from eventbus.backends.store import open_store
+
     async with aio.open_loop(lambda: None):
         store = await open_store(PostgresConfig(dsn=postgres_dsn), window=10)
         try:
