@@ -113,7 +113,7 @@ def report(result: Plan) -> None:
     """One line of what the reload applied, one of what needs a restart (when anything does)."""
     if result.applied:
         logger.info("reload: applied %s", ", ".join(result.applied))
-    else:
-        logger.info("reload: no key that changes live has changed")
     if result.restart:
         logger.warning("need a restart to take effect: %s", ", ".join(result.restart))
+    if not (result.applied or result.restart):
+        logger.info("reload: no key changed")
