@@ -1,11 +1,14 @@
-"""The eventbus command line: serve, migrate, dead-letters, delayed."""
+"""The eventbus command line: serve, migrate, dead-letters, delayed, token."""
 
 from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import json
 import logging
+import re
+import secrets
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -14,7 +17,7 @@ import trio
 
 from . import __version__
 from .backends import aio, store
-from .config import Config, ConfigError, load
+from .config import IDENTITY_NAME, Config, ConfigError, load
 from .daemon import Daemon
 from .delivery import validate
 from .errors import CallError, FatalError, InvalidArgument
@@ -47,6 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _check_arguments(parser, args)
+    if args.command is _new_token:
+        _new_token(args)
+        return 0
     try:
         config = load(args.config)
     except ConfigError as error:
@@ -65,6 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """What argparse cannot say itself; parser.error exits with status 2 and the usage."""
+    if args.command is _new_token and not IDENTITY_NAME.fullmatch(args.name):
+        parser.error(
+            f"token new: NAME must be 1-64 of A-Z a-z 0-9 _ . - (as in "
+            f"[auth.identities.NAME]), got {args.name!r}"
+        )
     if args.command is _requeue_dead_letters and not (args.all or args.queue or args.message_id):
         parser.error("dead-letters requeue: name --queue, --message-id or --all")
     if args.command is _release_delayed and (args.id is None) == (not args.all):
@@ -118,7 +129,19 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--queue", help="only the dead letters of this queue")
         sub.add_argument("--message-id", help="only this message")
     _delayed_commands(commands)
+    _token_commands(commands)
     return parser
+
+
+def _token_commands(commands: Any) -> None:
+    token = commands.add_parser(
+        "token", help="make bearer tokens", description="make bearer tokens for identities"
+    )
+    actions = token.add_subparsers(required=True, metavar="ACTION")
+    summary = "print a fresh random token once, and the config.toml lines that admit it"
+    new = actions.add_parser("new", help=summary, description=summary)
+    new.add_argument("name", metavar="NAME", help="the identity's name in [auth.identities.NAME]")
+    new.set_defaults(command=_new_token)
 
 
 def _delayed_commands(commands: Any) -> None:
@@ -174,6 +197,29 @@ async def _migrate(config: Config, _args: argparse.Namespace) -> None:
         db = await store.open_store(config.postgres, window=config.amqp.reconnect_window_seconds)
         await db.close()
     logger.info("PostgreSQL schema is up to date")
+
+
+TOKEN_BYTES = 32  # secrets.token_urlsafe(32): 43 characters, 256 random bits
+BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")  # TOML keys that need no quotes
+
+
+def _new_token(args: argparse.Namespace) -> None:
+    """Print a new token and the [auth.identities.NAME] table holding only its SHA-256."""
+    token = secrets.token_urlsafe(TOKEN_BYTES)
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    key = args.name if BARE_KEY.fullmatch(args.name) else json.dumps(args.name)
+    lines = [
+        f"Token for {args.name}, shown only this once (send it as authorization: Bearer TOKEN):",
+        token,
+        "",
+        "Add to config.toml (it keeps only the token's SHA-256), fill in the lists, reload:",
+        f"[auth.identities.{key}]",
+        f'token_sha256 = "{digest}"',
+        'publish = []      # globs of queues and topics it may publish to, e.g. ["orders.*"]',
+        "subscribe = []    # globs it may subscribe to, pull from, ack and nack",
+        "admin = false     # true: v2 Admin, dead letters, delayed messages, /metrics, /stats",
+    ]
+    print("\n".join(lines))
 
 
 def _configure_logging(config: Config) -> None:
