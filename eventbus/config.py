@@ -13,7 +13,7 @@ import os
 import re
 import socket
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -213,7 +213,93 @@ class AuthConfig:
 
 
 IDENTITY_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-SHA256_HEX = _text(r"[0-9a-f]{64}", "the hex SHA-256 of a token: 64 of 0-9 a-f")
+SHA256_HEX = _text(r"[0-9a-fA-F]{64}", "the hex SHA-256 of a token: 64 of 0-9 a-f")
+EMPTY_TOKEN_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+# Certificate subjects: RFC 4514 text, "CN=orders-service,O=Example", compared as a set of
+# attributes whatever their order, spacing and the case of their names (values: exactly).
+ATTRIBUTE_NAMES = {  # Python's ssl module's names -> RFC 4514's short ones
+    "commonName": "CN",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "countryName": "C",
+    "stateOrProvinceName": "ST",
+    "localityName": "L",
+    "streetAddress": "STREET",
+    "domainComponent": "DC",
+    "userId": "UID",
+}
+_SHORT_NAMES = {long.lower(): short for long, short in ATTRIBUTE_NAMES.items()}
+ATTRIBUTE_TYPE = re.compile(r"[A-Za-z][A-Za-z0-9-]*|[0-9]+(?:\.[0-9]+)*")
+SubjectKey = tuple[tuple[str, str], ...]
+SUBJECT_EXPECTED = (
+    'a certificate subject of KEY=VALUE pairs, such as "CN=orders-service,O=Example" '
+    "(a , + or \\ inside a value escaped with \\)"
+)
+
+
+def subject_key(attributes: Iterable[tuple[str, str]]) -> SubjectKey:
+    """Subject attributes as compared: short names, upper case, in sorted order."""
+    return tuple(sorted((_SHORT_NAMES.get(k.lower(), k).upper(), v) for k, v in attributes))
+
+
+def parse_subject(text: str) -> SubjectKey:
+    """The key (subject_key) of a subject written as RFC 4514 text; ValueError when it is not
+    KEY=VALUE pairs separated by , or +."""
+    attributes = [_attribute(part) for part in _unescaped_split(text)]
+    return subject_key(attributes)
+
+
+def _unescaped_split(text: str) -> list[list[tuple[str, bool]]]:
+    """text split at each , or + not escaped, as (character, escaped) pairs; a \\ escapes the
+    next character, or stands with two hex digits for one byte (of UTF-8)."""
+    parts: list[list[tuple[str, bool]]] = [[]]
+    pending = bytearray()  # hex-escaped bytes, decoded together (a character may take several)
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char == "\\" and re.fullmatch(r"[0-9A-Fa-f]{2}", text[i + 1 : i + 3]):
+            pending.append(int(text[i + 1 : i + 3], 16))
+            i += 3
+            continue
+        parts[-1].extend((c, True) for c in pending.decode())  # UnicodeDecodeError: ValueError
+        pending.clear()
+        if char == "\\":
+            if i + 1 == len(text):
+                raise ValueError("a \\ at the end")
+            parts[-1].append((text[i + 1], True))
+            i += 2
+            continue
+        if char in ",+":
+            parts.append([])
+        else:
+            parts[-1].append((char, False))
+        i += 1
+    parts[-1].extend((c, True) for c in pending.decode())
+    return parts
+
+
+def _subject_or_empty(text: str) -> bool:
+    try:
+        return not text or bool(parse_subject(text))
+    except ValueError:
+        return False
+
+
+def _attribute(part: list[tuple[str, bool]]) -> tuple[str, str]:
+    """One KEY=VALUE of a subject: spaces around KEY and VALUE dropped unless escaped."""
+    at = next((i for i, (c, escaped) in enumerate(part) if c == "=" and not escaped), None)
+    if at is None:
+        raise ValueError("an attribute without =")
+    key = "".join(c for c, _ in part[:at]).strip()
+    value = part[at + 1 :]
+    while value and value[0] == (" ", False):
+        value.pop(0)
+    while value and value[-1] == (" ", False):
+        value.pop()
+    if not ATTRIBUTE_TYPE.fullmatch(key) or not value:
+        raise ValueError("an attribute without a name or a value")
+    return key, "".join(c for c, _ in value)
 
 
 def _globs_rule() -> Rule:
@@ -231,7 +317,7 @@ class IdentityConfig:
     token_sha256: str = _setting(
         "", Rule(str, SHA256_HEX.expected, lambda v: v == "" or SHA256_HEX.check(v))
     )
-    certificate_subject: str = _setting("", ANY_TEXT)
+    certificate_subject: str = _setting("", Rule(str, SUBJECT_EXPECTED, _subject_or_empty))
     publish: tuple[str, ...] = _setting((), _globs_rule())
     subscribe: tuple[str, ...] = _setting((), _globs_rule())
     admin: bool = _setting(False, BOOL)
@@ -321,18 +407,34 @@ def _identity_tables(source: str, tables: Any) -> tuple[IdentityConfig, ...]:
             raise ConfigError(f"{source}: {section}: expected a table, got {_show(table)}")
         _check_table(source, section, table, IDENTITY_RULES)
         lists = {key: tuple(table[key]) for key in ("publish", "subscribe") if key in table}
-        identities.append(IdentityConfig(name, **{**table, **lists}))
-    for key in ("token_sha256", "certificate_subject"):
-        seen: dict[str, str] = {}
-        for identity in identities:
-            value = getattr(identity, key)
-            if value and value in seen:
-                raise ConfigError(
-                    f"{source}: auth.{IDENTITIES}.{identity.name}.{key}: the same as "
-                    f"{seen[value]}'s; each identity needs its own"
-                )
-            seen[value] = identity.name
+        token = {"token_sha256": table.get("token_sha256", "").lower()}
+        if token["token_sha256"] == EMPTY_TOKEN_SHA256:
+            raise ConfigError(
+                f"{source}: {section}.token_sha256: is the SHA-256 of an empty token; "
+                "use a random token of its own"
+            )
+        identities.append(IdentityConfig(name, **{**table, **lists, **token}))
+    _check_unique(source, identities, "token_sha256", str)
+    _check_unique(source, identities, "certificate_subject", parse_subject)
     return tuple(identities)
+
+
+def _check_unique(
+    source: str, identities: list[IdentityConfig], key: str, compared: Callable[[str], Any]
+) -> None:
+    """No two identities with the same credential (subjects: as compared, whatever the order
+    of their attributes)."""
+    seen: dict[Any, str] = {}
+    for identity in identities:
+        value = getattr(identity, key)
+        if not value:
+            continue
+        if compared(value) in seen:
+            raise ConfigError(
+                f"{source}: auth.{IDENTITIES}.{identity.name}.{key}: the same as "
+                f"{seen[compared(value)]}'s; each identity needs its own"
+            )
+        seen[compared(value)] = identity.name
 
 
 def _read_secrets(source: str, sections: dict[str, dict[str, Any]], credentials: str) -> None:
@@ -384,6 +486,12 @@ def _check_security(source: str, config: Config) -> None:
     if auth.mode != "off" and not auth.identities:
         raise ConfigError(
             f"{source}: auth.mode: {_show(auth.mode)} needs at least one [auth.identities.NAME]"
+        )
+    needed = {"token": "token_sha256", "mtls": "certificate_subject"}.get(auth.mode)
+    if needed and not any(getattr(identity, needed) for identity in auth.identities):
+        raise ConfigError(
+            f"{source}: auth.mode: {_show(auth.mode)} needs an [auth.identities.NAME] with "
+            f"{needed}: no caller could prove who it is"
         )
 
 

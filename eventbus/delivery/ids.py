@@ -57,7 +57,8 @@ class DeliveryIds:
             return value
         if any(hmac.compare_digest(tag, self._tag(nonce, other)) for other in self.owners()):
             raise PermissionDenied(
-                f"id {value!r} was handed to another identity; only it may settle it"
+                f"identity {owner!r} may not ack, nack or extend delivery {value!r}: it was "
+                "handed to another identity, and only that one may settle it"
             )
         raise InvalidArgument(f"id {value!r} was not issued by this bus")
 

@@ -17,10 +17,16 @@ import hmac
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
-from ..config import AuthConfig, IdentityConfig
+from ..config import (
+    ATTRIBUTE_NAMES,
+    AuthConfig,
+    IdentityConfig,
+    SubjectKey,
+    parse_subject,
+    subject_key,
+)
 from ..errors import PermissionDenied, Unauthenticated
 
 BEARER = "bearer "
@@ -79,8 +85,11 @@ def _one_pattern(globs: Iterable[str]) -> re.Pattern[str]:
 
 # auth.mode "off": every caller is this one, allowed everything, as before authentication existed.
 NOBODY = Identity("", publish=("*",), subscribe=("*",), admin=True)
+# Whoever asks outside a call the gate admitted: allowed nothing, so a path that escaped the
+# gate fails closed instead of acting for nobody in particular.
+OUTSIDER = Identity("")
 
-_caller: contextvars.ContextVar[Identity] = contextvars.ContextVar("caller", default=NOBODY)
+_caller: contextvars.ContextVar[Identity] = contextvars.ContextVar("caller", default=OUTSIDER)
 
 
 def caller() -> Identity:
@@ -122,7 +131,7 @@ class Access:
             if c.token_sha256
         ]
         self._subjects = {
-            _subject_key(c.certificate_subject): identity
+            parse_subject(c.certificate_subject): identity
             for identity, c in identities
             if c.certificate_subject
         }
@@ -153,7 +162,10 @@ class Access:
             raise Unauthenticated("malformed authorization metadata")
         if not authorization[: len(BEARER)].lower() == BEARER:
             raise Unauthenticated('authorization metadata must be "Bearer <token>"')
-        digest = hashlib.sha256(authorization[len(BEARER) :].strip().encode()).digest()
+        token = authorization[len(BEARER) :].strip()
+        if not token:
+            raise Unauthenticated("empty bearer token")
+        digest = hashlib.sha256(token.encode()).digest()
         found = None
         for stored, identity in self._tokens:  # every one compared: the time tells nothing
             if hmac.compare_digest(stored, digest):
@@ -163,41 +175,42 @@ class Access:
         return found
 
     def _by_certificate(self, certificate: dict[str, Any]) -> Identity:
-        subject = subject_of(certificate)
-        identity = self._subjects.get(_subject_key(subject))
+        identity = self._subjects.get(certificate_key(certificate))
         if identity is None:
+            subject = subject_of(certificate)
             raise Unauthenticated(f"no identity has the certificate subject {subject!r}")
         return identity
 
 
-# The short names RFC 4514 uses; other attributes keep the names Python's ssl module gives them.
-SHORT_NAMES = {
-    "commonName": "CN",
-    "organizationName": "O",
-    "organizationalUnitName": "OU",
-    "countryName": "C",
-    "stateOrProvinceName": "ST",
-    "localityName": "L",
-    "domainComponent": "DC",
-    "userId": "UID",
-}
-
-
-def subject_of(certificate: dict[str, Any]) -> str:
-    """A peer certificate's subject (ssl.getpeercert()) as "CN=name,O=org", in its order."""
-    pairs = [
-        f"{SHORT_NAMES.get(key, key)}={value}"
+def _attributes(certificate: dict[str, Any]) -> list[tuple[str, str]]:
+    """A peer certificate's subject attributes (ssl.getpeercert()), in its order."""
+    return [
+        (key, value)
         for relative_name in certificate.get("subject", ())
         for key, value in relative_name
     ]
-    return ",".join(pairs)
 
 
-@lru_cache(maxsize=1024)
-def _subject_key(subject: str) -> frozenset[tuple[str, str]]:
-    """A subject's attributes, whatever their order and spacing: "CN=a, O=b" is "O=b,CN=a"."""
-    pairs = []
-    for part in subject.split(","):
-        key, _, value = part.partition("=")
-        pairs.append((key.strip(), value.strip()))
-    return frozenset(pairs)
+def certificate_key(certificate: dict[str, Any]) -> SubjectKey:
+    """A peer certificate's subject as compared with certificate_subject: taken from the
+    certificate's attributes themselves, so a value holding "," or "=" stays one value."""
+    return subject_key(_attributes(certificate))
+
+
+def subject_of(certificate: dict[str, Any]) -> str:
+    """A peer certificate's subject as RFC 4514 text, "CN=name,O=org", in its order, short
+    names where RFC 4514 has them (for log lines and refusals)."""
+    return ",".join(
+        f"{ATTRIBUTE_NAMES.get(key, key)}={_escaped(value)}"
+        for key, value in _attributes(certificate)
+    )
+
+
+def _escaped(value: str) -> str:
+    """value with the characters RFC 4514 escapes escaped."""
+    escaped = re.sub(r'([,+"\\<>;=])', r"\\\1", value)
+    if escaped.startswith(("#", " ")):
+        escaped = "\\" + escaped
+    if escaped.endswith(" "):
+        escaped = escaped[:-1] + "\\ "
+    return escaped
