@@ -24,8 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_direct import aio_pika_publish_rate
 from bench.v2_common import (
+    Bus,
     arguments,
     backends,
+    cpu_seconds,
     daemon,
     delete_queue,
     publish_batches,
@@ -40,19 +42,21 @@ BASELINE_IN_FLIGHT = 64
 GOAL = 1.5  # x the baseline, batches of 100
 
 
-async def publish_rate(port: int, queue: str, batch: int, seconds: float) -> float:
+async def publish_rate(bus: Bus, queue: str, batch: int, seconds: float) -> tuple[float, float]:
     """Messages/s stored by IN_FLIGHT callers publishing batches to queue for seconds, after
-    half a second of the same to open the connections and declare the queue."""
-    await publish_batches(port, queue, batch, 0.5, IN_FLIGHT)
-    published, elapsed = await publish_batches(port, queue, batch, seconds, IN_FLIGHT)
-    return published / elapsed
+    half a second of the same to open the connections and declare the queue; and the daemon's
+    CPU time per message meanwhile (seconds)."""
+    await publish_batches(bus.port, queue, batch, 0.5, IN_FLIGHT)
+    cpu = cpu_seconds(bus.pid)
+    published, elapsed = await publish_batches(bus.port, queue, batch, seconds, IN_FLIGHT)
+    return published / elapsed, (cpu_seconds(bus.pid) - cpu) / published
 
 
-async def bus_rate(port: int, url: str, batch: int, seconds: float) -> float:
+async def bus_rate(bus: Bus, url: str, batch: int, seconds: float) -> tuple[float, float]:
     queue = f"v2-publish-{batch}"
-    rate = await publish_rate(port, queue, batch, seconds)
+    figures = await publish_rate(bus, queue, batch, seconds)
     await delete_queue(url, queue)
-    return rate
+    return figures
 
 
 def main() -> None:
@@ -60,12 +64,10 @@ def main() -> None:
     with backends() as run:
         before = asyncio.run(aio_pika_publish_rate(run.url, args.seconds, BASELINE_IN_FLIGHT))
         with daemon(run, args.profile) as bus:
-            rates = [
-                asyncio.run(bus_rate(bus.port, run.url, b, args.seconds)) for b in args.batches
-            ]
+            figures = [asyncio.run(bus_rate(bus, run.url, b, args.seconds)) for b in args.batches]
         after = asyncio.run(aio_pika_publish_rate(run.url, args.seconds, BASELINE_IN_FLIGHT))
     baseline = statistics.mean([before, after])
-    report(args.seconds, [before, after], args.batches, rates)
+    report(args.seconds, [before, after], args.batches, figures)
     write_json(
         args.json,
         {
@@ -73,8 +75,8 @@ def main() -> None:
             "seconds": args.seconds,
             "baseline": {"runs": [before, after], "rate": baseline},
             "bus": [
-                {"batch": b, "rate": r, "ratio": r / baseline}
-                for b, r in zip(args.batches, rates, strict=True)
+                {"batch": b, "rate": r, "ratio": r / baseline, "daemon_cpu_per_message": c}
+                for b, (r, c) in zip(args.batches, figures, strict=True)
             ],
             "goal": {"batch": GOAL_BATCH, "ratio": GOAL},
         },
@@ -82,7 +84,10 @@ def main() -> None:
 
 
 def report(
-    seconds: float, baselines: list[float], batches: tuple[int, ...], rates: list[float]
+    seconds: float,
+    baselines: list[float],
+    batches: tuple[int, ...],
+    figures: list[tuple[float, float]],
 ) -> None:
     baseline = statistics.mean(baselines)
     rows = [
@@ -92,13 +97,13 @@ def report(
             f"baseline (before {baselines[0]:,.0f}, after {baselines[1]:,.0f})",
         )
     ]
-    for batch, rate in zip(batches, rates, strict=True):
+    for batch, (rate, cpu) in zip(batches, figures, strict=True):
         goal = f" (goal >= {GOAL})" if batch == GOAL_BATCH else ""
         rows.append(
             (
                 f"bus Publish, batches of {batch}, {IN_FLIGHT} calls in flight",
                 f"{rate:,.0f} msgs/s",
-                f"{rate / baseline:.2f} x baseline{goal}",
+                f"{rate / baseline:.2f} x baseline{goal}; daemon CPU {cpu * 1e6:,.0f} us/message",
             )
         )
     table(f"v2 Publish, {seconds:g} s per figure, 100-byte persistent messages", rows)
