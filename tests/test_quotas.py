@@ -394,11 +394,6 @@ def test_v1_publish_past_the_rate_waits_as_told(callers: Any) -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="status details go out only once GuardedServer is given status_details_codec="
-    "ProtoStatusDetailsCodec() (it passes its own codec, so grpclib sets none)",
-)
 def test_resource_exhausted_carries_retry_info(callers: Any) -> None:
     _, clients = callers
     alice = clients["alice"]

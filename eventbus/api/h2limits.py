@@ -39,6 +39,7 @@ import grpclib.protocol
 import grpclib.server
 from grpclib.config import Configuration
 from grpclib.encoding.base import CodecBase
+from grpclib.encoding.proto import ProtoStatusDetailsCodec
 from grpclib.protocol import Connection, EventsProcessor, H2Protocol, Stream
 from grpclib.utils import Wrapper
 from h2.connection import H2Connection
@@ -140,7 +141,14 @@ class GuardedServer(grpclib.server.Server):
         config: Configuration | None = None,
     ) -> None:
         check_grpclib()
-        super().__init__(handlers, codec=codec, config=config)
+        # With a codec of its own grpclib sets no status details codec: without this one it
+        # would drop the details of an error (a quota's RetryInfo).
+        super().__init__(
+            handlers,
+            codec=codec,
+            status_details_codec=ProtoStatusDetailsCodec(),
+            config=config,
+        )
         unary = [
             path
             for handler in handlers

@@ -130,7 +130,7 @@ class Gate:
         """An admin action: counted, and logged with who, from where, what and on what."""
         self.metrics.admin_actions.labels(method, identity.name or "-").inc()
         audit.info(
-            f"{method} {identity.name}",
+            f"{method} {identity.name} {target}",  # the same action again: once a minute
             "admin: %s from %s: %s on %s",
             f"identity {identity.name}" if identity.name else "a caller (auth off)",
             peer_of(stream),

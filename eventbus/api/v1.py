@@ -106,8 +106,8 @@ class MqService(_Service, mq_grpc.MqBase):
         return EMPTY
 
     async def _subscribe(self, request: mq_pb2.SubscribeRequest) -> mq_pb2.SubscribeResponse:
+        require(SUBSCRIBE, request.queue)
         with self._quotas.waiting_pull(caller()):
-            require(SUBSCRIBE, request.queue)
             return _reply(await self._delivery.subscribe(request.queue))
 
 
@@ -142,8 +142,8 @@ class MqTopicService(_Service, mq_grpc.MqTopicBase):
         return EMPTY
 
     async def _subscribe(self, request: mq_pb2.TopicSubscribeRequest) -> mq_pb2.SubscribeResponse:
+        # The group queue is bound to the topic: reading it reads both.
+        require(SUBSCRIBE, request.topic)
+        require(SUBSCRIBE, request.queueName)
         with self._quotas.waiting_pull(caller()):
-            # The group queue is bound to the topic: reading it reads both.
-            require(SUBSCRIBE, request.topic)
-            require(SUBSCRIBE, request.queueName)
             return _reply(await self._delivery.subscribe_topic(request.topic, request.queueName))

@@ -72,11 +72,17 @@ def _check_publishing(messages: Sequence[v2_pb2.OutboundMessage]) -> None:
     identity = caller()
     for i, message in enumerate(messages):
         target = message.topic or message.queue
-        if not identity.may(Permission.PUBLISH, target):
+        if target and not identity.may(Permission.PUBLISH, target):  # none: validation says so
             try:
                 require(Permission.PUBLISH, target)
             except PermissionDenied as error:
                 raise PermissionDenied(f"messages[{i}]: {error.message}") from None
+
+
+def _require_subscribe(queue: str, topic: str) -> None:
+    require(Permission.SUBSCRIBE, queue)
+    if topic:  # the group queue is bound to the topic: reading it reads both
+        require(Permission.SUBSCRIBE, topic)
 
 
 class Subscriptions:
@@ -102,9 +108,6 @@ class Subscriptions:
     async def queue_of(self, queue: str, topic: str) -> str:
         """The queue a subscription reads: queue itself, or the group queue bound to topic."""
         namespace = self.config.amqp.namespace
-        require(Permission.SUBSCRIBE, queue)
-        if topic:  # the group queue is bound to the topic: reading it reads both
-            require(Permission.SUBSCRIBE, topic)
         validate.name("queue", queue, namespace)
         if topic:
             validate.name("topic", topic, namespace)
@@ -155,6 +158,7 @@ class SubscriberService(v2_grpc.SubscriberBase):
             raise InvalidArgument(f"max_messages must be 0-{MAX_PULL}")
         if not 0 <= request.wait_seconds <= MAX_WAIT:  # also refuses NaN
             raise InvalidArgument(f"wait_seconds must be 0-{MAX_WAIT}")
+        _require_subscribe(request.queue, request.topic)
         with self._quotas.waiting_pull(caller()):
             queue = await self._subs.queue_of(request.queue, request.topic)
             records = await self._subs.delivery.pull_many(queue, most, request.wait_seconds)
@@ -164,6 +168,7 @@ class SubscriberService(v2_grpc.SubscriberBase):
         first = await stream.recv_message()
         if first is None:
             raise InvalidArgument("StreamingPull: the stream ended before its first request")
+        _require_subscribe(first.queue, first.topic)
         with self._quotas.waiting_pull(caller()):  # one waiting pull while the stream is open
             await self._serve_stream(stream, first)
 
@@ -296,11 +301,13 @@ class SubscriberService(v2_grpc.SubscriberBase):
         return invalid
 
     async def _settle_recorded(self, ack_ids: list[str], settle: Settle) -> list[str]:
-        """Settle recorded ids; those PostgreSQL knows to be stale (their delivery done, or
-        nacked: one query for them all) and those the bus never issued are invalid, and left
-        alone."""
-        stale = await self._subs.delivery.stale(ack_ids)
-        return [i for i in ack_ids if i in stale or not await _settled(settle, i)]
+        """Settle recorded ids; those the bus never issued to the caller, and those PostgreSQL
+        knows to be stale (their delivery done, or nacked: one query for them all) are invalid,
+        and left alone."""
+        delivery = self._subs.delivery
+        mine = delivery.issued_to_caller(ack_ids)
+        stale = await delivery.stale([i for i in ack_ids if i in mine])
+        return [i for i in ack_ids if i not in mine or i in stale or not await _settled(settle, i)]
 
 
 async def _settled(settle: Settle, ack_id: str) -> bool:

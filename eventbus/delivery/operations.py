@@ -416,14 +416,18 @@ class Delivery:
             return set()
         return {issued[delivery_id] for delivery_id in known}
 
+    def issued_to_caller(self, delivery_ids: list[str]) -> set[str]:
+        """Those of delivery_ids (as sent) that this bus issued to the caller's identity."""
+        return set(self._issued(delivery_ids).values())
+
     def _issued(self, delivery_ids: list[str]) -> dict[str, str]:
-        """The well-formed ids this bus issued, canonical, each to the id as sent."""
-        issued = {}
+        """The well-formed ids this bus issued to the caller, canonical, each to the id as
+        sent."""
+        issued, owner = {}, caller().name
         for delivery_id in delivery_ids:
             try:
-                issued[self._ids.check(validate.delivery_id(delivery_id), caller().name)] = (
-                    delivery_id
-                )
+                canonical = validate.delivery_id(delivery_id)
+                issued[self._ids.check(canonical, owner, name_other_owner=False)] = delivery_id
             except (InvalidArgument, PermissionDenied):
                 continue
         return issued
