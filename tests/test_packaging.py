@@ -98,7 +98,7 @@ def test_systemd_unit_is_hardened(tmp_path: Path) -> None:
     )
     score = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
     assert score, result.stdout + result.stderr
-    assert float(score[1]) <= 2.0
+    assert float(score[1]) <= 1.5
 
 
 def test_systemd_unit_is_notify_type_and_restarts() -> None:

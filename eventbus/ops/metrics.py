@@ -100,7 +100,7 @@ class Metrics:
         )
         self.auth_refusals = Counter(
             "eventbus_auth_refusals",
-            "gRPC calls refused as UNAUTHENTICATED or PERMISSION_DENIED, by method and code",
+            "Calls (gRPC methods, HTTP pages) refused: unauthenticated or not permitted",
             ["method", "code"],
             registry=self.registry,
         )
