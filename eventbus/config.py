@@ -615,9 +615,20 @@ def _check_value(
     if rule is None:
         raise ConfigError(f"{source}: {section}.{key}: unknown key")
     if not (_is_kind(value, rule.kind) and rule.check(value)):
-        raise ConfigError(
-            f"{source}: {section}.{key}: expected {rule.expected}, got {_show(value)}"
-        )
+        got = _show(value) if key not in SECRET_KEYS else _shape(value)
+        raise ConfigError(f"{source}: {section}.{key}: expected {rule.expected}, got {got}")
+
+
+# Keys whose refused value is not repeated in the error line (it goes to logs): a token pasted
+# where its hash belongs, URLs and DSNs with passwords.
+SECRET_KEYS = {"token_sha256", "url", "dsn"}
+
+
+def _shape(value: Any) -> str:
+    """What a refused secret looks like, without it: its kind and length."""
+    if isinstance(value, str):
+        return f"a string of {len(value)} characters (not shown: it may be secret)"
+    return f"a {type(value).__name__}"
 
 
 def _is_kind(value: Any, kind: type) -> bool:

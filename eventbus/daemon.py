@@ -143,11 +143,20 @@ class Daemon:
 
     def _warn_when_open(self) -> None:
         """Anyone who can reach a non-loopback port may then do anything: say so, once."""
-        server = self.config.server
-        if self.config.auth.mode == "off" and not is_loopback(server.grpc_host):
+        server, mode = self.config.server, self.config.auth.mode
+        if is_loopback(server.grpc_host):
+            return
+        if mode == "off":
             logger.warning(
                 "eventbus: auth.mode is off and gRPC listens on %s: anyone who reaches port %d "
                 "may publish, take, ack and manage every queue (see Security in the README)",
+                server.grpc_host,
+                server.grpc_port,
+            )
+        elif mode in ("token", "any") and not self.config.tls.enabled:
+            logger.warning(
+                "eventbus: tokens travel in clear: gRPC on %s:%d has no TLS (set tls.cert_file "
+                "and tls.key_file)",
                 server.grpc_host,
                 server.grpc_port,
             )
@@ -362,6 +371,7 @@ class Daemon:
         if self.tls is not None and new.tls.enabled:
             self.tls.reload(running.tls, running.auth.mode)  # read again even when unchanged
         self.access = self.gate.access = Access(running.auth)
+        self._end_revoked_streams()
         self.quotas.update(running.auth.identities)  # buckets carry their tokens over
         self.policies.replace(running)
         reload.set_log_level(running.log.level)
@@ -369,6 +379,17 @@ class Daemon:
             cron.set_interval(running.cron.interval_seconds)
         self.config = running
         reload.report(result)
+        self._warn_when_open()
+
+    def _end_revoked_streams(self) -> None:
+        """Streams whose identity the new configuration removed, or no longer lets read their
+        queue, end now (their messages go back to the queue); other calls in flight finish."""
+        access = self.access
+        ended = self.subscriptions.streams.revoke(
+            lambda s: access.refusal(s.identity, s.queue, s.topic)
+        )
+        if ended:
+            logger.info("reload: ended %d streams whose identity may no longer read", ended)
 
     def _readiness_checks(self) -> dict[str, http.Check]:
         async def grpc_serving() -> None:

@@ -441,7 +441,7 @@ TOKEN_MODE = '[auth]\nmode = "token"\n'
         (
             identity_toml(token_sha256="abc"),
             'auth.identities."svc".token_sha256: expected the hex SHA-256 of a token: 64 of '
-            '0-9 a-f, got "abc"',
+            "0-9 a-f, got a string of 3 characters (not shown: it may be secret)",
         ),
         (
             identity_toml(token_sha256=sha("")),

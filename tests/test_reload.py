@@ -46,7 +46,7 @@ from eventbus.ops import reload
 from eventbus.ops.notify import Notifier
 from tests.certs import Issued, issue, make_ca
 from tests.servers import free_port, unique_name
-from tests.v2_client import V2Client, message
+from tests.v2_client import StreamHandle, V2Client, message
 from tests.v2_support import dead_letters, dead_letters_of, quick
 
 # The configuration diff, on plain Config values
@@ -389,6 +389,58 @@ def test_a_reload_under_traffic_revokes_a_token_and_admits_a_new_identity(
     assert monotonic_before <= int(usec.partition("=")[2]) <= monotonic_before + 30_000_000
     assert "reload: applied auth.identities" in daemon.log
     assert "need a restart" not in daemon.log
+
+
+def test_a_reload_ends_the_streams_of_identities_removed_or_no_longer_allowed(
+    make_daemon: Any, notify: tuple[socket.socket, str]
+) -> None:
+    """Open streams are checked against the new identities: one whose identity is gone ends
+    UNAUTHENTICATED, one whose identity may no longer read its queue PERMISSION_DENIED; the
+    others go on. Their held messages go back to the queue."""
+    sock, path = notify
+    everything = {"publish": ["*"], "subscribe": ["*"]}
+    tokens = {"alice": ALICE, "bob": BOB, "carol": CAROL}
+    daemon = make_daemon(
+        env={"NOTIFY_SOCKET": path},
+        auth=dotted("token", **{name: identity(t, **everything) for name, t in tokens.items()}),
+    )
+    assert until_ready(sock) == ["READY=1"]
+    channel = grpc.insecure_channel(daemon.grpc_address)
+    queues = {name: unique_name(name) for name in tokens}
+    streams = {
+        name: StreamHandle(
+            channel,
+            v2_pb2.StreamingPullRequest(queue=queues[name]),
+            metadata=[("authorization", f"Bearer {token}")],
+        )
+        for name, token in tokens.items()
+    }
+    try:
+        for name, token in tokens.items():
+            publish(channel, token, queues[name], b"before")
+            assert [bytes(m.data) for m in streams[name].receive(1)] == [b"before"]
+        config = read_config(daemon)
+        identities = config["auth"]["identities"]
+        del identities["bob"]
+        identities["carol"]["subscribe"] = ["elsewhere.*"]
+        write_config(daemon, config)
+        sighup(daemon, sock)
+        for name, code in (
+            ("bob", grpc.StatusCode.UNAUTHENTICATED),
+            ("carol", grpc.StatusCode.PERMISSION_DENIED),
+        ):
+            with pytest.raises(grpc.RpcError) as ended:
+                streams[name].receive(1)
+            assert cast(grpc.RpcError, ended.value).code() == code
+        publish(channel, ALICE, queues["alice"], b"after")
+        assert [bytes(m.data) for m in streams["alice"].receive(1)] == [b"after"]
+        # bob's held message went back to its queue: alice may read it
+        assert [bytes(m.data) for m in pull(channel, ALICE, queues["bob"], wait=10)] == [b"before"]
+    finally:
+        for stream in streams.values():
+            stream.cancel()
+        channel.close()
+    assert "reload: ended 2 streams" in daemon.log
 
 
 def test_a_broken_config_is_refused_in_one_line_and_the_running_one_serves(

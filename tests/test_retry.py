@@ -71,6 +71,11 @@ async def test_non_transient_error_is_raised_at_once(
 def test_redact_hides_password_only() -> None:
     assert redact("amqp://guest:secret@host:5672/vh") == "amqp://guest:***@host:5672/vh"
     assert redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    # asyncpg and redis-py also take a password in the query
+    assert (
+        redact("postgresql://bus@db/bus?password=S3CRET&sslmode=verify-full&sslpassword=K")
+        == "postgresql://bus@db/bus?password=***&sslmode=verify-full&sslpassword=***"
+    )
 
 
 def test_describe() -> None:

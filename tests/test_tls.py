@@ -10,9 +10,9 @@ import hashlib
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -43,6 +43,16 @@ BILLING = {
     "publish": ["billing.*"],
     "subscribe": ["billing.*"],
 }
+
+
+T = TypeVar("T")
+
+
+def run_plain(coroutine: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run() on a plain asyncio loop: once trio-asyncio is imported (other tests of the
+    run do), asyncio.run() would start its loop, on which grpclib's server finds no event loop."""
+    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+        return runner.run(coroutine)
 
 
 @pytest.fixture
@@ -83,6 +93,8 @@ def test_client_certificates_asked_as_the_mode_says(
     context = server_context(tls_config(server_cert, ca if with_ca else None), mode)
     assert context.verify_mode == wanted
     assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+    # No resumption: a resumed session skips the client certificate check after a reload.
+    assert context.options & ssl.OP_NO_TICKET and context.num_tickets == 0
     # Only the configured CA vouches for clients, never the system's store.
     assert [c["subject"] for c in context.get_ca_certs()] == (
         [((("commonName", "bus CA"),),)] if with_ca else []
@@ -215,7 +227,7 @@ def test_reload_renews_the_certificate_for_new_connections(tmp_path: Path) -> No
             server.close()
             await server.wait_closed()
 
-    asyncio.run(scenario())
+    run_plain(scenario())
 
 
 def test_reload_with_broken_files_keeps_the_running_context(tmp_path: Path) -> None:
@@ -235,7 +247,7 @@ def test_reload_with_broken_files_keeps_the_running_context(tmp_path: Path) -> N
             server.close()
             await server.wait_closed()
 
-    asyncio.run(scenario())
+    run_plain(scenario())
 
 
 def test_reload_changes_the_client_ca_and_whether_a_certificate_is_required(
@@ -263,7 +275,7 @@ def test_reload_changes_the_client_ca_and_whether_a_certificate_is_required(
             grpc_server.close()
             await grpc_server.wait_closed()
 
-    asyncio.run(scenario())
+    run_plain(scenario())
 
 
 # Real daemons
@@ -404,15 +416,15 @@ async def grpclib_calls(port: int, ca: Issued, client: Issued | None, queue: str
 
 def test_mtls_with_grpclib(mtls_daemon: Any, pki: dict[str, Issued]) -> None:
     port, ca, queue = mtls_daemon.grpc_port, pki["ca"], unique_name("orders.grpclib")
-    assert asyncio.run(grpclib_calls(port, ca, pki["orders"], queue)) == [b"grpclib"]
-    denied = asyncio.run(grpclib_calls(port, ca, pki["orders"], "audit"))
+    assert run_plain(grpclib_calls(port, ca, pki["orders"], queue)) == [b"grpclib"]
+    denied = run_plain(grpclib_calls(port, ca, pki["orders"], "audit"))
     assert isinstance(denied, GRPCError) and denied.status == Status.PERMISSION_DENIED
     for refused_cert in (None, pki["expired"], pki["foreign"]):
         # TLS 1.3: the client's handshake is over when the server refuses its certificate.
-        outcome = asyncio.run(grpclib_calls(port, ca, refused_cert, queue))
+        outcome = run_plain(grpclib_calls(port, ca, refused_cert, queue))
         assert isinstance(outcome, (ssl.SSLError, StreamTerminatedError)), refused_cert
     # The server's certificate is checked too: a client trusting another CA goes no further.
-    outcome = asyncio.run(grpclib_calls(port, make_ca(ca.directory / "x", "x"), None, queue))
+    outcome = run_plain(grpclib_calls(port, make_ca(ca.directory / "x", "x"), None, queue))
     assert isinstance(outcome, ssl.SSLCertVerificationError)
 
 

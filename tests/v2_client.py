@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -71,7 +71,12 @@ class V2Client:
 class StreamHandle:
     """One StreamingPull: requests go through a queue; responses are read by a thread."""
 
-    def __init__(self, channel: grpc.Channel, first: v2_pb2.StreamingPullRequest) -> None:
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        first: v2_pb2.StreamingPullRequest,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> None:
         self._requests: queue.Queue[v2_pb2.StreamingPullRequest | None] = queue.Queue()
         self._requests.put(first)
         call = channel.stream_stream(
@@ -79,7 +84,7 @@ class StreamHandle:
             request_serializer=v2_pb2.StreamingPullRequest.SerializeToString,
             response_deserializer=v2_pb2.StreamingPullResponse.FromString,
         )
-        self.call = call(self._iterate())
+        self.call = call(self._iterate(), metadata=metadata)
         self.responses: queue.Queue[v2_pb2.StreamingPullResponse | Exception] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -187,6 +187,7 @@ class SubscriberService(v2_grpc.SubscriberBase):
                 self._send_deliveries(stream, session),
                 session.expire(),
                 _unavailable_when(session.closed()),
+                session.revoked(),
                 self._until_draining(),
             )
         finally:
@@ -209,6 +210,7 @@ class SubscriberService(v2_grpc.SubscriberBase):
         queue = await self._subs.queue_of(first.queue, first.topic)
         deadline = self._subs.ack_deadline(first.ack_deadline_seconds, queue)
         session = StreamSession(queue, deadline, self._subs.redelivery, self._subs.metrics)
+        session.topic, session.identity = first.topic, caller().name
         await session.open(self._subs.broker, outstanding)
         return session
 
@@ -286,8 +288,8 @@ class SubscriberService(v2_grpc.SubscriberBase):
         records: list[str] = []
         for ack_id in ack_ids:
             owner = self._subs.streams.owner(ack_id) if is_stream_ack_id(ack_id) else None
-            if owner is not None and not caller().may(Permission.SUBSCRIBE, owner.queue):
-                invalid.append(ack_id)  # never tells which queue the id belongs to
+            if owner is not None and owner.identity != caller().name:
+                invalid.append(ack_id)  # only the identity that opened the stream settles it
             elif owner is not None:
                 by_stream.setdefault(owner, []).append(ack_id)
             elif is_stream_ack_id(ack_id):

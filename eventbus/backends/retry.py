@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import trio
 
@@ -83,10 +83,18 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+SECRET_PARAMETERS = {"password", "sslpassword"}  # asyncpg and redis-py take them in the query
+
+
 def redact(url: str) -> str:
-    """The URL without its password, fit for logs and error lines."""
+    """The URL without its password (in the address or the query), fit for logs and error
+    lines."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    if parts.password is not None:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        parts = parts._replace(netloc=netloc)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    if any(k.lower() in SECRET_PARAMETERS for k, _ in pairs):
+        hidden = [(k, "***" if k.lower() in SECRET_PARAMETERS else v) for k, v in pairs]
+        parts = parts._replace(query=urlencode(hidden, safe="/*"))
+    return urlunsplit(parts)

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -31,7 +31,7 @@ import aiormq.abc
 
 from ..backends.broker import BROKER_ERRORS, CALL_TIMEOUT, Broker, check_channel_count
 from ..backends.retry import describe
-from ..errors import ResourceExhausted, Unavailable
+from ..errors import CallError, ResourceExhausted, Unavailable
 from ..ops.metrics import Metrics
 from .envelope import Envelope
 from .redelivery import Failure, Redelivery
@@ -100,6 +100,17 @@ class Streams:
     def remove(self, session: StreamSession) -> None:
         self._open.pop(session.token, None)
 
+    def revoke(self, refusal: Callable[[StreamSession], CallError | None]) -> int:
+        """End every open stream for which refusal gives an error (its identity was removed,
+        or may no longer read its queue): the error is the stream's status. Returns how many."""
+        ended = 0
+        for session in list(self._open.values()):
+            error = refusal(session)
+            if error is not None:
+                session.revoke(error)
+                ended += 1
+        return ended
+
     def owner(self, ack_id: str) -> StreamSession | None:
         token, _, _ = ack_id.partition(".")
         return self._open.get(token)
@@ -128,6 +139,8 @@ class StreamSession:
         metrics: Metrics,
     ) -> None:
         self.queue = queue
+        self.topic = ""  # the topic its group queue is bound to, if any
+        self.identity = ""  # the name of the identity that opened it
         self.token = secrets.token_hex(8)
         self.ack_deadline = ack_deadline
         self.leases: dict[int, Lease] = {}
@@ -141,6 +154,7 @@ class StreamSession:
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._amqp: aiormq.Channel | None = None
         self._cancelled = asyncio.get_running_loop().create_future()
+        self._revoked: asyncio.Future[CallError] = asyncio.get_running_loop().create_future()
         self._closing: asyncio.Future[None] | None = None
 
     async def open(self, broker: Broker, max_outstanding: int) -> None:
@@ -177,6 +191,18 @@ class StreamSession:
 
     def _close_soon(self, _opening: asyncio.Future[None]) -> None:
         self._closing = self._closing or asyncio.ensure_future(self._close())
+
+    def revoke(self, error: CallError) -> None:
+        """End the stream with error (from either side of the seam: it only queues a callback)."""
+        self._revoked.get_loop().call_soon(self._revoke_now, error)
+
+    def _revoke_now(self, error: CallError) -> None:
+        if not self._revoked.done():
+            self._revoked.set_result(error)
+
+    async def revoked(self) -> None:
+        """Raise the error the stream was revoked with, once it is."""
+        raise await asyncio.shield(self._revoked)
 
     async def closed(self) -> str:
         """Wait until RabbitMQ closes the channel (or its connection) or cancels the consumer

@@ -27,7 +27,7 @@ from ..config import (
     parse_subject,
     subject_key,
 )
-from ..errors import PermissionDenied, Unauthenticated
+from ..errors import CallError, PermissionDenied, Unauthenticated
 
 BEARER = "bearer "
 MAX_TOKEN_BYTES = 4096  # longer authorization values are refused before any hashing
@@ -113,9 +113,19 @@ def require(permission: Permission, name: str = "") -> Identity:
     if permission is Permission.ADMIN:
         raise PermissionDenied(f"identity {identity.name!r} lacks the admin permission")
     raise PermissionDenied(
-        f"identity {identity.name!r} may not {permission.value} {name!r} "
+        f"identity {identity.name!r} may not {permission.value} {_shown(name)} "
         f"(auth.identities.{identity.name}.{permission.value})"
     )
+
+
+SHOWN_NAME = 64  # characters of a refused name repeated in the answer and the log
+
+
+def _shown(name: str) -> str:
+    """A name as a refusal repeats it: checked before validation, it may be any length."""
+    if len(name) <= SHOWN_NAME:
+        return repr(name)
+    return f"{name[:SHOWN_NAME]!r}... ({len(name)} characters)"
 
 
 class Access:
@@ -139,6 +149,21 @@ class Access:
     @property
     def enabled(self) -> bool:
         return self.mode != "off"
+
+    def refusal(self, name: str, queue: str, topic: str = "") -> CallError | None:
+        """Why the identity named name may no longer read queue (bound to topic), if it may
+        not: what a reload does to a stream opened before it."""
+        if not self.enabled:
+            return None
+        identity = self.identities.get(name)
+        if identity is None:
+            return Unauthenticated(f"identity {name!r} was removed by a reload")
+        for target in (queue, topic):
+            if target and not identity.may(Permission.SUBSCRIBE, target):
+                return PermissionDenied(
+                    f"identity {name!r} may no longer subscribe to {target[:64]!r} (reload)"
+                )
+        return None
 
     def authenticate(
         self, metadata: Mapping[str, Any], certificate: dict[str, Any] | None

@@ -37,6 +37,10 @@ def server_context(tls: TlsConfig, auth_mode: str) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(ALPN)
+    # No session resumption: a resumed session skips the client certificate check, so one
+    # from before a reload would outlive a client CA or certificate taken away by it.
+    context.options |= ssl.OP_NO_TICKET
+    context.num_tickets = 0
     _load_chain(context, tls)
     if tls.client_ca_file:
         _load_client_ca(context, tls.client_ca_file)
