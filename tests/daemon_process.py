@@ -35,6 +35,16 @@ def to_toml(sections: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def auth_table(mode: str, **identities: dict[str, Any]) -> dict[str, Any]:
+    """An [auth] section for DaemonProcess, [auth.identities.NAME] as dotted keys (an _ in a
+    keyword's NAME stands for -)."""
+    table: dict[str, Any] = {"mode": mode}
+    for name, keys in identities.items():
+        for key, value in keys.items():
+            table[f"identities.{name.replace('_', '-')}.{key}"] = value
+    return table
+
+
 class DaemonProcess:
     def __init__(
         self,

@@ -45,7 +45,9 @@ from eventbus.jobs.republish import RetryRules
 from eventbus.ops import reload
 from eventbus.ops.notify import Notifier
 from tests.certs import Issued, issue, make_ca
+from tests.daemon_process import auth_table
 from tests.servers import free_port, unique_name
+from tests.test_recorded_retries import AlwaysGranted
 from tests.v2_client import StreamHandle, V2Client, message
 from tests.v2_support import dead_letters, dead_letters_of, quick
 
@@ -133,17 +135,6 @@ def test_policies_are_replaced_in_place_with_their_nack_floor() -> None:
     assert rules.nack_floor == pytest.approx(9.0)  # the republish job claims by the new floor
 
 
-class GrantingLock:
-    def trouble(self) -> str | None:
-        return None
-
-    async def hold(self) -> bool:
-        return True
-
-    async def release(self) -> None:
-        pass
-
-
 async def test_a_cron_interval_changes_while_it_waits(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -152,7 +143,7 @@ async def test_a_cron_interval_changes_while_it_waits(
     async def job() -> None:
         runs.append(trio.current_time())
 
-    cron = Cron("job", job, cast(RedisLock, GrantingLock()), 100.0, 30.0)
+    cron = Cron("job", job, cast(RedisLock, AlwaysGranted()), 100.0, 30.0)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(cron.run)
         await trio.sleep(5)
@@ -255,15 +246,6 @@ def identity(token: str, **keys: Any) -> dict[str, Any]:
     return {"token_sha256": hashed(token), **keys}
 
 
-def dotted(mode: str, **identities: dict[str, Any]) -> dict[str, Any]:
-    """An [auth] table for DaemonProcess, [auth.identities.NAME] as dotted keys."""
-    table: dict[str, Any] = {"mode": mode}
-    for name, keys in identities.items():
-        for key, value in keys.items():
-            table[f"identities.{name}.{key}"] = value
-    return table
-
-
 def call(
     channel: grpc.Channel, method: str, request: Any, reply: Any, token: str, timeout: float = 10
 ) -> Any:
@@ -337,7 +319,9 @@ def test_a_reload_under_traffic_revokes_a_token_and_admits_a_new_identity(
     everything = {"publish": ["*"], "subscribe": ["*"]}
     daemon = make_daemon(
         env={"NOTIFY_SOCKET": path},
-        auth=dotted("token", alice=identity(ALICE, **everything), bob=identity(BOB, **everything)),
+        auth=auth_table(
+            "token", alice=identity(ALICE, **everything), bob=identity(BOB, **everything)
+        ),
     )
     assert until_ready(sock) == ["READY=1"]
     bob = grpc.insecure_channel(daemon.grpc_address)
@@ -402,7 +386,7 @@ def test_a_reload_ends_the_streams_of_identities_removed_or_no_longer_allowed(
     tokens = {"alice": ALICE, "bob": BOB, "carol": CAROL}
     daemon = make_daemon(
         env={"NOTIFY_SOCKET": path},
-        auth=dotted("token", **{name: identity(t, **everything) for name, t in tokens.items()}),
+        auth=auth_table("token", **{name: identity(t, **everything) for name, t in tokens.items()}),
     )
     assert until_ready(sock) == ["READY=1"]
     channel = grpc.insecure_channel(daemon.grpc_address)
@@ -448,7 +432,7 @@ def test_a_broken_config_is_refused_in_one_line_and_the_running_one_serves(
 ) -> None:
     sock, path = notify
     daemon = make_daemon(
-        env={"NOTIFY_SOCKET": path}, auth=dotted("token", alice=identity(ALICE, publish=["*"]))
+        env={"NOTIFY_SOCKET": path}, auth=auth_table("token", alice=identity(ALICE, publish=["*"]))
     )
     until_ready(sock)
     channel = grpc.insecure_channel(daemon.grpc_address)

@@ -31,7 +31,7 @@ from eventbus.config import TlsConfig
 from eventbus.security.tls import ServerTls, TlsError, server_context
 from tests.bus_client import BusClient
 from tests.certs import Issued, issue, make_ca
-from tests.daemon_process import to_toml
+from tests.daemon_process import auth_table, to_toml
 from tests.servers import free_port, unique_name
 from tests.v2_client import V2Client, message
 
@@ -281,15 +281,6 @@ def test_reload_changes_the_client_ca_and_whether_a_certificate_is_required(
 # Real daemons
 
 
-def auth(mode: str, **identities: dict[str, Any]) -> dict[str, Any]:
-    """An [auth] table with [auth.identities.NAME] as dotted keys (NAME: _ for -)."""
-    table: dict[str, Any] = {"mode": mode}
-    for name, keys in identities.items():
-        for key, value in keys.items():
-            table[f"identities.{name.replace('_', '-')}.{key}"] = value
-    return table
-
-
 def secure_v2(
     address: str, ca: Issued, client: Issued | None = None, token: str | None = None
 ) -> V2Client:
@@ -345,7 +336,7 @@ def started(make_daemon: Any, pki: dict[str, Issued], mode: str, **identities: A
         "key_file": str(pki["server"].key_file),
         "client_ca_file": str(pki["ca"].cert_file),
     }
-    daemon = make_daemon(tls=tls, auth=auth(mode, **identities))
+    daemon = make_daemon(tls=tls, auth=auth_table(mode, **identities))
     daemon.wait_ready()
     return daemon
 
