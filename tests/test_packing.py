@@ -225,6 +225,7 @@ class BulkChannel:
     """An aiormq channel as bulk.send uses it; what reaches its write queue can be read."""
 
     number = 1
+    publisher_confirms = True
 
     def __init__(self) -> None:
         self.delivery_tag = 0
@@ -232,6 +233,14 @@ class BulkChannel:
         self.message_id_delivery_tag: dict[str, int] = {}
         self.write_queue: asyncio.Queue[Any] = asyncio.Queue()
         self._lock = asyncio.Lock()
+        self.loop = asyncio.get_running_loop()
+        self.closing: asyncio.Future[None] = self.loop.create_future()  # never closes
+
+    async def _on_confirm_frame(self, frame: Any) -> None:  # replaced by bulk.Confirms
+        raise AssertionError("aiormq's confirm handler was left in place")
+
+    def _confirm_delivery(self, tag: int, frame: Any) -> None:
+        self.confirmations.pop(tag).set_result(frame)
 
     @property
     def lock(self) -> asyncio.Lock:
