@@ -279,6 +279,27 @@ async def paced(
     return count * batch / took
 
 
+@contextlib.asynccontextmanager
+async def acking(
+    channel: aio_pika.abc.AbstractChannel, queue: str, prefetch: int
+) -> AsyncIterator[Tally]:
+    """aio-pika consuming queue on channel (prefetch as given) for the duration, acking each
+    message as it comes; the Tally counts the acks."""
+    await channel.set_qos(prefetch_count=prefetch)
+    acked = Tally()
+
+    async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        await message.ack()
+        acked.add(1)
+
+    consumed = await channel.get_queue(queue)
+    tag = await consumed.consume(on_message)
+    try:
+        yield acked
+    finally:
+        await consumed.cancel(tag)
+
+
 async def delete_queue(url: str, name: str) -> None:
     """Remove a queue a measurement filled (its messages would slow the next one down)."""
     connection = await aio_pika.connect(url)

@@ -53,6 +53,7 @@ from bench.v2_common import (
     Backends,
     Bus,
     Tally,
+    acking,
     arguments,
     backends,
     body,
@@ -268,20 +269,10 @@ async def aio_pika_rate(url: str, count: int) -> float:
         channel = await connection.channel(publisher_confirms=True)
         queue = await channel.declare_queue("bench-raw-modes", durable=True)
         await aio_pika_fill(channel, queue.name, count)
-        consumer = await connection.channel()
-        await consumer.set_qos(prefetch_count=OUTSTANDING)
-        acked = Tally()
-
-        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            await message.ack()
-            acked.add(1)
-
         started = time.monotonic()
-        consumed = await consumer.get_queue(queue.name)
-        tag = await consumed.consume(on_message)
-        async with asyncio.timeout(DRAIN_TIMEOUT):
-            await acked.reaches(count)
-        await consumed.cancel(tag)
+        async with acking(await connection.channel(), queue.name, OUTSTANDING) as acked:
+            async with asyncio.timeout(DRAIN_TIMEOUT):
+                await acked.reaches(count)
         await queue.delete(if_unused=False, if_empty=False)
     return count / (acked.last - started)
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_direct import publish_for
 from bench.v2_common import (
-    Tally,
+    acking,
     arguments,
     backends,
     daemon,
@@ -73,21 +73,11 @@ async def aio_pika_rate(url: str, seconds: float) -> float:
     async with publishing, consuming:
         channel = await publishing.channel(publisher_confirms=True)
         queue = await channel.declare_queue("bench-raw-stream", durable=True)
-        consumer = await consuming.channel()
-        await consumer.set_qos(prefetch_count=OUTSTANDING)
-        acked = Tally()
-
-        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            await message.ack()
-            acked.add(1)
-
         started = time.monotonic()
-        consumed = await consumer.get_queue(queue.name)
-        tag = await consumed.consume(on_message)
-        published, _ = await publish_for(channel, queue.name, seconds, BASELINE_IN_FLIGHT)
-        async with asyncio.timeout(DRAIN_TIMEOUT):
-            await acked.reaches(published)
-        await consumed.cancel(tag)
+        async with acking(await consuming.channel(), queue.name, OUTSTANDING) as acked:
+            published, _ = await publish_for(channel, queue.name, seconds, BASELINE_IN_FLIGHT)
+            async with asyncio.timeout(DRAIN_TIMEOUT):
+                await acked.reaches(published)
         await queue.delete(if_unused=False, if_empty=False)
     return published / (acked.last - started)
 
