@@ -10,7 +10,6 @@ import time
 from typing import Any
 
 import grpc
-import pytest
 
 from eventbus._generated import v2_pb2
 from tests.servers import unique_name
@@ -130,11 +129,6 @@ def test_past_the_dedup_window_the_id_is_stored_again(make_daemon: Any) -> None:
     v2.close()
 
 
-@pytest.mark.xfail(
-    reason="dedup.py RESERVE takes over a reservation that is not yet marked stored (ON "
-    "CONFLICT ... WHERE NOT d.stored): concurrent publishes of one dedup_id all publish",
-    strict=True,
-)
 def test_the_same_dedup_id_published_at_once_by_many_callers_is_stored_once(
     daemon: Any, v2: V2Client
 ) -> None:

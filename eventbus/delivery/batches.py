@@ -49,6 +49,8 @@ class BatchPublishing:
         self._count(stored)
         failed = [(m, o) for m, o in zip(fresh, outcomes, strict=True) if o.status != "confirmed"]
         if failed:
+            # One whose confirm is still pending may yet be stored: its reservation stays.
+            await self._dedup.release([m for m, o in failed if o.pending is None])
             raise _failure(failed, len(batch))
         return batch
 

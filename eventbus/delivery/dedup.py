@@ -2,9 +2,12 @@
 delivery.dedup_window_seconds is not stored again; the caller learns the first message's id.
 
 The ids live in PostgreSQL, so they hold across nodes and restarts. A batch reserves its ids in
-one statement before publishing (ON CONFLICT takes over an expired row, or one whose message was
-never confirmed) and marks the confirmed ones stored in a second. Only a publish that carries
-dedup ids waits on PostgreSQL; without it such a publish is UNAVAILABLE.
+one statement before publishing and marks the confirmed ones stored in a second; those that
+surely did not go (refused, or never sent) it releases. An id reserved by another call and not
+yet stored is UNAVAILABLE (retry: by then it is stored, a duplicate, or released): concurrent
+publishes of one id store it once. A reservation neither stored nor released within
+RESERVATION_SECONDS (its call died, or its confirm never came) is taken over. Only a publish
+that carries dedup ids waits on PostgreSQL; without it such a publish is UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from ..backends import aio
 from ..backends.retry import describe
 from ..backends.store import Queries
 from ..errors import Unavailable
-from .outbound import Prepared
+from .outbound import MAX_BATCH, Prepared
+from .publisher import bulk_deadline
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +33,7 @@ T = TypeVar("T")
 
 FORGET_EVERY = 60.0  # seconds between deletions of expired ids
 TIMEOUT = 5.0  # one statement; a silent PostgreSQL must not hold the call longer
+RESERVATION_SECONDS = bulk_deadline(MAX_BATCH) + 10  # past any call's publishing deadline
 
 RESERVE = """
 WITH input AS (
@@ -39,11 +44,12 @@ WITH input AS (
     ON CONFLICT (scope, dedup_id) DO UPDATE
         SET message_id = CASE WHEN d.stored THEN EXCLUDED.message_id ELSE d.message_id END,
             created_at = now(), stored = false
-        WHERE NOT d.stored OR d.created_at < now() - make_interval(secs => $4)
+        WHERE d.created_at < now() - make_interval(secs => $4)
+           OR (NOT d.stored AND d.created_at < now() - make_interval(secs => $5))
     RETURNING d.scope, d.dedup_id, d.message_id
 )
 SELECT i.scope, i.dedup_id, coalesce(r.message_id, d.message_id) AS message_id,
-       r.message_id IS NULL AS duplicate
+       r.message_id IS NULL AS duplicate, coalesce(d.stored, false) AS stored
 FROM input i
 LEFT JOIN reserved r USING (scope, dedup_id)
 LEFT JOIN dedup d USING (scope, dedup_id)
@@ -53,6 +59,13 @@ MARK_STORED = """
 UPDATE dedup SET stored = true
 FROM unnest($1::text[], $2::text[], $3::uuid[]) AS s(scope, dedup_id, message_id)
 WHERE dedup.scope = s.scope AND dedup.dedup_id = s.dedup_id AND dedup.message_id = s.message_id
+"""
+
+RELEASE = """
+DELETE FROM dedup
+USING unnest($1::text[], $2::text[], $3::uuid[]) AS s(scope, dedup_id, message_id)
+WHERE dedup.scope = s.scope AND dedup.dedup_id = s.dedup_id AND dedup.message_id = s.message_id
+  AND NOT dedup.stored
 """
 
 FORGET_EXPIRED = """
@@ -85,13 +98,13 @@ class Dedup:
     async def _reserve(self, unique: list[Prepared], batch: Sequence[Prepared]) -> None:
         rows = await _bounded(
             "reserving dedup ids",
-            self._queries.fetch(RESERVE, *_keys(unique), self.window),
+            self._queries.fetch(RESERVE, *_keys(unique), self.window, RESERVATION_SECONDS),
         )
         found = {(r["scope"], r["dedup_id"]): r for r in rows}
-        if any(r["message_id"] is None for r in rows):
-            # Another call stored the id after this statement's snapshot: its outcome is not
-            # visible here yet.
-            raise Unavailable("a dedup_id of this batch was being stored by another call; retry")
+        # None: another call reserved the id after this statement's snapshot; a duplicate not
+        # stored: another call is publishing it now. Either way its outcome is not known yet.
+        if any(r["message_id"] is None or (r["duplicate"] and not r["stored"]) for r in rows):
+            raise Unavailable("a dedup_id of this batch is being stored by another call; retry")
         for message in batch:
             row = found.get((message.scope, message.dedup_id))
             if row is not None:
@@ -108,6 +121,17 @@ class Dedup:
             await _bounded(
                 "marking dedup ids stored", self._queries.execute(MARK_STORED, *_keys(unique))
             )
+        except Unavailable as error:
+            logger.warning("dedup: %s", error.message)
+
+    async def release(self, unsent: Sequence[Prepared]) -> None:
+        """Give up the reservations of messages that surely were not stored, so a retry
+        publishes at once; a failure is logged (they are taken over after RESERVATION_SECONDS)."""
+        unique = [m for m in unsent if m.dedup_id and not m.duplicate]
+        if not unique:
+            return
+        try:
+            await _bounded("releasing dedup ids", self._queries.execute(RELEASE, *_keys(unique)))
         except Unavailable as error:
             logger.warning("dedup: %s", error.message)
 
