@@ -23,7 +23,7 @@ from ..errors import Unavailable
 from ..jobs import admin
 from ..jobs.deadletters import DeadLetter
 from ..jobs.delay import Pending
-from ..security.access import Permission, require
+from ..security.access import SHOWN_NAME, Permission, require
 from .rpc import Gate
 
 ACTIONS = {"RequeueDeadLetters", "CancelDelayed", "PurgeQueue"}  # what changes something: logged
@@ -32,9 +32,13 @@ Reply = TypeVar("Reply")
 
 
 def _target_of(request: Any) -> str:
-    """What an admin action acts on, for its log line."""
+    """What an admin action acts on, for its log line (and its rate limit's kind): a name
+    checked only later, so cut short like a refusal's."""
     ids = getattr(request, "message_ids", ())
-    what = getattr(request, "queue", "") or "every queue"
+    queue = getattr(request, "queue", "")
+    if len(queue) > SHOWN_NAME:
+        queue = f"{queue[:SHOWN_NAME]}... ({len(queue)} characters)"
+    what = queue or "every queue"
     return f"{what} ({len(ids)} message ids)" if ids else what
 
 
