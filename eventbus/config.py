@@ -66,6 +66,12 @@ BOOL = Rule(bool, "true or false")
 PORT = _int(1, 65535)
 URL = _text(r"\S+://\S+", "a URL")
 SECRET_PATH = Rule(str, "a path to a file holding the value, or empty")
+AMQP_URL = re.compile(r"amqps?://\S+")
+AMQP_URLS = Rule(
+    list,
+    "a list of amqp:// URLs (at most 16)",
+    lambda v: len(v) <= 16 and all(isinstance(u, str) and AMQP_URL.fullmatch(u) for u in v),
+)
 
 
 @dataclass(frozen=True)
@@ -99,10 +105,16 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class AmqpConfig:
+    """The broker (or brokers: urls, tried in url_order, then the next on losing one) and how
+    the bus uses it."""
+
     url: str = _setting(
-        "amqp://guest:guest@127.0.0.1:5672/", _text(r"amqps?://\S+", "an amqp:// URL")
+        "amqp://guest:guest@127.0.0.1:5672/", _text(AMQP_URL.pattern, "an amqp:// URL")
     )
-    url_file: str = _setting("", SECRET_PATH)
+    urls: tuple[str, ...] = _setting((), AMQP_URLS)  # set: replaces url
+    url_file: str = _setting("", SECRET_PATH)  # one URL a line: several make urls
+    url_order: str = _setting("in_order", _one_of("in_order", "shuffled"))
+    queue_type: str = _setting("classic", _one_of("classic", "quorum"))
     namespace: str = _setting(
         "event_bus",
         _text(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", "a name of 1-64 of A-Z a-z 0-9 _ . -"),
@@ -118,6 +130,11 @@ class AmqpConfig:
     queue_idle_expiry_seconds: int = _setting(0, _int(0, 365 * 86400))
     max_consumed_queues: int = _setting(200, _int(1, 1000))
     buffer_max_bytes: int = _setting(64 * 1024 * 1024, _int(1024 * 1024, 16 * 1024**3))
+
+    @property
+    def brokers(self) -> tuple[str, ...]:
+        """The broker URLs to try: urls, or url alone."""
+        return self.urls or (self.url,)
 
 
 @dataclass(frozen=True)
@@ -327,6 +344,13 @@ class IdentityConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The HTTP port's optional parts (its address: server.http_host, server.http_port)."""
+
+    ui_enabled: bool = _setting(False, BOOL)  # the admin page at /ui
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = _setting("info", _one_of("debug", "info", "warning", "error"))
     format: str = _setting("text", _one_of("text", "json"))
@@ -342,6 +366,7 @@ class Config:
     cron: CronConfig = CronConfig()
     background: BackgroundConfig = BackgroundConfig()
     log: LogConfig = LogConfig()
+    http: HttpConfig = HttpConfig()
     tls: TlsConfig = TlsConfig()
     auth: AuthConfig = AuthConfig()
     queues: tuple[QueuePolicyConfig, ...] = ()  # in file order: the first matching glob wins
@@ -370,10 +395,13 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
         _check_table(source, name, table)
     queues = _queue_tables(source, raw)
     for var, (section, key, value) in _env_overrides(environ).items():
+        if (section, key) in BROKER_KEYS:  # the one set in the environment wins over the file's
+            sections[section].pop(BROKER_KEYS[section, key], None)
         sections[section][key] = value
         _check_value(var, section, key, value)
     credentials = environ.get(CREDENTIALS_DIRECTORY, "")
     _read_secrets(source, sections, credentials)
+    _check_brokers(source, sections["amqp"])
     config = Config(**{name: SECTIONS[name](**table) for name, table in sections.items()})
     _check_channel_budget(source, config.amqp, config.server.max_streaming_pulls)
     config = dataclasses.replace(
@@ -447,9 +475,12 @@ def _read_secrets(source: str, sections: dict[str, dict[str, Any]], credentials:
         where = f"{source}: {section}.{key}_file"
         try:
             with open(_in_credentials(path, credentials), encoding="utf-8") as file:
-                value = file.read().strip()
+                text = file.read().strip()
         except (OSError, UnicodeDecodeError) as error:
             raise ConfigError(f"{where}: cannot read {path}: {error}") from None
+        value: str | list[str] = text
+        if section == "amqp" and len(text.split()) > 1:
+            key, value = "urls", text.split()  # one broker URL a line
         rule = _rules(section)[key]
         if not rule.check(value):
             raise ConfigError(f"{where}: the file must hold {rule.expected}")
@@ -496,6 +527,20 @@ def _check_security(source: str, config: Config) -> None:
 
 
 CHANNEL_BUDGET = 1800  # of RabbitMQ's default channel_max 2047; the rest is the bus's own
+
+
+BROKER_KEYS = {("amqp", "url"): "urls", ("amqp", "urls"): "url"}  # each replaces the other
+
+
+def _check_brokers(source: str, amqp: dict[str, Any]) -> None:
+    """amqp.url or amqp.urls, not both; urls kept as a tuple."""
+    if "urls" not in amqp:
+        return
+    if not amqp["urls"]:
+        raise ConfigError(f"{source}: amqp.urls: expected at least one amqp:// URL, got []")
+    if "url" in amqp:
+        raise ConfigError(f"{source}: amqp.urls: set amqp.url or amqp.urls, not both")
+    amqp["urls"] = tuple(amqp["urls"])
 
 
 def _check_channel_budget(source: str, amqp: AmqpConfig, streams: int) -> None:
@@ -621,7 +666,7 @@ def _check_value(
 
 # Keys whose refused value is not repeated in the error line (it goes to logs): a token pasted
 # where its hash belongs, URLs and DSNs with passwords.
-SECRET_KEYS = {"token_sha256", "url", "dsn"}
+SECRET_KEYS = {"token_sha256", "url", "urls", "dsn"}
 
 
 def _shape(value: Any) -> str:
@@ -666,7 +711,12 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, tuple[str, str, Any]
 
 def _parse_env(text: str, kind: type) -> Any:
     """Turn an environment string into the key's type; leave it a string when it does not parse."""
-    parsers: dict[type, Callable[[str], Any]] = {int: int, float: float, bool: _parse_bool}
+    parsers: dict[type, Callable[[str], Any]] = {
+        int: int,
+        float: float,
+        bool: _parse_bool,
+        list: lambda text: text.replace(",", " ").split(),  # several URLs: "amqp://a amqp://b"
+    }
     try:
         return parsers.get(kind, str)(text.strip() if kind is not str else text)
     except ValueError:

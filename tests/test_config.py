@@ -207,3 +207,49 @@ def test_consumers_publishing_channels_and_streams_must_fit_one_connection(tmp_p
         "amqp.publish_channels and server.max_streaming_pulls, must be at most 1800 channels, "
         "got 300 x 5 + 10 + 291"
     )
+
+
+def test_several_brokers_replace_the_one_url(tmp_path: Path) -> None:
+    urls = ["amqp://guest:guest@h1:5672/", "amqps://guest:guest@h2:5671/"]
+    config = load(write(tmp_path, f"[amqp]\nurls = {urls!r}\nurl_order = 'shuffled'\n"), {})
+    assert config.amqp.brokers == tuple(urls)
+    assert config.amqp.url_order == "shuffled"
+    assert load(write(tmp_path, ""), {}).amqp.brokers == ("amqp://guest:guest@127.0.0.1:5672/",)
+
+
+def test_broker_urls_from_the_environment_replace_the_files_url(tmp_path: Path) -> None:
+    environ = {"EVENTBUS_AMQP__URLS": "amqp://h1:5672/, amqp://h2:5672/"}
+    config = load(write(tmp_path, "[amqp]\nurl = 'amqp://old:5672/'\n"), environ)
+    assert config.amqp.brokers == ("amqp://h1:5672/", "amqp://h2:5672/")
+    environ = {"EVENTBUS_AMQP__URL": "amqp://one:5672/"}
+    config = load(write(tmp_path, "[amqp]\nurls = ['amqp://h1:5672/']\n"), environ)
+    assert config.amqp.brokers == ("amqp://one:5672/",)
+
+
+def test_a_url_file_of_several_lines_names_several_brokers(tmp_path: Path) -> None:
+    (tmp_path / "brokers").write_text("amqp://u:secret@h1:5672/\namqp://u:secret@h2:5672/\n")
+    config = load(
+        write(tmp_path, "[amqp]\nurl_file = 'brokers'\n"), {"CREDENTIALS_DIRECTORY": str(tmp_path)}
+    )
+    assert config.amqp.brokers == ("amqp://u:secret@h1:5672/", "amqp://u:secret@h2:5672/")
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("[amqp]\nurls = []\n", "amqp.urls: expected at least one amqp:// URL, got []"),
+        ("[amqp]\nurls = ['http://x/']\n", "amqp.urls: expected a list of amqp:// URLs"),
+        ("[amqp]\nurls = 'amqp://x/'\n", "amqp.urls: expected a list of amqp:// URLs"),
+        (
+            "[amqp]\nurls = ['amqp://x/']\nurl = 'amqp://y/'\n",
+            "set amqp.url or amqp.urls, not both",
+        ),
+        ("[amqp]\nurl_order = 'random'\n", "amqp.url_order: expected one of in_order, shuffled"),
+        ("[amqp]\nqueue_type = 'stream'\n", "amqp.queue_type: expected one of classic, quorum"),
+        ("[http]\nui_enabled = 'yes'\n", "http.ui_enabled: expected true or false"),
+    ],
+)
+def test_bad_broker_keys(tmp_path: Path, text: str, line: str) -> None:
+    message = error_of(tmp_path, text)
+    assert line in message
+    assert "http://x/" not in message  # a refused URL may hold a password: never repeated
