@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 CONFIG ?= config.toml
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest services node proto bench clean
+.PHONY: run test lint typecheck pytest services node proto bench clean cluster
 
 run: $(STAMP) services
 	$(BIN)/eventbus serve --config $(CONFIG)
@@ -44,6 +44,11 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	$(BIN)/pytest -q
+
+# make cluster: three RabbitMQ nodes, a PostgreSQL primary and standby, and two daemons on this
+# machine (beside its own servers), until Ctrl-C.
+cluster: $(STAMP)
+	$(BIN)/python scripts/cluster.py run
 
 proto: $(STAMP)
 	$(BIN)/python scripts/generate_protos.py
