@@ -14,9 +14,12 @@ import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 
+from grpclib.const import Status
+
 from tests.cluster.history import OK, History, Message
 
 APIS = ("v1", "v2")
+ALLOWED_STATUSES = {"OK", "UNAVAILABLE", "DEADLINE_EXCEEDED"}
 
 
 @dataclass
@@ -65,6 +68,8 @@ class Report:
     lost_ids: list[str]
     outcomes_in_fault: Counter[str]  # publish answers while a fault was in force
     outage: dict[str, float]  # per API: longest time without a confirmed publish
+    errors: Counter[str]  # every publish error answer of the run, "API ANSWER"
+    wrong: Counter[str]  # of those, statuses an outage must not give (INTERNAL, NOT_FOUND...)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -98,6 +103,8 @@ def check(history: History, title: str) -> Report:
         sorted(lost_ids),
         answers_within(history, window),
         {api: longest_outage(history, api) for api in APIS},
+        error_answers(history),
+        wrong_statuses(history),
     )
 
 
@@ -113,13 +120,39 @@ def inside(when: float, window: tuple[float, float]) -> bool:
 
 
 def answers_within(history: History, window: tuple[float, float] | None) -> Counter[str]:
-    """How the publish attempts made inside window were answered (OK or the error)."""
+    """How the publish attempts made inside window were answered, as "API ANSWER" (OK or the
+    error); a v2 batch counts once per message."""
     answers: Counter[str] = Counter()
     if window is None:
         return answers
     for message in history.messages.values():
-        answers.update(outcome for when, outcome in message.attempts if inside(when, window))
+        answers.update(
+            f"{message.api} {outcome}" for when, outcome in message.attempts if inside(when, window)
+        )
     return answers
+
+
+def error_answers(history: History) -> Counter[str]:
+    """Every publish error answer of the run, as "API ANSWER"."""
+    return Counter(
+        f"{message.api} {outcome}"
+        for message in history.messages.values()
+        for _, outcome in message.attempts
+        if outcome != OK
+    )
+
+
+def wrong_statuses(history: History) -> Counter[str]:
+    """Publish answers with a gRPC status a dependency outage must not give: anything but OK,
+    UNAVAILABLE and DEADLINE_EXCEEDED (INTERNAL and UNKNOWN mean a bug; transport errors of a
+    killed daemon and client timeouts are not statuses and are allowed)."""
+    return Counter(
+        {
+            answer: n
+            for answer, n in error_answers(history).items()
+            if answer.split()[1] in Status.__members__ and answer.split()[1] not in ALLOWED_STATUSES
+        }
+    )
 
 
 def longest_outage(history: History, api: str) -> float:
@@ -170,6 +203,12 @@ def render(report: Report) -> str:
     answers = ", ".join(f"{name} {n}" for name, n in report.outcomes_in_fault.most_common())
     lines.append(f"  unexpected deliveries: {report.unexpected}")
     lines.append(f"  publish answers during the faults: {answers or '-'}")
+    errors = ", ".join(f"{name} {n}" for name, n in report.errors.most_common())
+    lines.append(f"  publish errors of the run: {errors or '-'}")
+    if report.wrong:
+        lines.append(
+            f"  WRONG STATUSES (a bug, or a status outside the contract): {dict(report.wrong)}"
+        )
     outage = ", ".join(f"{api} {seconds:.1f} s" for api, seconds in report.outage.items())
     lines.append(f"  longest time without a confirmed publish: {outage}")
     if report.lost_ids:

@@ -8,6 +8,7 @@ minutes, and print the checker's table of every run, at once (with -s) and again
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,7 +69,21 @@ def start_cluster(queue_type: str, daemons: int = 3) -> Iterator[Cluster]:
     try:
         yield cluster
     finally:
+        keep_logs(cluster)
         cluster.stop()
+
+
+def keep_logs(cluster: Cluster) -> None:
+    """With EVENTBUS_CLUSTER_LOGS=DIR, copy the daemons' logs there before the cluster (and
+    its directory) goes."""
+    target = os.environ.get("EVENTBUS_CLUSTER_LOGS")
+    if not target:
+        return
+    directory = Path(target) / cluster.base.name
+    directory.mkdir(parents=True, exist_ok=True)
+    for index, daemon in enumerate(cluster.daemons, 1):
+        if daemon.log.exists():
+            shutil.copy(daemon.log, directory / f"daemon{index}.log")
 
 
 @pytest.fixture(scope="module")

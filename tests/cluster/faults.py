@@ -3,6 +3,7 @@ workload run with the steps, the checker's report recorded."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 class Run:
     history: History
     report: checker.Report
+    queue_types: dict[str, str]  # each queue of the run: its type in RabbitMQ
 
     def confirmed_after(self, when: float) -> int:
         """Messages first confirmed after when (seconds into the run)."""
@@ -47,6 +49,16 @@ def connected_node(cluster: Cluster) -> RabbitNode:
     return cluster.rabbits[0]
 
 
+def queue_types(cluster: Cluster, queues: Queues) -> dict[str, str]:
+    """The type RabbitMQ gives each of the workload's queues (classic or quorum)."""
+    from scripts.cluster import rabbitmqctl
+
+    node = next(n for n in cluster.rabbits if n.running)
+    listed = rabbitmqctl(node.name, "list_queues", "name", "type", "--formatter", "json")
+    found = {entry["name"]: entry["type"] for entry in json.loads(listed)}
+    return {name: found.get(name, "missing") for name in (queues.v1, queues.v2)}
+
+
 def make_whole(cluster: Cluster) -> None:
     """Every RabbitMQ node running and every daemon ready (what an earlier scenario took down
     is started again)."""
@@ -69,8 +81,10 @@ def run_scenario(cluster: Cluster, name: str, steps: list[Step], shape: Shape | 
         f"load {shape.load_seconds:g} s, publishing ended at {history.publish_ended:.1f} s, "
         f"drained at {history.drain_ended:.1f} s"
     ]
+    types = queue_types(cluster, queues)
+    verdict.notes.append("queue types: " + ", ".join(f"{q} {t}" for q, t in types.items()))
     report.record(verdict)
-    return Run(history, verdict)
+    return Run(history, verdict, types)
 
 
 class Faults:

@@ -17,5 +17,6 @@ def test_kill_connected_rabbitmq_node_classic(classic_cluster: Cluster) -> None:
     faults = Faults(classic_cluster)
     run = run_scenario(classic_cluster, "kill-rabbit", faults.steps_kill_rabbit())
     report = run.report
+    assert set(run.queue_types.values()) == {"classic"}, run.queue_types
     assert report.counts["all"].confirmed > 0, report.table()
     assert report.unexpected == 0, report.table()

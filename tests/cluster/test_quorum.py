@@ -13,10 +13,12 @@ if TYPE_CHECKING:
 
 def assert_nothing_lost(run: Run) -> None:
     report = run.report
+    assert set(run.queue_types.values()) == {"quorum"}, run.queue_types
     assert report.counts["all"].confirmed > 0, report.table()
     assert report.lost == 0, report.table()
     assert report.counts["all"].lost_in_fault == 0, report.table()
     assert report.unexpected == 0, report.table()
+    assert not report.wrong, report.table()
 
 
 def test_kill_connected_rabbitmq_node(quorum_cluster: Cluster) -> None:
