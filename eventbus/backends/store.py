@@ -1,18 +1,29 @@
-"""PostgreSQL: the asyncpg pool behind trio-flavoured calls, each under a deadline."""
+"""PostgreSQL: the asyncpg pool behind trio-flavoured calls, each under a deadline.
+
+postgres.dsn may name several hosts (a primary and its standbys):
+`postgresql://h1:5432,h2:5432/eventbus?target_session_attrs=read-write` (read-write is the default
+for such a DSN). Each new connection tries the hosts in turn, the one that worked last first, and
+keeps the first that takes writes; a broken connection is replaced, at its next use, the same way,
+so after a failover the pool finds whichever host is the primary now. A write refused as
+read-only (a primary turned standby, or fenced) drops the pool's connections and runs again on
+fresh ones. While no host takes writes, calls fail with NoPrimary, an OSError like any outage.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import asyncpg
 import trio
 
 from ..config import PostgresConfig
 from . import aio, migrations
-from .retry import connect_within, redact
+from .retry import connect_within, describe, redact
 
 logger = logging.getLogger(__name__)
 
@@ -20,12 +31,28 @@ T = TypeVar("T")
 
 CALL_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 5.0
+READ_ONLY_TRIES = 3  # a write refused as read-only runs again on fresh connections this often
+PER_HOST_TIMEOUT = 5.0  # connecting to one host of several
+
+
+class NoPrimary(ConnectionError):
+    """None of the DSN's hosts takes writes now: each is down or a standby (a failover is under
+    way). An OSError, so every caller waits and retries as during any outage."""
+
+
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
     asyncpg.ConnectionDoesNotExistError,
+)
+# A host of several that fails so is passed over for the next one.
+NEXT_HOST: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.CannotConnectNowError,  # starting up, shutting down, in recovery without hot_standby
+    asyncpg.TargetServerAttributeNotMatched,  # a standby, when the DSN wants read-write
 )
 
 
@@ -44,23 +71,29 @@ class Store:
     a tighter limit put trio.fail_after around the call.
     """
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, hosts: Hosts | None = None) -> None:
         self._pool = pool
+        self._hosts = hosts
+
+    @property
+    def host(self) -> str | None:
+        """host:port of the pool's newest connection (None: not known)."""
+        return self._hosts.host if self._hosts else None
 
     async def fetch(self, sql: str, *args: Any) -> list[Any]:
         """Rows of a query; waits on the database."""
         with trio.fail_after(CALL_TIMEOUT):
-            return await aio.call(self._pool.fetch, sql, *args)
+            return await aio.call(run_query, self._pool, "fetch", sql, args)
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
         """The first column of the first row of a query; waits on the database."""
         with trio.fail_after(CALL_TIMEOUT):
-            return await aio.call(self._pool.fetchval, sql, *args)
+            return await aio.call(run_query, self._pool, "fetchval", sql, args)
 
     async def execute(self, sql: str, *args: Any) -> str:
         """Run a statement and return its status tag; waits on the database."""
         with trio.fail_after(CALL_TIMEOUT):
-            return await aio.call(self._pool.execute, sql, *args)
+            return await aio.call(run_query, self._pool, "execute", sql, args)
 
     async def transaction(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         """Run work(connection) inside one transaction on one connection, and return its result.
@@ -69,11 +102,11 @@ class Store:
         This call has no deadline of its own: the caller bounds it.
         """
 
-        async def in_transaction() -> T:
-            async with self._pool.acquire() as connection, connection.transaction():
+        async def in_transaction(connection: asyncpg.Connection) -> T:
+            async with connection.transaction():
                 return await work(connection)
 
-        return await aio.call(in_transaction)
+        return await aio.call(on_writable, self._pool, in_transaction)
 
     def asyncio_side(self, timeout: float) -> AsyncioSide:
         """The same pool for code on the asyncio side of the seam, each call under timeout."""
@@ -92,9 +125,7 @@ class Store:
 
 class AsyncioSide:
     """Queries from the asyncio side of the seam (the request path), each under a timeout that
-    includes waiting for a connection of the pool. A query that times out takes its connection
-    down with it: asyncpg would otherwise wait, with no limit, for PostgreSQL to confirm the
-    query's cancellation before the connection goes back to the pool."""
+    includes waiting for a connection of the pool (see on_writable)."""
 
     def __init__(self, pool: asyncpg.Pool, timeout: float) -> None:
         self._pool = pool
@@ -107,29 +138,141 @@ class AsyncioSide:
         return await self._run("execute", sql, args)  # type: ignore[no-any-return]
 
     async def _run(self, method: str, sql: str, args: tuple[Any, ...]) -> Any:
-        async with asyncio.timeout(self._timeout) as deadline:
-            connection = await self._pool.acquire()
+        async with asyncio.timeout(self._timeout):
+            return await run_query(self._pool, method, sql, args)
+
+
+async def run_query(pool: asyncpg.Pool, method: str, sql: str, args: tuple[Any, ...]) -> Any:
+    """(asyncio side) connection.<method>(sql, *args) on a connection of pool that takes writes."""
+    return await on_writable(pool, lambda connection: getattr(connection, method)(sql, *args))
+
+
+async def on_writable(pool: asyncpg.Pool, use: Callable[[Any], Awaitable[T]]) -> T:
+    """(asyncio side) use(connection) on a connection of pool; waits on acquiring it and on use.
+
+    A connection that turns out read-only (its host is, or has become, a standby) is dropped, with
+    every other connection of the pool, and use runs again on a fresh one, up to READ_ONLY_TRIES
+    times. A call cancelled or timed out takes its connection down with it: asyncpg would
+    otherwise wait, with no limit, for PostgreSQL to confirm the query's cancellation before the
+    connection goes back to the pool. NoPrimary when no host takes writes.
+    """
+    for attempt in range(1, READ_ONLY_TRIES + 1):
+        connection = await _acquire(pool)
         try:
-            left = max(0.001, deadline.when() - asyncio.get_running_loop().time())  # type: ignore[operator]
-            async with asyncio.timeout(left):
-                return await getattr(connection, method)(sql, *args)
+            return await use(connection)
+        except asyncpg.ReadOnlySQLTransactionError:
+            if attempt == READ_ONLY_TRIES:
+                raise
+            logger.warning(
+                "PostgreSQL: %s is read-only (a standby, or fenced); reconnecting",
+                host_of(connection),
+            )
+            connection.terminate()
+            await pool.expire_connections()
         except (TimeoutError, asyncio.CancelledError):
             connection.terminate()
             raise
         finally:
-            await self._pool.release(connection)
+            await pool.release(connection)
+    raise AssertionError("unreachable")
+
+
+async def _acquire(pool: asyncpg.Pool) -> Any:
+    try:
+        return await pool.acquire()
+    except asyncpg.TargetServerAttributeNotMatched:
+        raise NoPrimary("no host takes writes: the host is a standby or read-only") from None
+
+
+class Hosts:
+    """The pool's connect function for a DSN naming several hosts: each is tried in turn, the one
+    that worked last first, each within PER_HOST_TIMEOUT (asyncpg's own timeout covers all the
+    hosts at once, so a silent host would use it up); a change of host is logged."""
+
+    def __init__(self, dsn: str) -> None:
+        self.hosts = hosts_of(dsn)
+        self.host: str | None = None  # host:port of the newest connection
+
+    async def connect(self, dsn: str, **options: Any) -> asyncpg.Connection:
+        """(asyncio side) A connection to the first host that takes it; NoPrimary when none
+        does. Waits on each host in turn."""
+        if len(self.hosts) < 2:
+            return self._note(await asyncpg.connect(dsn, **options))
+        failures = []
+        for host, port in sorted(self.hosts, key=lambda h: join_host(*h) != self.host):
+            try:
+                async with asyncio.timeout(PER_HOST_TIMEOUT):
+                    connection = await asyncpg.connect(dsn, host=host, port=port, **options)
+                return self._note(connection)
+            except NEXT_HOST as error:
+                failures.append(f"{join_host(host, port)} {why_passed_over(error)}")
+        raise NoPrimary("no host takes writes: " + "; ".join(failures))
+
+    def _note(self, connection: asyncpg.Connection) -> asyncpg.Connection:
+        host = host_of(connection)
+        if host != self.host and self.host is not None:
+            logger.warning("PostgreSQL: the pool now connects to %s (was %s)", host, self.host)
+        self.host = host
+        return connection
+
+
+def why_passed_over(error: BaseException) -> str:
+    if isinstance(error, asyncpg.TargetServerAttributeNotMatched):
+        return "is a standby or read-only"
+    return describe(error)
+
+
+def hosts_of(dsn: str) -> list[tuple[str, int | None]]:
+    """The (host, port) pairs a DSN names: postgresql://user@h1:5432,[::1]:5433,h3/db."""
+    hostspec = urlsplit(dsn).netloc.rpartition("@")[2]
+    pairs: list[tuple[str, int | None]] = []
+    for item in filter(None, hostspec.split(",")):
+        host, _, port = item.rpartition(":") if not item.endswith("]") else (item, "", "")
+        if not host or not port.isdigit():
+            host, port = item, ""
+        pairs.append((unquote(host).strip("[]"), int(port) if port else None))
+    return pairs
+
+
+def join_host(host: str, port: int | None) -> str:
+    return f"{host}:{port or 5432}"
+
+
+def host_of(connection: Any) -> str:
+    """host:port of a connection (its socket path for a Unix socket)."""
+    address = getattr(connection, "_addr", None)  # asyncpg keeps the address it connected to
+    if isinstance(address, tuple) and len(address) >= 2:
+        return join_host(str(address[0]), int(address[1]))
+    return str(address)
+
+
+def pool_options(dsn: str) -> dict[str, Any]:
+    """asyncpg.create_pool keywords beyond the DSN: a DSN naming several hosts and no
+    target_session_attrs gets read-write, so a standby is never taken for the primary."""
+    named = {key for key, _ in parse_qsl(urlsplit(dsn).query)}
+    env = "PGTARGETSESSIONATTRS" in os.environ
+    if len(hosts_of(dsn)) > 1 and "target_session_attrs" not in named and not env:
+        return {"target_session_attrs": "read-write"}
+    return {}
 
 
 async def open_store(config: PostgresConfig, window: float) -> Store:
     """Connect a pool within window seconds and bring the schema up to date."""
+    hosts = Hosts(config.dsn)
+    options = {
+        "min_size": 1,
+        "max_size": config.pool_size,
+        "connect": hosts.connect,
+        **pool_options(config.dsn),
+    }
     pool = await connect_within(
         "PostgreSQL",
         redact(config.dsn),
-        lambda: aio.call(asyncpg.create_pool, config.dsn, min_size=1, max_size=config.pool_size),
+        lambda: aio.call(_create_pool, config.dsn, options),
         window,
         TRANSIENT_ERRORS,
     )
-    store = Store(pool)
+    store = Store(pool, hosts)
     try:
         applied = await migrations.apply(store)
     except BaseException:
@@ -140,6 +283,13 @@ async def open_store(config: PostgresConfig, window: float) -> Store:
     return store
 
 
+async def _create_pool(dsn: str, options: dict[str, Any]) -> asyncpg.Pool:
+    try:
+        return await asyncpg.create_pool(dsn, **options)
+    except asyncpg.TargetServerAttributeNotMatched:
+        raise NoPrimary("no host takes writes: the host is a standby or read-only") from None
+
+
 async def run(
     config: PostgresConfig,
     window: float,
@@ -148,7 +298,7 @@ async def run(
 ) -> None:
     """Serve a Store to the daemon until cancelled, then close the pool."""
     store = await open_store(config, window)
-    logger.info("PostgreSQL: connected to %s", redact(config.dsn))
+    logger.info("PostgreSQL: connected to %s (on %s)", redact(config.dsn), store.host)
     try:
         task_status.started(store)
         await trio.sleep_forever()
