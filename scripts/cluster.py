@@ -152,6 +152,14 @@ def kill_under(base: Path, grace: float) -> None:
             time.sleep(0.1)
 
 
+def tail(log: Path, lines: int = 5) -> str:
+    """The last lines of a log (the directory goes with a failed start), for an error."""
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"(no {log})"
+
+
 def wait_until(what: str, check: Callable[[], bool], timeout: float, pause: float = 0.1) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -250,7 +258,8 @@ class RabbitNode:
 
     def _pid_file_written(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
-            raise ClusterError(f"{self.name} exited {self.process.returncode}: see {self.log}")
+            code = self.process.returncode
+            raise ClusterError(f"{self.name} exited {code}: {tail(self.directory / 'server.out')}")
         return self.pid_file.exists()
 
     def join(self, seed: str) -> None:
@@ -354,7 +363,7 @@ class PgNode:
 
     def accepts(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
-            raise ClusterError(f"PostgreSQL on {self.port} exited: see {self.log}")
+            raise ClusterError(f"PostgreSQL on {self.port} exited: {tail(self.log)}")
         try:
             self.pg("pg_isready", "-q", "-h", "127.0.0.1", "-p", str(self.port), timeout=5)
         except ClusterError:
@@ -439,7 +448,7 @@ class Daemon:
     def ready(self) -> bool:
         if self.process is None or self.process.poll() is not None:
             code = None if self.process is None else self.process.returncode
-            raise ClusterError(f"daemon {self.directory.name} exited {code}: see {self.log}")
+            raise ClusterError(f"daemon {self.directory.name} exited {code}: {tail(self.log)}")
         return self.http_get("/readyz")[0] == 200
 
     def http_get(self, path: str, timeout: float = 2) -> tuple[int, str]:
