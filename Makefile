@@ -50,6 +50,12 @@ pytest: $(STAMP)
 cluster: $(STAMP)
 	$(BIN)/python scripts/cluster.py run
 
+# make test-cluster: the fault tests on a real cluster of this machine's own (scripts/cluster.py:
+# three RabbitMQ nodes, a PostgreSQL primary and standby, three daemons; as root, a few minutes).
+.PHONY: test-cluster
+test-cluster: $(STAMP) services
+	$(BIN)/pytest -q -s tests/cluster --cluster
+
 proto: $(STAMP)
 	$(BIN)/python scripts/generate_protos.py
 
