@@ -41,7 +41,8 @@ from typing import Any, TypeVar
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BASE = Path("/tmp/eventbus-cluster")
 RABBITMQ_HOME = Path("/var/lib/rabbitmq")  # its .erlang.cookie is the one rabbitmqctl uses
-PG_BIN = Path(max(glob.glob("/usr/lib/postgresql/*/bin") or ["/usr/lib/postgresql/15/bin"]))
+PG_BINS = glob.glob("/usr/lib/postgresql/*/bin")  # Debian's; the newest major version
+PG_BIN = Path(max(PG_BINS, key=lambda p: float(Path(p).parent.name)) if PG_BINS else "/usr/bin")
 REDIS_URL = "redis://127.0.0.1:6379/0"
 GRACE = 10.0  # a graceful stop longer than this ends with SIGKILL
 BOOT_TIMEOUT = 90.0
