@@ -421,6 +421,8 @@ class Daemon:
             },
             "rabbitmq": {
                 "connected": self.broker.connected,
+                "broker": self.broker.address,  # the one connected to, or last tried
+                "failovers": sum(label_values(self.metrics.broker_failovers).values()),
                 "connections": self.broker.connection_states(),
                 "blocked": self.broker.blocked,
                 "reconnects": label_values(self.metrics.reconnects),

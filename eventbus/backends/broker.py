@@ -6,6 +6,12 @@ forever on a dead connection, so the daemon uses plain connections and supervise
 loss is noticed through a connection's close callback, and reconnecting is retried for at most
 amqp.reconnect_window_seconds; past that the daemon exits non-zero and systemd restarts it.
 
+With several brokers (amqp.urls: nodes of one cluster), each connect attempt tries them in turn,
+as listed or shuffled anew (amqp.url_order), and takes the first that answers; after a loss the
+broker lost is tried last, so the daemon moves on to the next one. A move is a reconnect like any
+other (a new generation: channels, consumers and declarations start again on the new broker),
+and is counted in eventbus_broker_failovers.
+
 During a memory or disk alarm RabbitMQ blocks the connection that publishes (and only tells it
 so when it publishes): Broker.blocked then says why, and publishing fails at once instead of
 writing messages RabbitMQ will not read until the alarm ends.
@@ -16,8 +22,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -29,10 +36,10 @@ import aiormq.exceptions
 import trio
 
 from ..config import AmqpConfig
-from ..errors import ResourceExhausted, Unavailable
+from ..errors import DependencyUnavailable, ResourceExhausted, Unavailable
 from ..ops.metrics import Metrics
 from . import aio
-from .retry import connect_within, describe, redact
+from .retry import ATTEMPT_TIMEOUT, FIRST_DELAY, MAX_DELAY, describe, redact
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +73,26 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     aiormq.exceptions.AMQPConnectionError,
     aiormq.exceptions.IncompatibleProtocolError,
 )
+RETRYABLE: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, trio.TooSlowError)
+
+
+def broker_order(
+    urls: Sequence[str],
+    order: str,
+    *,
+    after: str | None = None,
+    shuffle: Callable[[list[str]], None] = random.shuffle,
+) -> list[str]:
+    """The brokers to try in one connect attempt: as listed, or shuffled (url_order
+    "shuffled"); after losing the broker `after`, those following it come first and it comes
+    last, so the daemon moves on rather than back to the broker it lost."""
+    listed = list(urls)
+    if order == "shuffled":
+        shuffle(listed)
+    if after in listed:
+        lost = listed.index(after)
+        listed = listed[lost + 1 :] + listed[: lost + 1]
+    return listed
 
 
 class BrokerUnavailable(Unavailable):
@@ -107,7 +134,7 @@ class Broker:
 
     def __init__(self, config: AmqpConfig, metrics: Metrics | None = None) -> None:
         self.config = config
-        self.address = redact(config.url)
+        self.url = config.brokers[0]  # the broker connected to, or last tried
         self._metrics = metrics
         self._connections: dict[str, aio_pika.abc.AbstractConnection] = {}
         self._up = False
@@ -117,6 +144,11 @@ class Broker:
         self.blocked: str | None = None  # why RabbitMQ blocks publishers, None while it does not
         self._blocked_since = 0.0
         self._block_changed = asyncio.Event()  # set and cleared at once: wakes waiters (asyncio)
+
+    @property
+    def address(self) -> str:
+        """The broker connected to (or last tried), its password hidden: for logs and errors."""
+        return redact(self.url)
 
     @property
     def connected(self) -> bool:
@@ -168,10 +200,12 @@ class Broker:
             await self._block_changed.wait()
 
     async def connect(self, window: float) -> None:
-        """Open a new pair of connections within window seconds (DependencyUnavailable past it)."""
-        pair = await connect_within(
-            "RabbitMQ", self.address, self._open_pair, window, TRANSIENT_ERRORS
-        )
+        """Open a new pair of connections to the first broker that answers, trying them in
+        turn (broker_order) within window seconds; DependencyUnavailable past it. After a loss
+        the broker lost is tried last; connecting to another than before is a failover."""
+        before = self.url if self.generation else None
+        url, pair = await self._connect_any(window, after=before)
+        self.url = url
         self.generation += 1
         self._end_block("blocking ended with the connection")
         for connection in pair.values():
@@ -185,23 +219,59 @@ class Broker:
         self._connections = pair
         self._up = True
         self._up_event.set()
+        if before is not None and url != before and self._metrics is not None:
+            self._metrics.broker_failovers.inc()
 
-    async def _open_pair(self) -> dict[str, aio_pika.abc.AbstractConnection]:
+    async def _connect_any(
+        self, window: float, *, after: str | None
+    ) -> tuple[str, dict[str, aio_pika.abc.AbstractConnection]]:
+        """Try the brokers in turn, round after round with a growing pause between rounds,
+        one warning line per failed attempt, until one answers or window seconds have passed."""
+        give_up_at = trio.current_time() + window
+        delay, attempt = FIRST_DELAY, 0
+        while True:
+            urls = broker_order(self.config.brokers, self.config.url_order, after=after)
+            for n, url in enumerate(urls, 1):
+                attempt += 1
+                self.url = url
+                left = give_up_at - trio.current_time()
+                try:
+                    with trio.fail_after(max(0.1, min(ATTEMPT_TIMEOUT, left))):
+                        return url, await self._open_pair(url)
+                except RETRYABLE as error:
+                    reason = describe(error)
+                left = give_up_at - trio.current_time()
+                if left <= 0:
+                    raise DependencyUnavailable(
+                        f"RabbitMQ at {self._all_addresses()} did not answer within "
+                        f"{window:g} s: {reason}"
+                    )
+                then = "trying the next broker" if n < len(urls) else f"retrying in {delay:.1f} s"
+                logger.warning(
+                    "RabbitMQ at %s: %s (attempt %d); %s", self.address, reason, attempt, then
+                )
+            await trio.sleep(min(delay, give_up_at - trio.current_time()))
+            delay = min(delay * 2, MAX_DELAY)
+
+    def _all_addresses(self) -> str:
+        return ", ".join(redact(url) for url in self.config.brokers)
+
+    async def _open_pair(self, url: str) -> dict[str, aio_pika.abc.AbstractConnection]:
         pair: dict[str, aio_pika.abc.AbstractConnection] = {}
         try:
             for role in (CONSUME, PUBLISH):
-                pair[role] = await self._open(role)
+                pair[role] = await self._open(url, role)
         except BaseException:
             with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
                 await aio.call(_close_all, list(pair.values()))
             raise
         return pair
 
-    async def _open(self, role: str) -> aio_pika.abc.AbstractConnection:
+    async def _open(self, url: str, role: str) -> aio_pika.abc.AbstractConnection:
         connect: Any = aio_pika.connect  # overloaded; the seam takes any coroutine function
         return await aio.call(
             connect,
-            self.config.url,
+            url,
             timeout=CONNECT_TIMEOUT,
             heartbeat=self.config.heartbeat_seconds,
             client_properties={"connection_name": f"eventbus {role}"},
@@ -408,12 +478,17 @@ async def run(
 async def _reconnect_forever(broker: Broker, config: AmqpConfig, metrics: Metrics) -> None:
     while True:
         reason = await broker.wait_lost()
+        lost = broker.address
         logger.warning(
-            "RabbitMQ: connection lost (%s); reconnecting for up to %g s",
+            "RabbitMQ: connection to %s lost (%s); reconnecting for up to %g s",
+            lost,
             reason,
             config.reconnect_window_seconds,
         )
         await broker.close()
         await broker.connect(config.reconnect_window_seconds)
         metrics.reconnects.labels("rabbitmq").inc()
-        logger.info("RabbitMQ: reconnected to %s", broker.address)
+        if broker.address == lost:
+            logger.info("RabbitMQ: reconnected to %s", broker.address)
+        else:
+            logger.info("RabbitMQ: reconnected to %s (failover from %s)", broker.address, lost)

@@ -205,6 +205,11 @@ class Metrics:
             "Times RabbitMQ started blocking publishers (memory or disk alarms)",
             registry=self.registry,
         )
+        self.broker_failovers = Counter(
+            "eventbus_broker_failovers",
+            "Reconnects to RabbitMQ that landed on another broker of amqp.urls than the one lost",
+            registry=self.registry,
+        )
 
     def count_settled(self, counts: Iterable[tuple[str, str, int]]) -> None:
         """Count the acks and nacks now stored with their record: (queue, outcome, count)."""
