@@ -46,7 +46,7 @@ from .delivery.policy import Policies
 from .delivery.publisher import Publisher
 from .delivery.rebalance import Rebalancer
 from .delivery.redelivery import Redelivery
-from .errors import Unavailable
+from .errors import FatalError, QueueTypeMismatch, Unavailable
 from .jobs import bookkeeping
 from .jobs.cron import Cron
 from .jobs.delay import Dispatcher
@@ -183,7 +183,10 @@ class Daemon:
             self.policies,
         )
         for queue in self.delivery.internal.all():
-            await self.publisher.declare_queue(queue)
+            try:
+                await self.publisher.declare_queue(queue)
+            except QueueTypeMismatch as mismatch:
+                raise FatalError(f"eventbus: cannot start: {mismatch.message}") from None
         self._start_background(root)
         # grpclib binds to the running asyncio loop when built, so only now.
         services = self._services()
@@ -246,6 +249,7 @@ class Daemon:
                     self.metrics,
                     internal,
                     cfg.background.workers,
+                    self.publisher.queue_arguments(internal=True),
                 ),
             )
         republisher = Republisher(

@@ -37,6 +37,11 @@ class FailedPrecondition(CallError):
     status = Status.FAILED_PRECONDITION
 
 
+class QueueTypeMismatch(FailedPrecondition):
+    """A queue exists with another type (classic or quorum) than amqp.queue_type declares:
+    RabbitMQ cannot change a queue's type in place, so an operator must migrate it."""
+
+
 class ResourceExhausted(CallError):
     status = Status.RESOURCE_EXHAUSTED
 

@@ -16,6 +16,10 @@ the channel) is reported refused, and the others of its batch are confirmed all 
 target that cannot take messages now (missing, full, declared otherwise) makes them unavailable,
 not refused: they may go once it is put right.
 
+Every durable queue the bus declares, clients' and its own, has the type amqp.queue_type asks
+(queue_arguments); one that exists with the other type is refused as QueueTypeMismatch, naming
+the queue and how to migrate it.
+
 While RabbitMQ blocks publishers (a memory or disk alarm), every publish fails at once with
 Unavailable, before anything is written: the message was not stored. A message written before
 the block began, or whose confirm does not come in time, may have been stored or not: the single
@@ -45,7 +49,14 @@ from ..backends import aio
 from ..backends.broker import BROKER_ERRORS, Broker
 from ..backends.retry import describe
 from ..config import AmqpConfig
-from ..errors import CallError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from ..errors import (
+    CallError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    QueueTypeMismatch,
+    Unavailable,
+)
 from . import bulk
 from .channels import (
     DECLARING_CHANNELS,
@@ -96,10 +107,33 @@ CONFIRMED = Outcome("confirmed")
 
 
 def outcome_of(error: CallError) -> Outcome:
-    """What a failure not pinned on the message itself means: a name the client library refuses
-    never goes; anything else (RabbitMQ away, a target missing, locked or declared otherwise)
-    may be put right, so the message waits."""
-    return Outcome("refused" if isinstance(error, InvalidArgument) else "unavailable", error)
+    """What a failure not pinned on the message itself means: a name the client library refuses,
+    or a queue of the other type (only an operator's migration puts it right), never goes;
+    anything else (RabbitMQ away, a target missing, locked or declared otherwise) may be put
+    right, so the message waits."""
+    refused = isinstance(error, (InvalidArgument, QueueTypeMismatch))
+    return Outcome("refused" if refused else "unavailable", error)
+
+
+def queue_arguments(config: AmqpConfig, *, internal: bool) -> dict[str, Any]:
+    """The arguments of a durable queue the bus declares: x-queue-type quorum with
+    amqp.queue_type "quorum" (none for classic, as before: an existing classic queue declared
+    without it stays equivalent), and for a client's queue x-expires with
+    amqp.queue_idle_expiry_seconds > 0 (quorum queues take it, RabbitMQ 3.10 and later).
+
+    No x-delivery-limit: RabbitMQ's delivery count does not count the bus's retries (a retry
+    is a new message the republish cron publishes; a delivery is acked as soon as its record is
+    confirmed) but only the bus's own hand-backs (prefetched messages returned after
+    amqp.buffer_hold_seconds, by rebalancing or from a full byte budget, and on a lost
+    connection), which recur without bound in a healthy queue. A limit would dead-letter, or
+    without a dead-letter target silently drop, messages no subscriber ever saw; the bus's own
+    max_retries and dead letters (kept in PostgreSQL, requeueable) are the limit instead."""
+    arguments: dict[str, Any] = {}
+    if config.queue_type == "quorum":
+        arguments["x-queue-type"] = "quorum"
+    if not internal and config.queue_idle_expiry_seconds:
+        arguments["x-expires"] = config.queue_idle_expiry_seconds * 1000
+    return arguments
 
 
 class Publisher:
@@ -116,7 +150,10 @@ class Publisher:
         self._declared = Declared(broker)
         self._namespace = config.namespace
         self._auto_create = auto_create_queues
-        self._expiry_ms = config.queue_idle_expiry_seconds * 1000
+        self._queue_type = config.queue_type
+        self._arguments = {
+            internal: queue_arguments(config, internal=internal) for internal in (False, True)
+        }
         self._turn: Iterator[int] = itertools.count()
         self._outbox = Outbox()  # single publishes of one turn, written together per channel
 
@@ -196,31 +233,53 @@ class Publisher:
     def _internal(self, queue: str) -> bool:
         return queue == self._namespace or queue.startswith(self._namespace + ".")
 
+    def queue_arguments(self, *, internal: bool) -> dict[str, Any]:
+        """The arguments this publisher declares a client's queue or one of the bus's with."""
+        return dict(self._arguments[internal])
+
     async def declare(self, queue: str) -> None:
-        """(asyncio side) Make sure a queue exists, once per connection: declared durable (for a
-        client's queue with x-expires when amqp.queue_idle_expiry_seconds > 0), or, with
-        server.auto_create_queues false, only looked up: NotFound when it does not exist. The
-        bus's own queues are always declared, never with x-expires."""
+        """(asyncio side) Make sure a queue exists, once per connection: declared durable with
+        queue_arguments, or, with server.auto_create_queues false, only looked up: NotFound
+        when it does not exist. The bus's own queues are always declared, never with x-expires.
+        QueueTypeMismatch when it exists as the other type than amqp.queue_type."""
         if ("queue", queue) not in self._declared:
             await finish_anyway(self._declare_or_look_up(queue))
 
     async def _declare_or_look_up(self, queue: str) -> None:
-        if self._internal(queue):
-            await self._declare_queue(queue, {})
-        elif self._auto_create:
-            expiry = {"x-expires": self._expiry_ms} if self._expiry_ms else {}
-            await self._declare_queue(queue, expiry)
+        internal = self._internal(queue)
+        if internal or self._auto_create:
+            await self._declare_queue(queue, self._arguments[internal], internal)
         else:
             await self._look_up(queue)
         self._declared.add(("queue", queue))
 
-    async def _declare_queue(self, queue: str, arguments: dict[str, Any]) -> None:
+    async def _declare_queue(self, queue: str, arguments: dict[str, Any], internal: bool) -> None:
+        try:
+            await self._declare_with(queue, arguments)
+        except FailedPrecondition as error:
+            if await self._other_type(queue, error):
+                message = type_mismatch(queue, self._queue_type, internal)
+                raise QueueTypeMismatch(message) from None
+            raise FailedPrecondition(_other_settings(queue, arguments, error)) from None
+
+    async def _declare_with(self, queue: str, arguments: dict[str, Any]) -> None:
         async with self._declarer.channel() as channel:
             declaring = channel.declare_queue(queue, durable=True, arguments=arguments or None)
-            try:
-                await bounded(f"declaring queue {queue!r}", declaring)
-            except FailedPrecondition as error:
-                raise FailedPrecondition(_other_settings(queue, arguments, error)) from None
+            await bounded(f"declaring queue {queue!r}", declaring)
+
+    async def _other_type(self, queue: str, refusal: FailedPrecondition) -> bool:
+        """Whether a queue RabbitMQ refused to declare exists as the other type. RabbitMQ
+        names the first argument that differs, and compares x-expires before x-queue-type:
+        when it named another, the queue is declared once more with the type alone (a
+        refused declaration changes nothing; one taken changes nothing either)."""
+        if "'x-queue-type'" in refusal.message:
+            return True
+        typed = {k: v for k, v in self._arguments[True].items() if k == "x-queue-type"}
+        try:
+            await self._declare_with(queue, typed)
+        except FailedPrecondition as error:
+            return "'x-queue-type'" in error.message
+        return False
 
     async def _look_up(self, queue: str) -> None:
         async with self._declarer.channel() as channel:
@@ -671,3 +730,22 @@ def _other_settings(queue: str, arguments: dict[str, Any], error: CallError) -> 
         f"{error.message}; delete the queue (it is declared again on next use), or set "
         "amqp.queue_idle_expiry_seconds to match its x-expires"
     )
+
+
+def type_mismatch(queue: str, wanted: str, internal: bool) -> str:
+    """One line for a queue that exists as the other type than wanted: what and how to migrate."""
+    other = "classic" if wanted == "quorum" else "quorum"
+    what = f"queue {queue!r} exists as a {other} queue, but amqp.queue_type is {wanted}"
+    if internal:
+        how = (
+            "it is one of the bus's own queues: stop every node, let its messages be written "
+            f"(a node with amqp.queue_type {other} drains it) or shovel them away, delete it, "
+            "and start again; or start with a new amqp.namespace"
+        )
+    else:
+        how = (
+            f"publish to a new {wanted} queue, move its messages into a {wanted} queue with a "
+            f"shovel, or drain it and delete it (the bus declares it again as {wanted}); or set "
+            f"amqp.queue_type back to {other}"
+        )
+    return f"{what}; RabbitMQ cannot change a queue's type in place: {how}"

@@ -135,7 +135,16 @@ class Rebalancer:
         consuming = False
         try:
             with trio.fail_after(5):
-                queue = await aio.call(channel.amqp.declare_queue, exclusive=True, auto_delete=True)
+                # Classic whatever amqp.queue_type says: RabbitMQ refuses a quorum queue that is
+                # exclusive, auto-delete or server-named, and this one holds only hints for this
+                # node's connection (no_ack), which need no replication. Said outright, so a
+                # virtual host's default queue type cannot make it quorum.
+                queue = await aio.call(
+                    channel.amqp.declare_queue,
+                    exclusive=True,
+                    auto_delete=True,
+                    arguments={"x-queue-type": "classic"},
+                )
                 await aio.call(queue.bind, self._exchange, routing_key="#")
                 await aio.call(queue.consume, on_message, no_ack=True)
             consuming = True

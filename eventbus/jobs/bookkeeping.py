@@ -109,8 +109,10 @@ class Worker(Generic[Item]):
         writer: Writer[Item],
         writers: int,
         in_order: InOrder | None = None,
+        arguments: dict[str, Any] | None = None,
     ) -> None:
         self._broker = broker
+        self._arguments = arguments or None  # the queue's, as the publisher declares it
         self._store = store
         self._metrics = metrics
         self.queue = queue
@@ -154,7 +156,9 @@ class Worker(Generic[Item]):
         consumer has it (RabbitMQ refuses a second exclusive consumer)."""
         exclusive = self._in_order is not None
         with trio.fail_after(5):
-            queue = await aio.call(channel.amqp.declare_queue, self.queue, durable=True)
+            queue = await aio.call(
+                channel.amqp.declare_queue, self.queue, durable=True, arguments=self._arguments
+            )
             if exclusive and queue.declaration_result.consumer_count:
                 return False  # another node's consumer has it
             try:
@@ -409,9 +413,15 @@ async def _gather(receive: trio.MemoryReceiveChannel[Any]) -> list[Any]:
 
 
 async def run(
-    broker: Broker, store: Store, metrics: Metrics, internal: InternalQueues, workers: int
+    broker: Broker,
+    store: Store,
+    metrics: Metrics,
+    internal: InternalQueues,
+    workers: int,
+    arguments: dict[str, Any] | None = None,
 ) -> None:
-    """Write the internal queues to PostgreSQL forever, up to `workers` batches at a time each."""
+    """Write the internal queues to PostgreSQL forever, up to `workers` batches at a time each;
+    the queues are declared with arguments (Publisher.queue_arguments: their type)."""
     settlements_in_order = InOrder(ledger.SETTLEMENTS_PROGRESS, lambda item: item.at)
     writers: list[tuple[str, Callable[[bytes], Any], Writer[Any], InOrder | None]] = [
         (internal.confirm, decode_records, ledger.write_records, None),
@@ -420,5 +430,7 @@ async def run(
     ]
     async with trio.open_nursery() as nursery:
         for queue, decode, writer, in_order in writers:
-            worker = Worker(broker, store, metrics, queue, decode, writer, workers, in_order)
+            worker = Worker(
+                broker, store, metrics, queue, decode, writer, workers, in_order, arguments
+            )
             nursery.start_soon(worker.run)
