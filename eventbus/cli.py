@@ -1,9 +1,9 @@
-"""The eventbus command line: serve, migrate, dead-letters, delayed, token."""
+"""The eventbus command line: serve, migrate, dead-letters, delayed, token (with the config
+file), and publish, pull, queues, purge, top (against a running daemon, eventbus.tools)."""
 
 from __future__ import annotations
 
 import argparse
-import base64
 import hashlib
 import json
 import logging
@@ -16,13 +16,14 @@ from typing import Any
 import trio
 
 from . import __version__
-from .backends import aio, store
+from .backends import aio, migrations, store
 from .config import IDENTITY_NAME, Config, ConfigError, load
 from .daemon import Daemon
 from .delivery import validate
 from .errors import CallError, FatalError, InvalidArgument
 from .jobs import admin, deadletters, delay
 from .ops.reload import set_log_level
+from .tools import messages, output, progress, queues, remote, top
 
 logger = logging.getLogger("eventbus")
 
@@ -49,6 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line, run the command, and return the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if hasattr(args, "remote"):  # a command against a running daemon
+        if hasattr(args, "check"):
+            args.check(args.parser, args)  # the command's own parser: its usage on an error
+        return remote.run(args.remote, args)
     _check_arguments(parser, args)
     if args.command is _new_token:
         _new_token(args)
@@ -63,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         trio.run(args.command, config, args)
     except* (FatalError, CallError) as group:
-        for fatal in _leaves(group):
+        for fatal in remote.leaves(group):
             logger.error("%s", fatal)
         status = EXIT_FATAL
     return status
@@ -80,7 +85,9 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error("dead-letters requeue: name --queue, --message-id or --all")
     if args.command is _release_delayed and (args.id is None) == (not args.all):
         parser.error("delayed release: name an ID or --all")
-    if args.command in (_cancel_delayed, _release_delayed) and args.id is not None:
+    if args.command is _cancel_delayed:
+        _check_cancel(parser, args)
+    if args.command is _release_delayed and args.id is not None:
         try:
             validate.delivery_id(args.id)
         except InvalidArgument as error:
@@ -93,12 +100,22 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             parser.error(f"dead-letters: --message-id {args.message_id!r} is not a message id")
 
 
-def _leaves(group: BaseExceptionGroup[Exception]) -> list[BaseException]:
-    """Every exception inside a (possibly nested) exception group."""
-    found: list[BaseException] = []
-    for error in group.exceptions:
-        found.extend(_leaves(error) if isinstance(error, BaseExceptionGroup) else [error])
-    return found
+def _check_cancel(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """IDs (or - for standard input) or --all, not both; the ids read and checked now."""
+    if bool(args.ids) == args.all:
+        parser.error("delayed cancel: name IDs, - (ids on standard input) or --all")
+    if (args.queue or args.topic) and not args.all:
+        parser.error("delayed cancel: --queue and --topic go with --all")
+    named = sys.stdin.read().split() if args.ids == ["-"] else args.ids
+    ids = []
+    for index, value in enumerate(named):
+        try:
+            ids.append(validate.delivery_id(value))
+        except InvalidArgument:
+            parser.error(f"delayed cancel: ID {index + 1} {value[:64]!r} is not a message id")
+    if args.ids and not ids:
+        parser.error("delayed cancel: no ids on standard input")
+    args.ids = ids
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -108,7 +125,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"eventbus {__version__}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     _command(commands, "serve", _serve, "run the daemon until SIGTERM or SIGINT")
-    _command(commands, "migrate", _migrate, "bring the PostgreSQL schema up to date, then exit")
+    migrate = _command(
+        commands, "migrate", _migrate, "bring the PostgreSQL schema up to date, then exit"
+    )
+    progress.add_option(migrate)
     letters = commands.add_parser(
         "dead-letters",
         help="list or requeue dead letters",
@@ -125,11 +145,15 @@ def _parser() -> argparse.ArgumentParser:
         "publish dead letters to their queue again, as fresh messages",
     )
     again.add_argument("--all", action="store_true", help="every dead letter")
+    progress.add_option(again)
     for sub in (listing, again):
         sub.add_argument("--queue", help="only the dead letters of this queue")
         sub.add_argument("--message-id", help="only this message")
     _delayed_commands(commands)
     _token_commands(commands)
+    messages.add_commands(commands)
+    queues.add_commands(commands)
+    top.add_command(commands)
     return parser
 
 
@@ -162,9 +186,23 @@ def _delayed_commands(commands: Any) -> None:
     )
     listing.add_argument("--limit", type=int, default=100, help="at most this many (100)")
     listing.add_argument("--json", action="store_true", help="one JSON object a line")
-    cancel = _command(actions, "cancel", _cancel_delayed, "cancel a pending delayed message")
-    cancel.add_argument("id", help="the id `delayed list` shows")
-    cancel.set_defaults(action="cancel")
+    cancel = _command(
+        actions,
+        "cancel",
+        _cancel_delayed,
+        "cancel pending delayed messages: by id, ids read from standard input (-), or --all",
+    )
+    cancel.add_argument(
+        "ids", nargs="*", metavar="ID", help="ids `delayed list` shows; - reads them, one a line"
+    )
+    cancel.add_argument(
+        "--all", action="store_true", help="every pending one (of --queue or --topic only)"
+    )
+    of = cancel.add_mutually_exclusive_group()
+    of.add_argument("--queue", help="with --all: only those for this queue")
+    of.add_argument("--topic", help="with --all: only those for this topic")
+    progress.add_option(cancel)
+    cancel.set_defaults(action="cancel", id=None)
     release = _command(
         actions,
         "release",
@@ -192,11 +230,40 @@ async def _serve(config: Config, args: argparse.Namespace) -> None:
     await Daemon(config, config_path=args.config).serve()
 
 
-async def _migrate(config: Config, _args: argparse.Namespace) -> None:
-    async with aio.open_loop(lambda: None):
-        db = await store.open_store(config.postgres, window=config.amqp.reconnect_window_seconds)
-        await db.close()
+async def _migrate(config: Config, args: argparse.Namespace) -> None:
+    versions = [migration.version for migration in migrations.available()]
+    with progress.bar("connecting to PostgreSQL", quiet=args.quiet, total=len(versions)) as bar:
+        steps = _MigrationSteps(bar, versions)
+        migrations.logger.addHandler(steps)
+        try:
+            async with aio.open_loop(lambda: None):
+                window = config.amqp.reconnect_window_seconds
+                db = await store.open_store(config.postgres, window=window)
+                await db.close()
+        finally:
+            migrations.logger.removeHandler(steps)
+        bar(len(versions), len(versions))
+        bar.describe("schema up to date")
     logger.info("PostgreSQL schema is up to date")
+
+
+class _MigrationSteps(logging.Handler):
+    """Moves migrate's bar at each line the migrations module logs as it starts one (arguments:
+    version, name); they run in one transaction and tell nothing else. At log.level warning
+    there are no such lines, and the bar goes from nothing to done."""
+
+    def __init__(self, bar: progress.Bar, versions: list[int]) -> None:
+        super().__init__()
+        self._bar = bar
+        self._versions = versions
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args
+        if not (isinstance(args, tuple) and len(args) == 2 and args[0] in self._versions):
+            return
+        version, name = args
+        self._bar(self._versions.index(args[0]), len(self._versions))
+        self._bar.describe(f"applying migration {version:04d}_{name}")
 
 
 TOKEN_BYTES = 32  # secrets.token_urlsafe(32): 43 characters, 256 random bits
@@ -265,30 +332,23 @@ def _format_letter(letter: deadletters.DeadLetter, *, as_json: bool) -> str:
         "last_failure_at": letter.last_failure_at.isoformat(),
         "dead_at": letter.dead_at.isoformat(),
         "reason": letter.reason or "",
-        **_data(letter.body),
+        **output.data(letter.body),
     }
-    return _line(fields, as_json=as_json)
-
-
-def _data(body: bytes) -> dict[str, str]:
-    """A stored body for printing: as text, or in base64 when it is not UTF-8."""
-    try:
-        return {"data": body.decode()}
-    except UnicodeDecodeError:
-        return {"data_base64": base64.b64encode(body).decode()}
-
-
-def _line(fields: dict[str, Any], *, as_json: bool) -> str:
-    if as_json:
-        return json.dumps(fields, ensure_ascii=False)
-    return "\t".join(str(value) for value in fields.values())
+    return output.line(fields, as_json=as_json)
 
 
 async def _requeue_dead_letters(config: Config, args: argparse.Namespace) -> None:
+    shown = progress.bar("requeueing dead letters", quiet=args.quiet)
     async with aio.open_loop(lambda: None), deadletters.connected(config) as (db, publisher):
-        moved, kept = await admin.requeue_dead_letters(
-            db, publisher, config.amqp.namespace, args.queue, _message_ids(args)
-        )
+        with shown as bar:
+            moved, kept = await admin.requeue_dead_letters(
+                db,
+                publisher,
+                config.amqp.namespace,
+                args.queue,
+                _message_ids(args),
+                progress=bar if bar.shown else None,
+            )
     logger.info("requeued %d dead letters", moved)
     if kept:
         raise RequeueIncomplete(f"{kept} dead letters could not be requeued and stay")
@@ -312,22 +372,39 @@ async def _list_delayed(config: Config, args: argparse.Namespace) -> None:
             "quarantine_reason": row.quarantine_reason or "",
             "publish_failures": row.publish_failures,
             "last_failure": row.last_failure or "",
-            **_data(row.body),
+            **output.data(row.body),
         }
-        print(_line(fields, as_json=args.json))
+        print(output.line(fields, as_json=args.json))
 
 
 async def _cancel_delayed(config: Config, args: argparse.Namespace) -> None:
-    message_id = validate.delivery_id(args.id)  # checked in main already: normalises it
+    namespace = config.amqp.namespace
+    target = admin.delayed_target(args.queue, args.topic, namespace) if args.all else None
+    not_found: list[str] = []
     async with aio.open_loop(lambda: None):
         db = await store.open_store(config.postgres, config.amqp.reconnect_window_seconds)
         try:
-            _, not_found = await admin.cancel_delayed(db, [message_id])
+            with progress.bar("cancelling delayed messages", quiet=args.quiet) as bar:
+                if args.all:
+                    cancelled = await admin.cancel_every_delayed(db, target, bar)
+                else:
+                    cancelled, not_found = await admin.cancel_delayed_many(db, args.ids, bar)
         finally:
             await db.close()
+    _report_cancelled(args.ids, cancelled, not_found)
+
+
+def _report_cancelled(ids: list[str], cancelled: int, not_found: list[str]) -> None:
+    if len(ids) == 1:
+        if not_found:
+            raise NothingToCancel(f"no pending delayed message {ids[0]}")
+        logger.info("cancelled delayed message %s", ids[0])
+        return
+    for message_id in not_found:
+        logger.warning("no pending delayed message %s", message_id)
+    logger.info("cancelled %d delayed message(s)", cancelled)
     if not_found:
-        raise NothingToCancel(f"no pending delayed message {message_id}")
-    logger.info("cancelled delayed message %s", message_id)
+        raise NothingToCancel(f"{len(not_found)} of {len(ids)} ids named no pending message")
 
 
 async def _release_delayed(config: Config, args: argparse.Namespace) -> None:

@@ -11,7 +11,7 @@ PostgreSQL (deliveries in flight, delayed messages, dead letters).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..backends import aio
@@ -23,12 +23,15 @@ from ..delivery.consumer import Consumers
 from ..delivery.publisher import Publisher, Target, finish_anyway
 from ..errors import InvalidArgument, NotFound
 from . import delay
-from .deadletters import DeadLetter, Selection, list_letters, requeue
+from .deadletters import REQUEUE_BATCH, DeadLetter, Selection, list_letters, requeue
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000  # a page of a listing, and message ids in one call
 MAX_QUEUES = 1000  # queues in one listing, first by name
 PROBE_CHANNELS = 4
+
+# Told how far a long operation is: (done, total). Called after each step, from the trio side.
+Progress = Callable[[int, int], None]
 
 # Per queue: deliveries handed out and not done (neither acked nor back in the queue; a nacked
 # one counts until its retry), delayed messages bound for it, dead letters.
@@ -109,13 +112,48 @@ async def list_dead_letters(
 
 
 async def requeue_dead_letters(
-    store: Store, publisher: Publisher, namespace: str, queue: str | None, ids: Sequence[str]
+    store: Store,
+    publisher: Publisher,
+    namespace: str,
+    queue: str | None,
+    ids: Sequence[str],
+    *,
+    progress: Progress | None = None,
 ) -> tuple[int, int]:
     """Publish dead letters to their queue again as fresh messages: of one queue or every
     queue, of the given messages only (none given: all of them). Returns how many went back and
-    how many RabbitMQ did not take (those stay)."""
+    how many RabbitMQ did not take (those stay). With progress: counted first, then told
+    (done, total) after each page."""
     selection = Selection(queue_filter(queue, namespace), tuple(message_ids(ids)))
-    return await requeue(store, publisher, selection)
+    if progress is None:
+        return await requeue(store, publisher, selection)
+    return await _requeue_in_steps(store, publisher, selection, progress)
+
+
+async def count_dead_letters(store: Store, selection: Selection) -> int:
+    where, args = selection.where()
+    rows = await store.fetch(f"SELECT count(*) AS n FROM dead_letters{where}", *args)
+    return int(rows[0]["n"])
+
+
+async def _requeue_in_steps(
+    store: Store, publisher: Publisher, selection: Selection, progress: Progress
+) -> tuple[int, int]:
+    """requeue() a page at a time (each page by queue, naming its letters), telling progress
+    after each. A letter that stays is skipped by the next page's offset, as requeue does."""
+    total = await count_dead_letters(store, selection)
+    moved = kept = 0
+    progress(0, total)
+    while page := await list_letters(store, selection, REQUEUE_BATCH, offset=kept):
+        by_queue: dict[str, list[str]] = {}
+        for letter in page:
+            by_queue.setdefault(letter.queue, []).append(letter.message_id)
+        for queue, ids in by_queue.items():
+            went, stayed = await requeue(store, publisher, Selection(queue, tuple(ids)))
+            moved, kept = moved + went, kept + stayed
+        total = max(total, moved + kept)  # some died while this ran
+        progress(moved + kept, total)
+    return moved, kept
 
 
 # ---- Delayed messages ----------------------------------------------------------------------
@@ -154,6 +192,50 @@ async def cancel_delayed(store: Store, ids: Sequence[str]) -> tuple[int, list[st
         raise InvalidArgument("message_ids must not be empty")
     cancelled = await delay.cancel_all(store, wanted)
     return len(cancelled), [i for i in wanted if i not in cancelled]
+
+
+async def cancel_delayed_many(
+    store: Store, ids: Sequence[str], progress: Progress | None = None
+) -> tuple[int, list[str]]:
+    """cancel_delayed for any number of ids, MAX_LIMIT a call, telling progress (done, total)
+    after each."""
+    wanted = list(dict.fromkeys(ids))
+    cancelled, not_found = 0, list[str]()
+    for start in range(0, len(wanted), MAX_LIMIT):
+        done, missing = await cancel_delayed(store, wanted[start : start + MAX_LIMIT])
+        cancelled, not_found = cancelled + done, not_found + missing
+        if progress is not None:
+            progress(min(start + MAX_LIMIT, len(wanted)), len(wanted))
+    return cancelled, not_found
+
+
+async def count_delayed(store: Store, target: Target | None) -> int:
+    if target is None:
+        rows = await store.fetch("SELECT count(*) AS n FROM delayed_messages")
+    else:
+        rows = await store.fetch(
+            "SELECT count(*) AS n FROM delayed_messages WHERE kind = $1 AND target = $2", *target
+        )
+    return int(rows[0]["n"])
+
+
+async def cancel_every_delayed(
+    store: Store, target: Target | None, progress: Progress | None = None
+) -> int:
+    """Cancel every delayed message not moved yet (of one queue or topic, or of all), a page at
+    a time, telling progress after each; those added meanwhile past the count taken first stay.
+    Returns how many were cancelled."""
+    total = await count_delayed(store, target)
+    cancelled = seen = 0
+    if progress is not None:
+        progress(0, total)
+    while seen < total and (page := await list_delayed(store, target, MAX_LIMIT)):
+        page = page[: total - seen]
+        done, _ = await cancel_delayed(store, [row.id for row in page])
+        cancelled, seen = cancelled + done, seen + len(page)
+        if progress is not None:
+            progress(seen, total)
+    return cancelled
 
 
 # ---- Queues --------------------------------------------------------------------------------
