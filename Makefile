@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 run: $(STAMP) services
 	$(BIN)/eventbus serve --config $(CONFIG)
 
-test: $(STAMP) services node lint typecheck pytest
+test: $(STAMP) services node browser lint typecheck pytest
 
 $(VENV)/bin/python:
 	@$(PYTHON) -m venv --help >/dev/null 2>&1 && $(PYTHON) -c 'import ensurepip' 2>/dev/null || \
@@ -34,6 +34,13 @@ tests/node/node_modules/.package-lock.json: tests/node/package.json tests/node/p
 	@command -v npm >/dev/null || (apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm)
 	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
+
+# The admin page's browser tests drive headless Chromium through chromedriver.
+.PHONY: browser
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+		chromium chromium-driver)
 
 lint: $(STAMP)
 	$(BIN)/ruff check eventbus tests scripts $(wildcard bench)

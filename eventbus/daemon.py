@@ -10,7 +10,7 @@ serve
         ├── consumers per queue, bookkeeping workers, rebalance watcher
         ├── crons: republish, delay (Redis lock per tick, row claims in PostgreSQL)
         ├── gRPC server: mq.Mq, mq.MqTopic, health, reflection
-        ├── HTTP server: /healthz /readyz /metrics /stats
+        ├── HTTP server: /healthz /readyz /metrics /stats, /ui (admin page, when on)
         └── gauges, heap trimming, node registration, watchdog keep-alive, loop-lag watch
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 
 import trio
 
-from . import __version__
+from . import __version__, ui
 from .api import http, rpc, v2
 from .api.admin import AdminService
 from .api.h2limits import limits_of
@@ -47,12 +47,13 @@ from .delivery.publisher import Publisher
 from .delivery.rebalance import Rebalancer
 from .delivery.redelivery import Redelivery
 from .errors import FatalError, QueueTypeMismatch, Unavailable
-from .jobs import bookkeeping
+from .jobs import admin, bookkeeping
 from .jobs.cron import Cron
 from .jobs.delay import Dispatcher
 from .jobs.republish import Republisher, RetryRules
 from .ops import fdlimit, lag, nodes, reload
 from .ops.gauges import Gauges
+from .ops.history import History
 from .ops.memory import give_back_freed_memory
 from .ops.metrics import Metrics, label_values
 from .ops.notify import Notifier
@@ -196,8 +197,9 @@ class Daemon:
         )
         tls = self.tls.context if self.tls else None
         await root.start(rpc.run, self.grpc, cfg.server.grpc_host, cfg.server.grpc_port, tls)
+        pages = self._admin_page(root) if cfg.http.ui_enabled else []
         app = http.make_app(
-            self._readiness_checks(), self.metrics, self.stats, lambda: self.gate.access
+            self._readiness_checks(), self.metrics, self.stats, lambda: self.gate.access, pages
         )
         await root.start(self._serve_http, app)
         supervise = self.supervisor.forever
@@ -205,6 +207,27 @@ class Daemon:
         root.start_soon(supervise, "watchdog", self.notifier.keep_alive)
         root.start_soon(supervise, "lag", partial(lag.watch, self.metrics))
         root.start_soon(supervise, "dedup", partial(forget_expired_forever, self.dedup))
+
+    def _admin_page(self, root: trio.Nursery) -> list[Any]:
+        """/ui's routes, and the sampler of the rates it draws (from now on)."""
+        history = History(self.metrics)
+        root.start_soon(self.supervisor.forever, "history", history.run)
+        namespace = self.config.amqp.namespace
+        queues = admin.Queues(self.store, self.broker, self.consumers, namespace)
+        parts = ui.Parts(
+            self.node,
+            self.metrics,
+            self.store,
+            self.publisher,
+            queues,
+            self.policies,
+            namespace,
+            history,
+            self.stats,
+            self._readiness_checks(),
+            lambda: self.gate.access,
+        )
+        return ui.routes(parts)
 
     def _services(self) -> list[Any]:
         """The gRPC services, v1 and v2, served on one port."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,13 +24,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from ..backends.retry import describe
 from ..errors import Unauthenticated
 from ..ops.metrics import Metrics
 from ..ops.ratelog import RateLimitedLog
-from ..security.access import Access, Permission
+from ..security.access import NOBODY, Access, Identity, Permission
 
 logger = logging.getLogger(__name__)
 # Refusals with who, from where, what: at most one line a minute per page and reason.
@@ -86,9 +86,11 @@ def make_app(
     metrics: Metrics,
     stats: Callable[[], Awaitable[dict[str, Any]]],
     access: Callable[[], Access | None] = lambda: None,
+    pages: Sequence[BaseRoute] = (),
 ) -> Starlette:
     """The ASGI application; checks name what /readyz requires, stats() feeds /stats, access()
-    (asked at each request, so a reload's takes effect) guards /metrics and /stats."""
+    (asked at each request, so a reload's takes effect) guards /metrics and /stats; pages are
+    served beside them (the admin page at /ui, when it is on)."""
 
     async def healthz(_: Request) -> Response:
         return PlainTextResponse("ok\n")
@@ -118,6 +120,7 @@ def make_app(
             Route("/readyz", readyz),
             Route("/metrics", admin_only(metrics_page)),
             Route("/stats", admin_only(stats_page)),
+            *pages,
         ]
     )
 
@@ -125,22 +128,31 @@ def make_app(
 def admitted(request: Request, access: Access | None, metrics: Metrics) -> Response | None:
     """None when the request may see an admin page; else the refusal to send: 401 without a
     token or with one no identity holds, 403 for an identity without admin."""
+    found = admin_of(request, request.headers.get("authorization"), access, metrics)
+    return found if isinstance(found, Response) else None
+
+
+def admin_of(
+    request: Request, authorization: str | None, access: Access | None, metrics: Metrics
+) -> Identity | Response:
+    """The admin identity an authorization value ("Bearer TOKEN") names (NOBODY with auth
+    off), or the refusal to send, counted and logged: 401 without a token or with one no
+    identity holds, 403 for an identity without admin."""
     if access is None or not access.enabled:
-        return None
-    authorization = request.headers.get("authorization")
+        return NOBODY
     try:
         if authorization is None:
             raise Unauthenticated("this page needs an admin's bearer token")
         identity = _by_token(access).authenticate({"authorization": authorization}, None)
     except Unauthenticated as error:
-        _refused(request, metrics, "a caller", "UNAUTHENTICATED", error.message)
+        refused(request, metrics, "a caller", "UNAUTHENTICATED", error.message)
         return PlainTextResponse(
             f"{error.message}\n", 401, headers={"WWW-Authenticate": 'Bearer realm="eventbus"'}
         )
     if identity.may(Permission.ADMIN):
-        return None
+        return identity
     reason = f"identity {identity.name!r} lacks the admin permission"
-    _refused(request, metrics, f"identity {identity.name}", "PERMISSION_DENIED", reason)
+    refused(request, metrics, f"identity {identity.name}", "PERMISSION_DENIED", reason)
     return PlainTextResponse(f"{reason}\n", 403)
 
 
@@ -154,13 +166,18 @@ def _by_token(access: Access) -> Access:
     return tokens
 
 
-def _refused(request: Request, metrics: Metrics, who: str, code: str, reason: str) -> None:
+def refused(request: Request, metrics: Metrics, who: str, code: str, reason: str) -> None:
+    """Count and log (at most once a minute per page, code and caller) a refused request."""
     page = f"HTTP {request.url.path}"
     metrics.auth_refusals.labels(page, code).inc()
-    client = request.client
-    peer = f"{client.host}:{client.port}" if client else "a client"
     message = "auth: %s from %s: %s refused: %s"
-    audit.warning(f"{page} {code} {who}", message, who, peer, page, reason)
+    audit.warning(f"{page} {code} {who}", message, who, peer_of(request), page, reason)
+
+
+def peer_of(request: Request) -> str:
+    """The client's address as host:port, for log lines."""
+    client = request.client
+    return f"{client.host}:{client.port}" if client else "a client"
 
 
 def bounded_config(tls: ssl.SSLContext | None = None) -> HypercornConfig:

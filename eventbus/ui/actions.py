@@ -1,0 +1,81 @@
+"""What the admin page changes: requeue or delete dead letters, cancel delayed messages, purge
+a queue. Each goes through eventbus.jobs.admin, as `eventbus dead-letters` / `eventbus delayed`
+and the v2 Admin service do, and is counted and logged as theirs are (eventbus_admin_actions,
+the eventbus.audit log: who, from where, what, on what)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from ..backends.store import Store
+from ..errors import InvalidArgument
+from ..jobs import admin
+from ..jobs.deadletters import Selection
+from ..ops.metrics import Metrics
+from ..ops.ratelog import RateLimitedLog
+from ..security.access import SHOWN_NAME, Identity
+from .views import Parts
+
+# The same action again within a minute is logged once, as the gRPC gate does.
+audit = RateLimitedLog(logging.getLogger("eventbus.audit"))
+
+
+def record(metrics: Metrics, method: str, identity: Identity, peer: str, target: str) -> None:
+    """An admin action from the page: counted, and logged with who, from where and on what."""
+    metrics.admin_actions.labels(method, identity.name or "-").inc()
+    audit.info(
+        f"{method} {identity.name} {target}",
+        "admin: %s from %s: %s on %s",
+        f"identity {identity.name}" if identity.name else "a caller (auth off)",
+        peer,
+        method,
+        target,
+    )
+
+
+def target_of(queue: str, ids: Sequence[str]) -> str:
+    """What an action acts on, for its log line: a name cut short as refusals cut it."""
+    if len(queue) > SHOWN_NAME:
+        queue = f"{queue[:SHOWN_NAME]}... ({len(queue)} characters)"
+    what = queue or "every queue"
+    return f"{what} ({len(ids)} message ids)" if ids else what
+
+
+async def requeue(parts: Parts, queue: str, ids: Sequence[str]) -> tuple[int, int]:
+    """Dead letters of queue back to it (none named: all of them): (moved, kept)."""
+    return await admin.requeue_dead_letters(
+        parts.store, parts.publisher, parts.namespace, _queue(queue), ids
+    )
+
+
+async def delete(parts: Parts, queue: str, ids: Sequence[str]) -> int:
+    """Forget dead letters of queue (none named: all of them); returns how many."""
+    return await delete_dead_letters(parts.store, parts.namespace, _queue(queue), ids)
+
+
+async def delete_dead_letters(store: Store, namespace: str, queue: str, ids: Sequence[str]) -> int:
+    """Delete the dead letters of one queue, of the given messages only (none given: all of
+    them), checked as admin.requeue_dead_letters checks its arguments; returns how many."""
+    selection = Selection(admin.queue_filter(queue, namespace), tuple(admin.message_ids(ids)))
+    if selection.queue is None:
+        raise InvalidArgument("queue must not be empty")
+    where, args = selection.where()
+    status = await store.execute(f"DELETE FROM dead_letters{where}", *args)
+    return int(status.split()[-1])
+
+
+async def cancel(parts: Parts, ids: Sequence[str]) -> tuple[int, list[str]]:
+    """Cancel delayed messages not moved yet: (cancelled, ids that named none)."""
+    return await admin.cancel_delayed(parts.store, ids)
+
+
+async def purge(parts: Parts, queue: str) -> int:
+    """The ready messages of a queue, removed from RabbitMQ; returns how many."""
+    return await parts.queues.purge(_queue(queue))
+
+
+def _queue(queue: str) -> str:
+    if not queue:
+        raise InvalidArgument("queue must not be empty")
+    return queue
