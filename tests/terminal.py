@@ -65,16 +65,19 @@ def wait_until(check: Callable[[], T], timeout: float = 20, what: str = "the con
 
 
 @contextmanager
-def module_daemon(amqp_url: str, directory: Path, **overrides: Any) -> Iterator[DaemonProcess]:
+def module_daemon(
+    amqp_url: str, directory: Path, *, ready: bool = True, **overrides: Any
+) -> Iterator[DaemonProcess]:
     """A daemon on a database and Redis prefix of its own (the run's vhost, a namespace of its
-    own), removed afterwards."""
+    own), removed afterwards; waited for unless ready is False (its HTTP speaks TLS, say)."""
     database = servers.unique_name("eventbus_test")
     dsn = servers.create_database(database)
     prefix = servers.unique_name("eventbus_test") + ":"
     backends = Backends(amqp_url, dsn, prefix, servers.unique_name("ns"))
     daemon = DaemonProcess(directory, backends, **overrides)
     try:
-        daemon.wait_ready()
+        if ready:
+            daemon.wait_ready()
         yield daemon
     finally:
         daemon.kill()

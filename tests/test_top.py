@@ -6,9 +6,13 @@ is away, and an unreachable daemon is one line and status 3."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import secrets
+import ssl
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
@@ -22,7 +26,8 @@ from eventbus.client import Client, OutboundMessage
 from eventbus.tools import view
 from eventbus.tools.sampling import NodeStats, QueueCounts, Readiness, Reading, rates
 from tests import servers
-from tests.daemon_process import DaemonProcess
+from tests.certs import issue, make_ca
+from tests.daemon_process import DaemonProcess, auth_table
 from tests.terminal import eventbus, module_daemon, tmux, wait_until, with_client
 
 QUICK: dict[str, dict[str, Any]] = {
@@ -268,3 +273,44 @@ def test_piped_it_prints_one_screen(bus: DaemonProcess) -> None:
     assert result.returncode == 0, result.stderr
     assert row_of(result.stdout, queue)[:2] == ["4", "0"]  # type: ignore[index]
     assert "rabbitmq up" in result.stdout and time.monotonic() - started < 30
+
+
+def test_over_tls_with_a_token(
+    amqp_url: str, tmp_path_factory: pytest.TempPathFactory, tmp_path: Any
+) -> None:
+    ca = make_ca(tmp_path / "ca", "bus CA")
+    server = issue(ca, "bus")
+    tls = {"cert_file": str(server.cert_file), "key_file": str(server.key_file), "http": True}
+    ops, worker = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    auth = auth_table(
+        "token",
+        ops={"token_sha256": hashlib.sha256(ops.encode()).hexdigest(), "admin": True},
+        worker={"token_sha256": hashlib.sha256(worker.encode()).hexdigest(), "publish": ["*"]},
+    )
+    directory = tmp_path_factory.mktemp("top-tls") / "node0"
+    with module_daemon(amqp_url, directory, ready=False, tls=tls, auth=auth, **QUICK) as daemon:
+        https = f"https://127.0.0.1:{daemon.http_port}"
+        context = ssl.create_default_context(cafile=str(ca.cert_file))
+
+        def ready() -> bool:
+            try:
+                with urllib.request.urlopen(f"{https}/readyz", context=context, timeout=2) as got:
+                    return bool(got.status == 200)
+            except OSError:
+                return False
+
+        wait_until(ready, timeout=30, what="/readyz over TLS")
+        base = ["top", "--server", daemon.grpc_address, "--tls-ca", str(ca.cert_file)]
+        shown = eventbus(*base, "--http", https, "--token", ops, "--interval", "0.3")
+        assert shown.returncode == 0, shown.stderr
+        assert "READY  rabbitmq up" in shown.stdout and row_of(shown.stdout, "total")
+
+        for token, status in (([], "401"), (["--token", worker], "403")):
+            refused = eventbus(*base, "--http", https, *token)
+            assert refused.returncode == 1, refused.stderr
+            [line] = refused.stderr.splitlines()
+            assert line.startswith(f"eventbus: {https}/stats: HTTP {status}")
+        no_admin = eventbus(*base, "--token", worker)  # gRPC alone: the Admin API refuses
+        assert no_admin.returncode == 1 and "PERMISSION_DENIED" in no_admin.stderr
+        plain = eventbus(*base, "--http", f"127.0.0.1:{daemon.http_port}", "--token", ops)
+        assert plain.returncode == 3 and "cannot read http://" in plain.stderr

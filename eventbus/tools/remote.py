@@ -52,6 +52,10 @@ class Unreachable(Exception):
     """The daemon's HTTP port did not answer (top's /stats and /readyz): one line."""
 
 
+class Refused(Exception):
+    """The daemon's HTTP port answered with an error status (401 without an admin token)."""
+
+
 def add_options(parser: argparse.ArgumentParser) -> None:
     """--server, --timeout, the TLS options and the token options."""
     group = parser.add_argument_group("connection")
@@ -185,7 +189,7 @@ def run(command: Command, args: argparse.Namespace) -> int:
         status = trio.run(_within_loop, command, remote, args)
     except* KeyboardInterrupt:
         status = EXIT_INTERRUPTED
-    except* (RpcError, Unreachable, UsageError) as group:
+    except* (RpcError, Unreachable, Refused, UsageError) as group:
         failure = leaves(group)[0]
         status = complain(describe(failure, remote.server), exit_status(failure))
     return status
@@ -219,7 +223,7 @@ def reached(error: RpcError) -> bool:
 def exit_status(error: BaseException) -> int:
     if isinstance(error, UsageError):
         return EXIT_USAGE
-    if isinstance(error, RpcError) and reached(error):
+    if (isinstance(error, RpcError) and reached(error)) or isinstance(error, Refused):
         return EXIT_REFUSED
     return EXIT_UNREACHABLE
 

@@ -124,7 +124,8 @@ class Http:
         self._timeout = target.timeout
 
     async def read(self) -> tuple[NodeStats, Readiness]:
-        """Both pages; Unreachable with one line when either cannot be had."""
+        """Both pages; Unreachable (no answer) or Refused (an error status) with one line when
+        either cannot be had."""
         stats = await trio.to_thread.run_sync(self._get, "/stats")
         ready = await trio.to_thread.run_sync(self._get, "/readyz")
         readiness = Readiness(
@@ -142,9 +143,8 @@ class Http:
         except urllib.error.HTTPError as error:
             if path == "/readyz" and error.code == 503:  # not ready: the body says why
                 return dict(json.load(error))
-            raise remote.Unreachable(
-                f"{self.url}{path}: HTTP {error.code} {error.reason}"
-            ) from None
+            refused = f"{self.url}{path}: HTTP {error.code} {error.reason}"
+            raise remote.Refused(refused) from None
         except (OSError, ValueError, ssl.SSLError) as error:
             reason = getattr(error, "reason", None) or error
             raise remote.Unreachable(f"cannot read {self.url}{path}: {reason}") from None

@@ -59,13 +59,13 @@ class Sampler:
 
     async def read(self, *, strict: bool = False) -> sampling.Reading:
         """Read /stats and /readyz (with --http), then the queues. strict: a failure raises
-        (RpcError, remote.Unreachable) instead of being noted in the reading."""
+        (RpcError, remote.Unreachable, remote.Refused) instead of being noted in the reading."""
         stats = readiness = http_error = queues = queues_error = None
         if self._http is not None:
             try:
                 stats, readiness = await self._http.read()
                 self._also = sorted(stats.counters)
-            except remote.Unreachable as error:
+            except (remote.Unreachable, remote.Refused) as error:
                 if strict:
                     raise
                 http_error = str(error)

@@ -45,7 +45,7 @@ def uptime(seconds: float) -> str:
 
 def _title(frame: Frame) -> Text:
     stats = frame.reading.stats
-    title = Text("eventbus top", style="bold")
+    title = Text("eventbus top", style="bold", no_wrap=True, overflow="ellipsis")
     if stats is not None:
         title.append(f"  node {stats.node}  v{stats.version}  up {uptime(stats.uptime)}")
     where = frame.server + (f"  http {frame.http}" if frame.http else "")
@@ -61,7 +61,7 @@ def _health(frame: Frame) -> Text:
     if reading.readiness is None:
         return Text(f"HTTP: {reading.http_error}", style="bold red")
     readiness = reading.readiness
-    line = Text("READY" if readiness.ready else "NOT READY", style="bold green")
+    line = Text("READY" if readiness.ready else "NOT READY", style="bold green", no_wrap=True)
     if not readiness.ready:
         line.stylize("bold red")
     for name in DEPENDENCIES:
