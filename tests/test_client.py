@@ -5,6 +5,8 @@ daemon restart), the unary v2 calls; on asyncio and from trio through trio-async
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
@@ -14,6 +16,7 @@ import trio_asyncio
 from grpclib.const import Status
 
 from eventbus.client import Client, Message, OutboundMessage, ReceivedMessage, RpcError
+from tests.daemon_process import auth_table
 from tests.servers import unique_name
 
 T = TypeVar("T")
@@ -290,3 +293,33 @@ async def test_from_trio_through_trio_asyncio(daemon: Any) -> None:
             v1_data = await trio_asyncio.aio_as_trio(scenario)()
     assert handled.items == [b"from trio"]
     assert v1_data == "v1 from trio"
+
+
+def test_a_token_goes_with_every_call_of_the_client(make_daemon: Any) -> None:
+    token = secrets.token_urlsafe(32)
+    identity = {
+        "token_sha256": hashlib.sha256(token.encode()).hexdigest(),
+        "publish": ["*"],
+        "subscribe": ["*"],
+    }
+    daemon = make_daemon(auth=auth_table("token", app=identity), **QUICK)
+    daemon.wait_ready()
+    queue = unique_name("tok")
+
+    async def main() -> None:
+        async with Client(daemon.grpc_address, timeout=10) as anonymous:
+            with pytest.raises(RpcError) as refused:
+                await anonymous.v1.publish(queue, "x")
+            assert refused.value.status is Status.UNAUTHENTICATED
+        async with Client(daemon.grpc_address, timeout=10, token=token) as client:
+            await client.v1.publish(queue, "one")
+            [result] = await client.publish_batch([OutboundMessage(queue=queue, data=b"two")])
+            assert result.message_id
+            pulled = await pull_all(client, queue, 2)
+            assert sorted(m.data for m in pulled) == [b"one", b"two"]
+            assert await client.acknowledge([m.ack_id for m in pulled]) == []
+            client.close()  # a channel opened again carries the token too
+            assert await client.pull(queue, wait_seconds=0.2) == []
+
+    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+        runner.run(main())

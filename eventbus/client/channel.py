@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from grpclib.client import Channel
 from grpclib.config import Configuration
+from grpclib.events import SendRequest, listen
 
 from .._generated import mq_grpc, v2_grpc
 
@@ -44,6 +45,7 @@ class Stubs:
     subscriber: v2_grpc.SubscriberStub
     mq: mq_grpc.MqStub
     mq_topic: mq_grpc.MqTopicStub
+    admin: v2_grpc.AdminStub
 
     @classmethod
     def over(cls, channel: Channel) -> Stubs:
@@ -53,6 +55,7 @@ class Stubs:
             v2_grpc.SubscriberStub(channel),
             mq_grpc.MqStub(channel),
             mq_grpc.MqTopicStub(channel),
+            v2_grpc.AdminStub(channel),
         )
 
 
@@ -60,11 +63,16 @@ class Connection:
     """Where the daemon is, and the channel to it once one was needed."""
 
     def __init__(
-        self, target: str, ssl: _ssl.SSLContext | bool | None, keepalive_seconds: float | None
+        self,
+        target: str,
+        ssl: _ssl.SSLContext | bool | None,
+        keepalive_seconds: float | None,
+        token: str | None = None,
     ) -> None:
         self.host, self.port, self.path = parse_target(target)
         self._ssl = ssl
         self._config = keepalive(keepalive_seconds)
+        self._token = token
         self._stubs: Stubs | None = None
 
     @property
@@ -75,8 +83,16 @@ class Connection:
 
     def _open(self) -> Channel:
         if self.path is not None:
-            return Channel(path=self.path, ssl=self._ssl, config=self._config)
-        return Channel(self.host, self.port, ssl=self._ssl, config=self._config)
+            channel = Channel(path=self.path, ssl=self._ssl, config=self._config)
+        else:
+            channel = Channel(self.host, self.port, ssl=self._ssl, config=self._config)
+        if self._token:
+            listen(channel, SendRequest, self._authorize)
+        return channel
+
+    async def _authorize(self, event: SendRequest) -> None:
+        """Every call carries the bearer token (auth.mode token or any)."""
+        event.metadata["authorization"] = f"Bearer {self._token}"
 
     def close(self) -> None:
         """Close the channel; calls still open fail. The next call opens a new one."""

@@ -7,7 +7,7 @@ import ssl as _ssl
 import weakref
 from collections.abc import Awaitable, Iterable
 
-from .._generated import v2_pb2
+from .._generated import v2_grpc, v2_pb2
 from .channel import Connection, Stubs
 from .errors import translated
 from .messages import OutboundMessage, PublishResult, ReceivedMessage
@@ -24,7 +24,9 @@ class Client:
 
     Use it inside a running event loop, as `async with Client(...) as client:`; leaving the
     block stops its subscriptions and flushes its publishers, then closes the channel.
-    `timeout` bounds each unary call (seconds); it may be None (no bound)."""
+    `timeout` bounds each unary call (seconds); it may be None (no bound). `token`, when the
+    daemon checks tokens, goes with every call as `authorization: Bearer TOKEN`; send it over
+    TLS only (`ssl`)."""
 
     def __init__(
         self,
@@ -33,8 +35,9 @@ class Client:
         ssl: _ssl.SSLContext | bool | None = None,
         timeout: float | None = 30.0,
         keepalive_seconds: float | None = 30.0,
+        token: str | None = None,
     ) -> None:
-        self._connection = Connection(target, ssl, keepalive_seconds)
+        self._connection = Connection(target, ssl, keepalive_seconds, token)
         self.timeout = timeout
         self.v1 = V1(self._connection, timeout)
         self._publishers: weakref.WeakSet[Publisher] = weakref.WeakSet()
@@ -168,6 +171,11 @@ class Client:
         with translated():
             reply = await self._stubs.subscriber.ModifyAckDeadline(request, timeout=self.timeout)
         return list(reply.invalid_ack_ids)
+
+    @property
+    def admin(self) -> v2_grpc.AdminStub:
+        """The eventbus.v2.Admin stub on this client's channel (an admin identity's calls)."""
+        return self._connection.stubs.admin
 
     @property
     def _stubs(self) -> Stubs:

@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
-from grpclib.client import Channel
-from grpclib.events import SendRequest, listen
 from grpclib.exceptions import GRPCError
 
 from .._generated import v2_grpc
@@ -151,26 +149,12 @@ def read_token(args: argparse.Namespace) -> str | None:
 
 def open_client(remote: Remote) -> Client:
     """(asyncio side) A client of the daemon whose calls carry the token."""
-    client = Client(remote.server, ssl=remote.grpc_tls, timeout=remote.timeout)
-    if remote.token:
-        metadata = remote.authorization
-
-        async def add_token(event: SendRequest) -> None:
-            event.metadata.update(metadata)
-
-        listen(channel_of(client), SendRequest, add_token)
-    return client
-
-
-def channel_of(client: Client) -> Channel:
-    """(asyncio side) The client's grpclib channel, opened now if it was not yet. The client
-    takes no call metadata of its own, so the token is added by a listener on this channel."""
-    return client._connection.stubs.channel  # the client's own channel, shared on purpose
+    return Client(remote.server, ssl=remote.grpc_tls, timeout=remote.timeout, token=remote.token)
 
 
 def admin_stub(client: Client) -> v2_grpc.AdminStub:
     """(asyncio side) eventbus.v2.Admin over the client's channel."""
-    return v2_grpc.AdminStub(channel_of(client))
+    return client.admin
 
 
 # ---- Running a command and its exit status ---------------------------------------------------
