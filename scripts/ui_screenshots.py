@@ -12,11 +12,13 @@ import argparse
 import json
 import math
 import random
+import signal
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -120,15 +122,23 @@ def shoot(daemon: DaemonProcess, out: Path) -> None:
         driver.quit()
 
 
-def save_full(driver: object, path: Path) -> None:
-    height = driver.execute_script("return document.documentElement.scrollHeight")  # type: ignore[attr-defined]
-    driver.set_window_size(1360, min(int(height) + 20, 2400))  # type: ignore[attr-defined]
-    time.sleep(0.5)
-    driver.save_screenshot(str(path))  # type: ignore[attr-defined]
+def save_full(driver: Any, path: Path) -> None:
+    """A screenshot of the whole page (at most 2400 pixels high)."""
+    bottom = "return Math.ceil(document.querySelector('main').getBoundingClientRect().bottom)"
+    for _ in range(2):  # the window's height changes the chrome around the viewport
+        inner = driver.execute_script("return window.outerHeight - window.innerHeight")
+        driver.set_window_size(1360, min(int(driver.execute_script(bottom)) + inner, 2400))
+        time.sleep(0.5)
+    driver.save_screenshot(str(path))
     print(f"wrote {path}")
 
 
+def stop_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # so the daemon, vhost, database and Redis keys are removed
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=6)
     parser.add_argument("--out", type=Path, default=ROOT / "docs")

@@ -200,7 +200,7 @@ def spark_svg(paths: Mapping[str, str] | None) -> Html:
     lines = join(fill('<path class="s-{k}" d="{d}"/>', k=k, d=d) for k, d in paths.items())
     return fill(
         '<svg class="spark" viewBox="0 0 120 28" width="120" height="28" role="img" '
-        'aria-label="rates over the last 15 minutes">{lines}</svg>',
+        'preserveAspectRatio="none" aria-label="rates over the last 15 minutes">{lines}</svg>',
         lines=lines,
     )
 

@@ -49,6 +49,7 @@
     svg.setAttribute("width", "120");
     svg.setAttribute("height", "28");
     svg.setAttribute("role", "img");
+    svg.setAttribute("preserveAspectRatio", "none");
     svg.setAttribute("aria-label", "rates over the last 15 minutes");
     for (const name of SERIES) {
       const path = document.createElementNS(SVG, "path");
