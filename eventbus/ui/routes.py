@@ -353,8 +353,11 @@ STATIC_DIRECTORY = Path(__file__).parent / "static"
 
 
 def _load_static() -> dict[str, tuple[bytes, str, str]]:
-    files = {}
-    for path in STATIC_DIRECTORY.iterdir():
+    """The files of static/ by name, with their type and ETag (none when an install left
+    them out: the pages still work, unstyled and without live refresh)."""
+    files: dict[str, tuple[bytes, str, str]] = {}
+    paths = STATIC_DIRECTORY.iterdir() if STATIC_DIRECTORY.is_dir() else ()
+    for path in paths:
         if path.suffix in STATIC_TYPES:
             data = path.read_bytes()
             etag = '"' + hashlib.sha256(data).hexdigest()[:16] + '"'
