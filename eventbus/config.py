@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import yarl
+
 from .delivery.validate import MAX_NAME_BYTES, NAME_CHARACTERS, NAME_PATTERN
 
 ENV_PREFIX = "EVENTBUS_"
@@ -67,10 +69,25 @@ PORT = _int(1, 65535)
 URL = _text(r"\S+://\S+", "a URL")
 SECRET_PATH = Rule(str, "a path to a file holding the value, or empty")
 AMQP_URL = re.compile(r"amqps?://\S+")
+
+
+def _amqp_url(value: Any) -> bool:
+    """An amqp:// or amqps:// URL that aio-pika can parse, with a host: a / # or ? in the
+    password must be %-encoded, and the port a number up to 65535."""
+    if not isinstance(value, str) or not AMQP_URL.fullmatch(value):
+        return False
+    try:
+        url = yarl.URL(value)
+        return bool(url.host) and (url.port is None or 0 < url.port < 65536)
+    except ValueError:
+        return False
+
+
+AMQP_URL_EXPECTED = "an amqp:// URL with a host (a / # ? in the password %-encoded)"
 AMQP_URLS = Rule(
     list,
-    "a list of amqp:// URLs (at most 16)",
-    lambda v: len(v) <= 16 and all(isinstance(u, str) and AMQP_URL.fullmatch(u) for u in v),
+    f"a list of at most 16 of {AMQP_URL_EXPECTED}",
+    lambda v: len(v) <= 16 and all(_amqp_url(u) for u in v),
 )
 
 
@@ -109,7 +126,7 @@ class AmqpConfig:
     the bus uses it."""
 
     url: str = _setting(
-        "amqp://guest:guest@127.0.0.1:5672/", _text(AMQP_URL.pattern, "an amqp:// URL")
+        "amqp://guest:guest@127.0.0.1:5672/", Rule(str, AMQP_URL_EXPECTED, _amqp_url)
     )
     urls: tuple[str, ...] = _setting((), AMQP_URLS)  # set: replaces url
     url_file: str = _setting("", SECRET_PATH)  # one URL a line: several make urls
@@ -715,7 +732,7 @@ def _parse_env(text: str, kind: type) -> Any:
         int: int,
         float: float,
         bool: _parse_bool,
-        list: lambda text: text.replace(",", " ").split(),  # several URLs: "amqp://a amqp://b"
+        list: str.split,  # several URLs: "amqp://a amqp://b" (a , may be in a password)
     }
     try:
         return parsers.get(kind, str)(text.strip() if kind is not str else text)

@@ -87,8 +87,8 @@ def test_wrong_type_names_the_key(tmp_path: Path) -> None:
         ),
         (
             '[amqp]\nurl = "http://x"\n',
-            "config.toml: amqp.url: expected an amqp:// URL, got a string of 8 characters "
-            "(not shown: it may be secret)",
+            "config.toml: amqp.url: expected an amqp:// URL with a host (a / # ? in the "
+            "password %-encoded), got a string of 8 characters (not shown: it may be secret)",
         ),
         (
             '[amqp]\nnamespace = ""\n',
@@ -218,7 +218,7 @@ def test_several_brokers_replace_the_one_url(tmp_path: Path) -> None:
 
 
 def test_broker_urls_from_the_environment_replace_the_files_url(tmp_path: Path) -> None:
-    environ = {"EVENTBUS_AMQP__URLS": "amqp://h1:5672/, amqp://h2:5672/"}
+    environ = {"EVENTBUS_AMQP__URLS": "amqp://h1:5672/ amqp://h2:5672/"}
     config = load(write(tmp_path, "[amqp]\nurl = 'amqp://old:5672/'\n"), environ)
     assert config.amqp.brokers == ("amqp://h1:5672/", "amqp://h2:5672/")
     environ = {"EVENTBUS_AMQP__URL": "amqp://one:5672/"}
@@ -238,8 +238,12 @@ def test_a_url_file_of_several_lines_names_several_brokers(tmp_path: Path) -> No
     ("text", "line"),
     [
         ("[amqp]\nurls = []\n", "amqp.urls: expected at least one amqp:// URL, got []"),
-        ("[amqp]\nurls = ['http://x/']\n", "amqp.urls: expected a list of amqp:// URLs"),
-        ("[amqp]\nurls = 'amqp://x/'\n", "amqp.urls: expected a list of amqp:// URLs"),
+        ("[amqp]\nurls = ['http://x/']\n", "amqp.urls: expected a list of at most 16"),
+        ("[amqp]\nurls = 'amqp://x/'\n", "amqp.urls: expected a list of at most 16"),
+        ("[amqp]\nurls = ['amqp://h1/', 'amqp://u:pa/ss@h2/']\n", "amqp.urls: expected a list"),
+        ("[amqp]\nurls = ['amqp://u:pa#ss@h2/']\n", "amqp.urls: expected a list"),
+        ("[amqp]\nurl = 'amqp://h:99999/'\n", "amqp.url: expected an amqp:// URL with a host"),
+        ("[amqp]\nurl = 'amqp:///vhost'\n", "amqp.url: expected an amqp:// URL with a host"),
         (
             "[amqp]\nurls = ['amqp://x/']\nurl = 'amqp://y/'\n",
             "set amqp.url or amqp.urls, not both",
@@ -252,4 +256,10 @@ def test_a_url_file_of_several_lines_names_several_brokers(tmp_path: Path) -> No
 def test_bad_broker_keys(tmp_path: Path, text: str, line: str) -> None:
     message = error_of(tmp_path, text)
     assert line in message
-    assert "http://x/" not in message  # a refused URL may hold a password: never repeated
+    assert "http://x/" not in message and "pa/ss" not in message  # may hold a password
+
+
+def test_a_comma_in_a_broker_password_stays_in_its_url(tmp_path: Path) -> None:
+    environ = {"EVENTBUS_AMQP__URLS": "amqp://u:a,b@h1:5672/ amqp://u:c@h2:5672/"}
+    config = load(write(tmp_path, ""), environ)
+    assert config.amqp.brokers == ("amqp://u:a,b@h1:5672/", "amqp://u:c@h2:5672/")
