@@ -498,6 +498,8 @@ def _read_secrets(source: str, sections: dict[str, dict[str, Any]], credentials:
         value: str | list[str] = text
         if section == "amqp" and len(text.split()) > 1:
             key, value = "urls", text.split()  # one broker URL a line
+        if section == "amqp":  # the file's brokers replace the table's, as any secret file does
+            sections[section].pop(BROKER_KEYS[section, key], None)
         rule = _rules(section)[key]
         if not rule.check(value):
             raise ConfigError(f"{where}: the file must hold {rule.expected}")

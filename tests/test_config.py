@@ -228,9 +228,8 @@ def test_broker_urls_from_the_environment_replace_the_files_url(tmp_path: Path) 
 
 def test_a_url_file_of_several_lines_names_several_brokers(tmp_path: Path) -> None:
     (tmp_path / "brokers").write_text("amqp://u:secret@h1:5672/\namqp://u:secret@h2:5672/\n")
-    config = load(
-        write(tmp_path, "[amqp]\nurl_file = 'brokers'\n"), {"CREDENTIALS_DIRECTORY": str(tmp_path)}
-    )
+    text = "[amqp]\nurl = 'amqp://guest:guest@127.0.0.1:5672/'\nurl_file = 'brokers'\n"
+    config = load(write(tmp_path, text), {"CREDENTIALS_DIRECTORY": str(tmp_path)})
     assert config.amqp.brokers == ("amqp://u:secret@h1:5672/", "amqp://u:secret@h2:5672/")
 
 
