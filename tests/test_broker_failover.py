@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import socket
 import threading
 import time
@@ -19,8 +20,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import pytest
+import trio
+import trio.testing
 
-from eventbus.backends.broker import broker_order
+from eventbus.backends import broker as broker_module
+from eventbus.backends.broker import Broker, broker_order
+from eventbus.config import AmqpConfig
+from eventbus.errors import DependencyUnavailable
 from tests.bus_client import BusClient
 from tests.servers import closed_port
 from tests.test_faults import Publisher
@@ -48,6 +54,47 @@ def test_shuffled_brokers_are_shuffled_each_time_and_the_lost_one_still_last() -
     orders = {tuple(broker_order(["a", "b", "c"], "shuffled")) for _ in range(200)}
     assert len(orders) > 1  # shuffled anew on every call
     assert all(sorted(order) == ["a", "b", "c"] for order in orders)
+
+
+class ClockJumpingLog(logging.Handler):
+    """Moves a mock clock past a deadline while a warning line is written (a slow log)."""
+
+    def __init__(self, clock: trio.testing.MockClock, seconds: float) -> None:
+        super().__init__()
+        self._clock, self._seconds = clock, seconds
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._clock.jump(self._seconds)
+
+
+class Unanswering(Broker):
+    """A Broker whose every broker refuses at once (no RabbitMQ involved)."""
+
+    async def _open_pair(self, url: str) -> Any:
+        raise ConnectionRefusedError(f"{url} refused")
+
+
+def test_the_window_ending_while_logging_is_dependency_unavailable() -> None:
+    """The last attempt fails just inside the window, and the window ends before the pause that
+    follows: the pause is no negative sleep (ValueError) but none, and then the daemon gives up
+    as it should."""
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    handler = ClockJumpingLog(clock, 3.0)
+    logger = logging.getLogger(broker_module.__name__)
+    logger.addHandler(handler)
+    config = AmqpConfig(urls=("amqp://guest:guest@127.0.0.1:1/", "amqp://guest:x@127.0.0.1:2/"))
+
+    async def main() -> str:
+        with pytest.raises(DependencyUnavailable) as raised:
+            await Unanswering(config).connect(5)
+        return str(raised.value)
+
+    try:
+        message = trio.run(main, clock=clock)
+    finally:
+        logger.removeHandler(handler)
+    assert "did not answer within 5 s" in message and "refused" in message
+    assert ":x@" not in message
 
 
 class Forwarder:

@@ -250,7 +250,7 @@ class Broker:
                 logger.warning(
                     "RabbitMQ at %s: %s (attempt %d); %s", self.address, reason, attempt, then
                 )
-            await trio.sleep(min(delay, give_up_at - trio.current_time()))
+            await trio.sleep(max(0.0, min(delay, give_up_at - trio.current_time())))
             delay = min(delay * 2, MAX_DELAY)
 
     def _all_addresses(self) -> str:
