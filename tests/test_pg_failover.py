@@ -6,6 +6,7 @@ and is written to the new primary after; nothing confirmed is lost and the daemo
 from __future__ import annotations
 
 import shutil
+import socket
 import tempfile
 import time
 from collections import Counter
@@ -17,7 +18,14 @@ import pytest
 import trio
 
 from eventbus.backends import aio
-from eventbus.backends.store import NoPrimary, hosts_of, open_store, pool_options
+from eventbus.backends.store import (
+    PER_HOST_TIMEOUT,
+    NoPrimary,
+    attempt_timeout,
+    hosts_of,
+    open_store,
+    pool_options,
+)
 from eventbus.config import PostgresConfig, load
 from scripts.cluster import ClusterError, PgNode, free_ports, kill_under
 from tests import servers
@@ -187,6 +195,25 @@ async def test_a_primary_turned_read_only_is_left_for_the_promoted_standby(
             await store.close()
     with pytest.raises(Exception, match="read-only"):
         primary.sql("INSERT INTO failover_probe VALUES (4)", database="eventbus")
+
+
+async def test_a_first_host_that_never_answers_leaves_time_for_the_next(postgres_dsn: str) -> None:
+    """The first host takes the TCP connection and says nothing: after PER_HOST_TIMEOUT the
+    second host (this machine's PostgreSQL) is tried within the same attempt, and taken."""
+    silent = socket.create_server(("127.0.0.1", 0), backlog=50)
+    port = silent.getsockname()[1]
+    dsn = postgres_dsn.replace("127.0.0.1:5432", f"127.0.0.1:{port},127.0.0.1:5432")
+    try:
+        async with aio.open_loop(lambda: None):
+            store = await open_store(PostgresConfig(dsn=dsn), window=16)
+            try:
+                assert store.host == "127.0.0.1:5432"
+                assert await store.fetchval("SELECT 41 + 1") == 42
+            finally:
+                await store.close()
+    finally:
+        silent.close()
+    assert attempt_timeout(2) == 2 * PER_HOST_TIMEOUT + 1
 
 
 def test_a_multi_host_dsn_is_valid_config_and_defaults_to_read_write(tmp_path: Path) -> None:

@@ -26,8 +26,10 @@ async def connect_within(
     connect: Callable[[], Awaitable[T]],
     window: float,
     transient: tuple[type[BaseException], ...],
+    attempt_timeout: float = ATTEMPT_TIMEOUT,
 ) -> T:
-    """Call connect until it succeeds, retrying only transient errors, for at most window seconds.
+    """Call connect until it succeeds, retrying only transient errors, for at most window seconds,
+    each attempt for at most attempt_timeout (one that walks several hosts needs more).
 
     Waits on connect and on the back-off sleeps between attempts. Raises DependencyUnavailable,
     naming the dependency and its address, once the window has passed.
@@ -40,7 +42,7 @@ async def connect_within(
         attempt += 1
         left = give_up_at - trio.current_time()
         try:
-            with trio.fail_after(max(0.1, min(ATTEMPT_TIMEOUT, left))):
+            with trio.fail_after(max(0.1, min(attempt_timeout, left))):
                 return await connect()
         except retryable as error:
             reason = describe(error)

@@ -257,7 +257,8 @@ def pool_options(dsn: str) -> dict[str, Any]:
 
 
 async def open_store(config: PostgresConfig, window: float) -> Store:
-    """Connect a pool within window seconds and bring the schema up to date."""
+    """Connect a pool within window seconds and bring the schema up to date. An attempt may walk
+    every host, each for up to PER_HOST_TIMEOUT, so it gets that long per host (and a second)."""
     hosts = Hosts(config.dsn)
     options = {
         "min_size": 1,
@@ -271,6 +272,7 @@ async def open_store(config: PostgresConfig, window: float) -> Store:
         lambda: aio.call(_create_pool, config.dsn, options),
         window,
         TRANSIENT_ERRORS,
+        attempt_timeout=attempt_timeout(len(hosts.hosts)),
     )
     store = Store(pool, hosts)
     try:
@@ -281,6 +283,12 @@ async def open_store(config: PostgresConfig, window: float) -> Store:
     if applied:
         logger.info("PostgreSQL: applied migrations %s", ", ".join(applied))
     return store
+
+
+def attempt_timeout(hosts: int) -> float:
+    """How long one connect attempt may take: PER_HOST_TIMEOUT for each host it may walk,
+    and a second for the rest (a silent first host must leave time for the next)."""
+    return PER_HOST_TIMEOUT * max(1, hosts) + 1
 
 
 async def _create_pool(dsn: str, options: dict[str, Any]) -> asyncpg.Pool:
