@@ -5,9 +5,12 @@ and is written to the new primary after; nothing confirmed is lost and the daemo
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
+import struct
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -20,8 +23,10 @@ import trio
 from eventbus.backends import aio
 from eventbus.backends.store import (
     PER_HOST_TIMEOUT,
+    Hosts,
     NoPrimary,
     attempt_timeout,
+    hide,
     hosts_of,
     open_store,
     pool_options,
@@ -214,6 +219,84 @@ async def test_a_first_host_that_never_answers_leaves_time_for_the_next(postgres
     finally:
         silent.close()
     assert attempt_timeout(2) == 2 * PER_HOST_TIMEOUT + 1
+
+
+class RefusingPostgres:
+    """A PostgreSQL host, in a thread on a port of its own, that answers every login with one
+    FATAL error (SQLSTATE code): too many connections, no such database, and the like."""
+
+    def __init__(self, code: str, text: str) -> None:
+        fields = b"SFATAL\0VFATAL\0C" + code.encode() + b"\0M" + text.encode() + b"\0\0"
+        self._error = b"E" + struct.pack("!I", 4 + len(fields)) + fields
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            with client, contextlib.suppress(OSError):
+                self._refuse(client)
+
+    def _refuse(self, client: socket.socket) -> None:
+        length, code = struct.unpack("!II", client.recv(8, socket.MSG_WAITALL))
+        if code == 80877103:  # SSLRequest: no SSL here; the startup message follows
+            client.sendall(b"N")
+            (length,) = struct.unpack("!I", client.recv(4, socket.MSG_WAITALL))
+            client.recv(length - 4, socket.MSG_WAITALL)
+        else:
+            client.recv(length - 8, socket.MSG_WAITALL)
+        client.sendall(self._error)
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+REFUSALS = [
+    ("53300", "sorry, too many clients already"),
+    ("28000", "no pg_hba.conf entry for host"),
+    ("3D000", 'database "eventbus" does not exist'),
+]
+
+
+@pytest.mark.parametrize(("code", "text"), REFUSALS)
+async def test_a_host_that_refuses_the_login_is_passed_over(
+    postgres_dsn: str, code: str, text: str
+) -> None:
+    refusing = RefusingPostgres(code, text)
+    dsn = postgres_dsn.replace("127.0.0.1:5432", f"127.0.0.1:{refusing.port},127.0.0.1:5432")
+    try:
+        async with aio.open_loop(lambda: None):
+            store = await open_store(PostgresConfig(dsn=dsn), window=10)
+            try:
+                assert store.host == "127.0.0.1:5432"
+                await store.ping()
+            finally:
+                await store.close()
+    finally:
+        refusing.close()
+
+
+async def test_when_every_host_refuses_no_primary_says_why_each_was_passed_over() -> None:
+    hosts = [RefusingPostgres(code, text) for code, text in REFUSALS]
+    spec = ",".join(f"127.0.0.1:{host.port}" for host in hosts)
+    dsn = f"postgresql://eb:s3cr%40t@{spec}/eventbus?target_session_attrs=read-write"
+    try:
+        async with aio.open_loop(lambda: None):
+            with pytest.raises(NoPrimary) as raised:
+                await aio.call(Hosts(dsn).connect, dsn, target_session_attrs="read-write")
+    finally:
+        for host in hosts:
+            host.close()
+    message = str(raised.value)
+    for host, (_, text) in zip(hosts, REFUSALS, strict=True):
+        assert f"127.0.0.1:{host.port} " in message and text in message, message
+    assert "TooManyConnectionsError" in message and "InvalidCatalogNameError" in message
+    assert "s3cr" not in message
+    assert hide("login as eb with s3cr@t failed", "s3cr%40t") == "login as eb with *** failed"
 
 
 def test_a_multi_host_dsn_is_valid_config_and_defaults_to_read_write(tmp_path: Path) -> None:

@@ -47,13 +47,6 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.TooManyConnectionsError,
     asyncpg.ConnectionDoesNotExistError,
 )
-# A host of several that fails so is passed over for the next one.
-NEXT_HOST: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.CannotConnectNowError,  # starting up, shutting down, in recovery without hot_standby
-    asyncpg.TargetServerAttributeNotMatched,  # a standby, when the DSN wants read-write
-)
 
 
 class Queries(Protocol):
@@ -192,10 +185,13 @@ class Hosts:
     def __init__(self, dsn: str) -> None:
         self.hosts = hosts_of(dsn)
         self.host: str | None = None  # host:port of the newest connection
+        self._password = urlsplit(dsn).password
 
     async def connect(self, dsn: str, **options: Any) -> asyncpg.Connection:
         """(asyncio side) A connection to the first host that takes it; NoPrimary when none
-        does. Waits on each host in turn."""
+        does, saying why each was passed over. Any failure of one host (down, a standby, out of
+        connections, refusing the login or the database) moves on to the next: another host
+        may well take it. Waits on each host in turn."""
         if len(self.hosts) < 2:
             return self._note(await asyncpg.connect(dsn, **options))
         failures = []
@@ -204,8 +200,9 @@ class Hosts:
                 async with asyncio.timeout(PER_HOST_TIMEOUT):
                     connection = await asyncpg.connect(dsn, host=host, port=port, **options)
                 return self._note(connection)
-            except NEXT_HOST as error:
-                failures.append(f"{join_host(host, port)} {why_passed_over(error)}")
+            except Exception as error:  # never cancellation: that is a BaseException
+                why = hide(why_passed_over(error), self._password)
+                failures.append(f"{join_host(host, port)} {why}")
         raise NoPrimary("no host takes writes: " + "; ".join(failures))
 
     def _note(self, connection: asyncpg.Connection) -> asyncpg.Connection:
@@ -220,6 +217,13 @@ def why_passed_over(error: BaseException) -> str:
     if isinstance(error, asyncpg.TargetServerAttributeNotMatched):
         return "is a standby or read-only"
     return describe(error)
+
+
+def hide(text: str, password: str | None) -> str:
+    """text with the password, should it appear in it, replaced by ***."""
+    for secret in {password, unquote(password)} if password else ():
+        text = text.replace(secret, "***")
+    return text
 
 
 def hosts_of(dsn: str) -> list[tuple[str, int | None]]:
