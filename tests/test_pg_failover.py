@@ -189,11 +189,14 @@ async def test_a_primary_turned_read_only_is_left_for_the_promoted_standby(
             primary.sql("ALTER SYSTEM SET default_transaction_read_only = on")
             primary.sql("SELECT pg_reload_conf()")
             await trio.sleep(0.5)
+            with pytest.raises(NoPrimary, match="read-only"):
+                await store.ping()  # it answers a SELECT, but takes no write: not ready
             with pytest.raises(NoPrimary):
                 await store.execute("INSERT INTO failover_probe VALUES (2)")
             await trio.to_thread.run_sync(standby.promote)
             await store.execute("INSERT INTO failover_probe VALUES (3)")
             assert store.host == f"127.0.0.1:{standby.port}"
+            await store.ping()
             rows = await store.fetch("SELECT n FROM failover_probe ORDER BY n")
             assert [row["n"] for row in rows] == [1, 3]
         finally:

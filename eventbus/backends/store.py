@@ -33,6 +33,7 @@ CALL_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 5.0
 READ_ONLY_TRIES = 3  # a write refused as read-only runs again on fresh connections this often
 PER_HOST_TIMEOUT = 5.0  # connecting to one host of several
+TAKES_WRITES = "SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off'"
 
 
 class NoPrimary(ConnectionError):
@@ -106,8 +107,15 @@ class Store:
         return AsyncioSide(self._pool, timeout)
 
     async def ping(self) -> None:
-        """Raise unless the database answers a trivial query."""
-        await self.fetchval("SELECT 1")
+        """Raise unless the database answers and takes writes: NoPrimary from a standby or a
+        primary fenced read-only (it answers a SELECT, and refuses every write), after dropping
+        the pool's connections so the next ones look for the host that takes writes now."""
+        if not await self.fetchval(TAKES_WRITES):
+            with trio.fail_after(CLOSE_TIMEOUT):
+                await aio.call(self._pool.expire_connections)
+            raise NoPrimary(
+                f"PostgreSQL at {self.host or 'its host'} is read-only (a standby, or fenced)"
+            )
 
     async def close(self) -> None:
         with trio.move_on_after(CLOSE_TIMEOUT, shield=True) as scope:

@@ -67,7 +67,7 @@ SESSION_ERRORS: tuple[type[BaseException], ...] = (Unavailable, trio.TooSlowErro
 # down, read-only, or missing the schema. The batch waits and is retried whole; any other failure
 # is blamed on the rows, and the batch is split to find them.
 # Failures a batch too heavy for PostgreSQL causes (its statement times out, or PostgreSQL drops
-# the connection while taking it), as well as an outage: told apart by asking PostgreSQL SELECT 1.
+# the connection while taking it), as well as an outage: told apart by Store.ping.
 HEAVY: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
@@ -284,7 +284,7 @@ class Worker(Generic[Item]):
 
     async def _too_heavy(self, error: BaseException) -> bool:
         """Whether a batch failed for its weight: a timeout or lost connection while PostgreSQL
-        answers SELECT 1."""
+        answers and takes writes (Store.ping)."""
         if not isinstance(error, HEAVY):
             return False
         with trio.move_on_after(PING_TIMEOUT):
