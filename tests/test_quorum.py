@@ -15,15 +15,17 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aio_pika
+import asyncpg
 import grpc
 import pytest
 
 from eventbus.config import AmqpConfig
-from eventbus.delivery.publisher import queue_arguments, type_mismatch
+from eventbus.delivery.publisher import outcome_of, queue_arguments, type_mismatch
+from eventbus.errors import InvalidArgument, QueueTypeMismatch
 from tests.bus_client import BusClient, status_of
 from tests.servers import unique_name
 from tests.v2_client import V2Client, message
-from tests.v2_support import dead_letters_of, eventually, quick
+from tests.v2_support import dead_letters, dead_letters_of, eventually, quick
 
 pytestmark = pytest.mark.own_vhost
 
@@ -55,6 +57,52 @@ def declare_classic(amqp_url: str, queue: str) -> None:
             await channel.declare_queue(queue, durable=True)
 
     asyncio.run(declare())
+
+
+def replace_with_classic(amqp_url: str, queue: str) -> None:
+    """Delete queue (whatever its type) and declare it anew as a plain classic queue: a
+    migration under way, as an operator might run it."""
+
+    async def replace() -> None:
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            await channel.queue_delete(queue)
+            await channel.declare_queue(queue, durable=True)
+
+    asyncio.run(replace())
+
+
+def delete_queue(amqp_url: str, queue: str) -> None:
+    async def delete() -> None:
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            await channel.queue_delete(queue)
+
+    asyncio.run(delete())
+
+
+def delayed_rows(postgres_dsn: str, target: str) -> list[dict[str, Any]]:
+    async def fetch() -> list[dict[str, Any]]:
+        connection = await asyncpg.connect(postgres_dsn)
+        try:
+            rows = await connection.fetch(
+                "SELECT quarantined_at, publish_failures, last_failure FROM delayed_messages "
+                "WHERE target = $1",
+                target,
+            )
+        finally:
+            await connection.close()
+        return [dict(row) for row in rows]
+
+    return asyncio.run(fetch())
+
+
+def test_a_queue_of_the_other_type_is_unavailable_to_the_jobs_not_refused() -> None:
+    mismatch = QueueTypeMismatch(type_mismatch("orders", "quorum", internal=False))
+    assert outcome_of(mismatch).status == "unavailable"  # waits for the migration
+    assert outcome_of(InvalidArgument("a name pamqp refuses")).status == "refused"
 
 
 def test_queue_arguments_by_type_and_expiry() -> None:
@@ -230,6 +278,36 @@ def test_a_queue_of_the_other_type_is_refused_and_the_daemon_goes_on(
     assert daemon.process.poll() is None
     assert "RabbitMQ: connection" not in daemon.log  # no connection was lost over it
     assert queues(backends.amqp_url)["legacy"] == ("classic", False)  # left as it was
+
+
+def test_retries_and_delayed_messages_wait_while_their_queue_is_of_the_other_type(
+    client: BusClient, backends: Any
+) -> None:
+    """A queue migrated meanwhile (here: classic for a while): its retry due is not a dead
+    letter, its delayed message is not quarantined; both go once the queue is right again."""
+    client.publish("moving", "retry me")
+    first = client.subscribe("moving")
+    client.delay_publish("moving", "later", delay=1)
+    replace_with_classic(backends.amqp_url, "moving")
+    client.nack(first.id)  # due again at once, max_retries 1: one retry left
+    rows = eventually(
+        lambda: delayed_rows(backends.postgres_dsn, "moving"),
+        lambda rows: len(rows) == 1 and rows[0]["publish_failures"] >= 2,
+        timeout=20,
+    )
+    assert rows[0]["quarantined_at"] is None, rows
+    assert "exists as a classic queue" in rows[0]["last_failure"], rows
+    time.sleep(1)  # the republish cron tried the retry five times meanwhile
+    assert dead_letters(backends.postgres_dsn, "moving") == []
+    delete_queue(backends.amqp_url, "moving")  # the bus declares it again, as quorum
+    got = []
+    for _ in range(2):
+        reply = client.subscribe("moving", timeout=40)
+        client.ack(reply.id)
+        got.append(reply.data)
+    assert sorted(got) == ["later", "retry me"]
+    assert dead_letters(backends.postgres_dsn, "moving") == []
+    assert queues(backends.amqp_url)["moving"] == ("quorum", False)
 
 
 def test_the_bus_s_own_queue_of_the_other_type_stops_the_start_in_one_line(

@@ -107,11 +107,12 @@ CONFIRMED = Outcome("confirmed")
 
 
 def outcome_of(error: CallError) -> Outcome:
-    """What a failure not pinned on the message itself means: a name the client library refuses,
-    or a queue of the other type (only an operator's migration puts it right), never goes;
-    anything else (RabbitMQ away, a target missing, locked or declared otherwise) may be put
-    right, so the message waits."""
-    refused = isinstance(error, (InvalidArgument, QueueTypeMismatch))
+    """What a failure not pinned on the message itself means: a name the client library refuses
+    never goes; anything else (RabbitMQ away, a target missing, locked, declared otherwise, or
+    of the other type: an operator's migration under way puts it right) may be put right, so
+    the message waits. A client publishing to a queue of the other type is refused all the same:
+    its call declares the queue first, which fails with QueueTypeMismatch."""
+    refused = isinstance(error, InvalidArgument)
     return Outcome("refused" if refused else "unavailable", error)
 
 
