@@ -34,6 +34,7 @@ import itertools
 import logging
 import weakref
 import zlib
+from collections import OrderedDict
 from collections.abc import Awaitable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, cast
@@ -77,6 +78,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 BULK_PER_DEADLINE = 5000  # a bulk publish gets PUBLISH_TIMEOUT more for each this many messages
+MISMATCH_SECONDS = 1.0  # a queue found of the other type is refused without asking this long
+MISMATCHES_MAX = 1000
 
 Target = tuple[Kind, str]  # ("queue", name) or ("topic", name)
 
@@ -137,6 +140,34 @@ def queue_arguments(config: AmqpConfig, *, internal: bool) -> dict[str, Any]:
     return arguments
 
 
+class Mismatches:
+    """(asyncio side) Queues found to be of the other type, remembered per connection for
+    MISMATCH_SECONDS (at most MISMATCHES_MAX of them): a client publishing to one again and
+    again is refused at once, rather than taking a declaring channel each time (that RabbitMQ
+    then closes) from those other queues' declarations need."""
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+        self._known: OrderedDict[str, tuple[int, float, str]] = OrderedDict()
+
+    def check(self, queue: str) -> None:
+        """Raise QueueTypeMismatch when queue was found of the other type a moment ago."""
+        known = self._known.get(queue)
+        if known is None:
+            return
+        generation, until, message = known
+        if generation == self._broker.generation and asyncio.get_running_loop().time() < until:
+            raise QueueTypeMismatch(message)
+        del self._known[queue]
+
+    def add(self, queue: str, message: str) -> None:
+        until = asyncio.get_running_loop().time() + MISMATCH_SECONDS
+        self._known[queue] = (self._broker.generation, until, message)
+        self._known.move_to_end(queue)
+        while len(self._known) > MISMATCHES_MAX:
+            self._known.popitem(last=False)
+
+
 class Publisher:
     """Confirmed publishing to queues and topic exchanges, over one shared pool of channels."""
 
@@ -149,6 +180,8 @@ class Publisher:
         self._declarer = Declarer(broker, DECLARING_CHANNELS)
         self._prober = Declarer(broker, DECLARING_CHANNELS, publishing=True)
         self._declared = Declared(broker)
+        self._mismatches = Mismatches(broker)
+        self._declaring: dict[tuple[str, int], asyncio.Future[None]] = {}
         self._namespace = config.namespace
         self._auto_create = auto_create_queues
         self._queue_type = config.queue_type
@@ -242,16 +275,31 @@ class Publisher:
         """(asyncio side) Make sure a queue exists, once per connection: declared durable with
         queue_arguments, or, with server.auto_create_queues false, only looked up: NotFound
         when it does not exist. The bus's own queues are always declared, never with x-expires.
-        QueueTypeMismatch when it exists as the other type than amqp.queue_type."""
-        if ("queue", queue) not in self._declared:
-            await finish_anyway(self._declare_or_look_up(queue))
+        QueueTypeMismatch when it exists as the other type than amqp.queue_type, remembered
+        for MISMATCH_SECONDS. Callers at once share one declaration of a queue."""
+        if ("queue", queue) in self._declared:
+            return
+        self._mismatches.check(queue)
+        key = (queue, self._broker.generation)
+        declaring = self._declaring.get(key)
+        if declaring is None:
+            declaring = self._declaring[key] = asyncio.ensure_future(
+                self._declare_or_look_up(queue)
+            )
+            declaring.add_done_callback(_retrieve)
+            declaring.add_done_callback(lambda _: self._declaring.pop(key, None))
+        await asyncio.shield(declaring)  # a caller that leaves does not cut it (finish_anyway)
 
     async def _declare_or_look_up(self, queue: str) -> None:
         internal = self._internal(queue)
-        if internal or self._auto_create:
-            await self._declare_queue(queue, self._arguments[internal], internal)
-        else:
-            await self._look_up(queue)
+        try:
+            if internal or self._auto_create:
+                await self._declare_queue(queue, self._arguments[internal], internal)
+            else:
+                await self._look_up(queue)
+        except QueueTypeMismatch as mismatch:
+            self._mismatches.add(queue, mismatch.message)
+            raise
         self._declared.add(("queue", queue))
 
     async def _declare_queue(self, queue: str, arguments: dict[str, Any], internal: bool) -> None:

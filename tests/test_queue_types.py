@@ -1,0 +1,129 @@
+"""Declaring queues of a type (amqp.queue_type) against this machine's RabbitMQ, publisher by
+publisher in this process: a queue of the other type is diagnosed right whatever else it was
+declared with, is remembered for a moment so a client hammering it takes no declaring channels
+from others, and a probe never creates a queue. Each test has a virtual host of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aio_pika
+import pytest
+import trio
+
+from eventbus.backends import aio
+from eventbus.backends.broker import Broker
+from eventbus.config import AmqpConfig
+from eventbus.delivery.envelope import Envelope, Outgoing
+from eventbus.delivery.publisher import MISMATCH_SECONDS, Publisher
+from eventbus.errors import CallError, QueueTypeMismatch
+from tests import servers
+
+
+@pytest.fixture
+def vhost_url() -> Iterator[str]:
+    name = servers.unique_name("eventbus_test")
+    url = servers.create_vhost(name)
+    yield url
+    servers.delete_vhost(name)
+
+
+class CountingPublisher(Publisher):
+    """A Publisher that counts the declarations it sends RabbitMQ (passive ones apart)."""
+
+    declares = 0
+
+    async def _declare_with(self, queue: str, arguments: dict[str, Any]) -> None:
+        self.declares += 1
+        await super()._declare_with(queue, arguments)
+
+
+@asynccontextmanager
+async def publisher(url: str, **settings: Any) -> AsyncIterator[CountingPublisher]:
+    config = AmqpConfig(url=url, namespace="ns", **settings)
+    async with aio.open_loop(lambda: None):
+        broker = Broker(config)
+        await broker.connect(10)
+        try:
+            yield CountingPublisher(broker, config)
+        finally:
+            await broker.close()
+
+
+async def declare_plain(url: str, queue: str, **arguments: Any) -> None:
+    """(asyncio side) Declare queue durable with arguments, as an operator (or an older bus)."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(queue, durable=True, arguments=arguments or None)
+
+
+async def queue_exists(url: str, queue: str) -> bool:
+    """(asyncio side)"""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        try:
+            await channel.declare_queue(queue, passive=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            return False
+        return True
+
+
+def message(body: str) -> Outgoing:
+    return Envelope(str(uuid.uuid4()), body.encode(), 1, None).to_amqp(0)
+
+
+async def test_a_burst_to_a_queue_of_the_other_type_takes_a_few_declarations(
+    vhost_url: str,
+) -> None:
+    async with publisher(vhost_url, queue_type="quorum") as bus:
+
+        async def burst() -> tuple[list[Any], list[Any]]:
+            await declare_plain(vhost_url, "legacy")  # classic
+            hammering = [bus.publish("legacy", message(f"m{i}")) for i in range(200)]
+            others = [bus.declare(f"fresh-{i}") for i in range(20)]
+            results = await asyncio.gather(*hammering, *others, return_exceptions=True)
+            return results[:200], results[200:]
+
+        refused, declared = await aio.call(burst)
+        assert all(isinstance(r, QueueTypeMismatch) for r in refused), refused[:3]
+        assert declared == [None] * 20  # the other queues' declarations went through
+        assert bus.declares <= 20 + 3, bus.declares  # legacy: a declaration and a probe or two
+        before = bus.declares
+        for i in range(50):  # one after another, within the moment it is remembered
+            with pytest.raises(QueueTypeMismatch):
+                await aio.call(bus.publish, "legacy", message(f"again {i}"))
+        assert bus.declares == before
+        await trio.sleep(MISMATCH_SECONDS + 0.1)  # forgotten: asked again (migrated meanwhile?)
+        with pytest.raises(QueueTypeMismatch, match="exists as a classic queue"):
+            await aio.call(bus.publish, "legacy", message("later"))
+        assert bus.declares > before
+
+
+async def test_one_declaration_is_shared_by_callers_at_once(vhost_url: str) -> None:
+    async with publisher(vhost_url, queue_type="quorum") as bus:
+
+        async def many() -> list[Any]:
+            return await asyncio.gather(*(bus.declare("shared") for _ in range(50)))
+
+        assert await aio.call(many) == [None] * 50
+        assert bus.declares == 1
+
+
+async def test_mismatches_are_not_remembered_past_a_reconnect(vhost_url: str) -> None:
+    async with publisher(vhost_url, queue_type="quorum") as bus:
+        await aio.call(declare_plain, vhost_url, "legacy")
+        with pytest.raises(QueueTypeMismatch):
+            await aio.call(bus.declare, "legacy")
+        await bus._broker.close()
+        await bus._broker.connect(10)
+        await aio.call(lambda: asyncio.sleep(0))
+        asked = bus.declares
+        with pytest.raises(CallError):
+            await aio.call(bus.declare, "legacy")
+        assert bus.declares > asked
