@@ -23,6 +23,7 @@ import trio
 
 from ..config import PostgresConfig
 from . import aio, migrations
+from .pgerrors import BROKEN_CONNECTION
 from .retry import connect_within, describe, redact
 
 logger = logging.getLogger(__name__)
@@ -155,7 +156,8 @@ async def on_writable(pool: asyncpg.Pool, use: Callable[[Any], Awaitable[T]]) ->
     every other connection of the pool, and use runs again on a fresh one, up to READ_ONLY_TRIES
     times. A call cancelled or timed out takes its connection down with it: asyncpg would
     otherwise wait, with no limit, for PostgreSQL to confirm the query's cancellation before the
-    connection goes back to the pool. NoPrimary when no host takes writes.
+    connection goes back to the pool. So does a connection found broken (pgerrors): the pool
+    opens a fresh one in its place. NoPrimary when no host takes writes.
     """
     for attempt in range(1, READ_ONLY_TRIES + 1):
         connection = await _acquire(pool)
@@ -170,6 +172,9 @@ async def on_writable(pool: asyncpg.Pool, use: Callable[[Any], Awaitable[T]]) ->
             )
             connection.terminate()
             await pool.expire_connections()
+        except BROKEN_CONNECTION:  # its protocol state broken: never to be reused
+            connection.terminate()
+            raise
         except (TimeoutError, asyncio.CancelledError):
             connection.terminate()
             raise

@@ -17,10 +17,10 @@ import logging
 from collections.abc import Awaitable, Sequence
 from typing import TypeVar
 
-import asyncpg
 import trio
 
 from ..backends import aio
+from ..backends.pgerrors import OUTAGE
 from ..backends.retry import describe
 from ..backends.store import Queries
 from ..errors import Unavailable
@@ -151,11 +151,12 @@ def _keys(messages: Sequence[Prepared]) -> tuple[list[str], list[str], list[str]
 
 
 async def _bounded(what: str, work: Awaitable[T]) -> T:
-    """work's result within TIMEOUT; Unavailable naming what failed otherwise."""
+    """work's result within TIMEOUT; Unavailable naming what failed otherwise (a broken
+    pooled connection too: see pgerrors)."""
     try:
         async with asyncio.timeout(TIMEOUT):
             return await work
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+    except OUTAGE as error:
         raise Unavailable(
             f"{what} in PostgreSQL failed: {describe(error)} (dedup_id needs PostgreSQL)"
         ) from None

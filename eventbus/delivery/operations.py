@@ -24,9 +24,8 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
-import asyncpg
-
 from ..backends.broker import Blocked, Broker, BrokerUnavailable
+from ..backends.pgerrors import OUTAGE
 from ..backends.retry import describe
 from ..backends.store import Queries
 from ..config import Config
@@ -290,7 +289,7 @@ class Delivery:
         try:
             async with asyncio.timeout(LEDGER_TIMEOUT):
                 counts = await write(self._ledger, rows)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        except OUTAGE as error:
             raise Unavailable(
                 f"RabbitMQ is blocking publishers ({self._broker.blocked}) and PostgreSQL could "
                 f"not take the {what} instead: {describe(error)}"
@@ -394,7 +393,7 @@ class Delivery:
                     await asyncio.sleep(BURY_WAIT / BURY_LOOKS)
         except TimeoutError:
             pass
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        except OUTAGE as error:
             raise Unavailable(
                 f"PostgreSQL could not be asked for the delivery: {describe(error)}"
             ) from None
@@ -411,7 +410,7 @@ class Delivery:
         try:
             async with asyncio.timeout(ledger.STALE_TIMEOUT):
                 known = await ledger.stale(self._ledger, list(issued))
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        except OUTAGE as error:
             ratelog.info("stale ids", "ack ids taken as current, unchecked: %s", describe(error))
             return set()
         return {issued[delivery_id] for delivery_id in known}

@@ -33,6 +33,7 @@ import trio
 
 from ..backends import aio
 from ..backends.broker import BROKER_ERRORS, Broker, Channel
+from ..backends.pgerrors import BROKEN_CONNECTION
 from ..backends.retry import describe, keep_running
 from ..backends.store import Store
 from ..delivery.consumer import close_after_failed_call
@@ -73,6 +74,7 @@ HEAVY: tuple[type[BaseException], ...] = (
     TimeoutError,
     trio.TooSlowError,
     asyncpg.InterfaceError,  # the client's own state, the pool closing
+    *BROKEN_CONNECTION,  # a pooled connection its server died under
     asyncpg.PostgresConnectionError,  # SQLSTATE class 08
 )
 NOT_THE_ROWS: tuple[type[BaseException], ...] = (
