@@ -44,6 +44,26 @@ REFUSALS: tuple[type[BaseException], ...] = (
 )
 
 
+# RabbitMQ's 404 for a queue that exists but cannot be reached now (rabbit_amqqueue's "absent"
+# reasons): the node of a classic queue is down, its process stopped, crashed or timing out.
+# It is NOT_FOUND in AMQP, but the queue is there: the caller is to retry, not give up.
+ABSENT_QUEUE = (
+    "is down or inaccessible",
+    "process is stopped by supervisor",
+    "has crashed and failed to restart",
+    "due to timeout",
+    "may be stopping or being demoted",
+)
+
+
+def queue_absent(error: BaseException) -> bool:
+    """Whether a ChannelNotFoundEntity says a queue that exists is out of reach for now (its
+    node down, say), rather than that it does not exist."""
+    return isinstance(error, aiormq.exceptions.ChannelNotFoundEntity) and any(
+        reason in str(error) for reason in ABSENT_QUEUE
+    )
+
+
 # Closing a channel that failed: it may be closed already, or its connection gone or stuck.
 CLOSE_ERRORS: tuple[type[BaseException], ...] = (*BROKER_ERRORS, TimeoutError, RuntimeError)
 
@@ -201,13 +221,16 @@ async def open_channel(
 async def bounded(what: str, call: Awaitable[T], seconds: float = PUBLISH_TIMEOUT) -> T:
     """(asyncio side) Await a broker call for at most seconds; broker failures become
     Unavailable, a refusal by RabbitMQ itself FailedPrecondition (NotFound for a missing
-    entity), one by the client library (a name it does not take) InvalidArgument."""
+    entity; Unavailable for one that exists on a node down, see queue_absent), one by the
+    client library (a name it does not take) InvalidArgument."""
     try:
         async with asyncio.timeout(seconds):
             return await call
     except (Returned, ChannelRefused):
         raise
     except aiormq.exceptions.ChannelNotFoundEntity as error:
+        if queue_absent(error):
+            raise Unavailable(f"RabbitMQ is unavailable ({what}): {describe(error)}") from None
         raise NotFound(f"RabbitMQ refused {what}: {describe(error)}") from None
     except REFUSALS as error:
         raise FailedPrecondition(f"RabbitMQ refused {what}: {describe(error)}") from None
