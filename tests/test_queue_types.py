@@ -19,8 +19,8 @@ from eventbus.backends import aio
 from eventbus.backends.broker import Broker
 from eventbus.config import AmqpConfig
 from eventbus.delivery.envelope import Envelope, Outgoing
-from eventbus.delivery.publisher import MISMATCH_SECONDS, Publisher
-from eventbus.errors import CallError, QueueTypeMismatch
+from eventbus.delivery.publisher import MISMATCH_SECONDS, Publisher, refused_argument
+from eventbus.errors import CallError, FailedPrecondition, QueueTypeMismatch, Unavailable
 from tests import servers
 
 
@@ -127,3 +127,88 @@ async def test_mismatches_are_not_remembered_past_a_reconnect(vhost_url: str) ->
         with pytest.raises(CallError):
             await aio.call(bus.declare, "legacy")
         assert bus.declares > asked
+
+
+def test_the_argument_a_refusal_names_and_the_value_the_queue_has() -> None:
+    head = "PRECONDITION_FAILED - inequivalent arg"
+    assert refused_argument(
+        f"{head} 'x-expires' for queue 'q' in vhost 'v': received '60000' but current is '3600000'"
+    ) == ("x-expires", 3600000)
+    assert refused_argument(
+        f"{head} 'x-expires' for queue 'q' in vhost 'v': received none but current is the "
+        "value '3600000' of type 'signedint'"
+    ) == ("x-expires", 3600000)
+    assert refused_argument(
+        f"{head} 'x-expires' for queue 'q' in vhost 'v': received the value '60000' of type "
+        "'signedint' but current is none"
+    ) == ("x-expires", None)
+    assert refused_argument(
+        f"{head} 'x-queue-type' for queue 'q' in vhost 'v': received the value 'quorum' of "
+        "type 'longstr' but current is none"
+    ) == ("x-queue-type", None)
+    assert refused_argument(
+        f"{head} 'x-dead-letter-exchange' for queue 'q' in vhost 'v': received none but "
+        "current is the value '123' of type 'longstr'"
+    ) == ("x-dead-letter-exchange", "123")
+    assert refused_argument("NOT_FOUND - no queue 'q' in vhost 'v'") is None
+
+
+@pytest.mark.parametrize("expires", [3_600_000, None])
+async def test_a_queue_of_the_other_type_with_x_expires_is_told_a_type_mismatch(
+    vhost_url: str, expires: int | None
+) -> None:
+    """RabbitMQ compares x-expires first: the queue's own value is adopted to get to its type."""
+    arguments = {"x-expires": expires} if expires else {}
+    async with publisher(vhost_url, queue_type="quorum", queue_idle_expiry_seconds=60) as bus:
+        await aio.call(declare_plain, vhost_url, "expiring", **arguments)
+        with pytest.raises(QueueTypeMismatch, match="'expiring' exists as a classic queue"):
+            await aio.call(bus.declare, "expiring")
+
+
+async def test_a_queue_with_other_settings_of_the_same_type_is_no_type_mismatch(
+    vhost_url: str,
+) -> None:
+    async with publisher(vhost_url, queue_type="quorum", queue_idle_expiry_seconds=60) as bus:
+        await aio.call(declare_plain, vhost_url, "other", **{"x-queue-type": "quorum"})
+        with pytest.raises(FailedPrecondition, match="other settings") as raised:
+            await aio.call(bus.declare, "other")
+        assert not isinstance(raised.value, QueueTypeMismatch)
+
+
+class VanishingPublisher(CountingPublisher):
+    """Someone deletes the queue right after RabbitMQ refused its declaration."""
+
+    url = ""
+
+    async def _declare_with(self, queue: str, arguments: dict[str, Any]) -> None:
+        try:
+            await super()._declare_with(queue, arguments)
+        except FailedPrecondition:
+            if self.declares == 1:
+                await delete_queue(self.url, queue)
+            raise
+
+
+async def delete_queue(url: str, queue: str) -> None:
+    """(asyncio side)"""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(queue)
+
+
+async def test_a_probe_never_creates_a_queue_gone_meanwhile(vhost_url: str) -> None:
+    config = AmqpConfig(url=vhost_url, namespace="ns", queue_type="quorum")
+    async with aio.open_loop(lambda: None):
+        broker = Broker(config)
+        await broker.connect(10)
+        try:
+            bus = VanishingPublisher(broker, config)
+            bus.url = vhost_url
+            await aio.call(declare_plain, vhost_url, "vanishing", **{"x-expires": 60_000})
+            with pytest.raises(Unavailable, match="went away"):
+                await aio.call(bus.declare, "vanishing")
+            assert not await aio.call(queue_exists, vhost_url, "vanishing")
+            await aio.call(bus.declare, "vanishing")  # tried again: declared as it should be
+        finally:
+            await broker.close()

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import re
 import weakref
 import zlib
 from collections import OrderedDict
@@ -80,6 +81,7 @@ T = TypeVar("T")
 BULK_PER_DEADLINE = 5000  # a bulk publish gets PUBLISH_TIMEOUT more for each this many messages
 MISMATCH_SECONDS = 1.0  # a queue found of the other type is refused without asking this long
 MISMATCHES_MAX = 1000
+PROBES = 4  # declarations probing a queue's type, at most, each adopting what RabbitMQ names
 
 Target = tuple[Kind, str]  # ("queue", name) or ("topic", name)
 
@@ -318,17 +320,46 @@ class Publisher:
 
     async def _other_type(self, queue: str, refusal: FailedPrecondition) -> bool:
         """Whether a queue RabbitMQ refused to declare exists as the other type. RabbitMQ
-        names the first argument that differs, and compares x-expires before x-queue-type:
-        when it named another, the queue is declared once more with the type alone (a
-        refused declaration changes nothing; one taken changes nothing either)."""
-        if "'x-queue-type'" in refusal.message:
+        names the first argument that differs, and compares some (x-expires) before
+        x-queue-type: when it named another, the queue is declared once more with the type and
+        the value RabbitMQ says the queue has for each argument named, until RabbitMQ names
+        the type or takes the declaration (a refused declaration changes nothing; one taken
+        changes nothing either). The queue is looked up passively first, so that a probe never
+        creates a queue gone meanwhile: Unavailable then, to be tried again."""
+        if refused_argument(refusal.message) == ("x-queue-type", None):
             return True
-        typed = {k: v for k, v in self._arguments[True].items() if k == "x-queue-type"}
-        try:
-            await self._declare_with(queue, typed)
-        except FailedPrecondition as error:
-            return "'x-queue-type'" in error.message
+        await self._still_there(queue)
+        probe = {k: v for k, v in self._arguments[True].items() if k == "x-queue-type"}
+        message = refusal.message
+        for _ in range(PROBES):
+            named = refused_argument(message)
+            if named is None or not named[0].startswith("x-"):  # not an argument: durable...
+                return False
+            if named[0] == "x-queue-type":
+                return True
+            name, current = named
+            if current is None:
+                probe.pop(name, None)
+            else:
+                probe[name] = current
+            try:
+                await self._declare_with(queue, probe)
+            except FailedPrecondition as error:
+                message = error.message
+                continue
+            return False
         return False
+
+    async def _still_there(self, queue: str) -> None:
+        async with self._declarer.channel() as channel:
+            try:
+                await bounded(
+                    f"looking up queue {queue!r}", channel.declare_queue(queue, passive=True)
+                )
+            except NotFound:
+                raise Unavailable(
+                    f"queue {queue!r} went away while the bus declared it; try again"
+                ) from None
 
     async def _look_up(self, queue: str) -> None:
         async with self._declarer.channel() as channel:
@@ -770,6 +801,29 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
     """Take the outcome of a task whose caller may have left, so asyncio does not report it."""
     if not task.cancelled():
         task.exception()
+
+
+INEQUIVALENT = re.compile(
+    r"inequivalent arg '(?P<name>[^']+)'.*?current is "
+    r"(?:none|(?:the value )?'(?P<value>[^']*)'(?: of type '(?P<type>\w+)')?)"
+)
+
+
+def refused_argument(message: str) -> tuple[str, Any] | None:
+    """From RabbitMQ's refusal of a declaration, the argument it names and the value the
+    queue has for it (None: the queue has none); None when it names no argument. Only
+    x-queue-type is reported with None whatever its value: the type is what is asked."""
+    found = INEQUIVALENT.search(message)
+    if found is None:
+        return None
+    name, value, kind = found["name"], found["value"], found["type"]
+    if name == "x-queue-type" or value is None:
+        return name, None
+    if kind == "bool":
+        return name, value == "true"
+    if kind != "longstr" and re.fullmatch(r"-?\d+", value):
+        return name, int(value)
+    return name, value
 
 
 def _other_settings(queue: str, arguments: dict[str, Any], error: CallError) -> str:
