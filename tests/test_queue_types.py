@@ -19,7 +19,14 @@ from eventbus.backends import aio
 from eventbus.backends.broker import Broker
 from eventbus.config import AmqpConfig
 from eventbus.delivery.envelope import Envelope, Outgoing
-from eventbus.delivery.publisher import MISMATCH_SECONDS, Publisher, refused_argument
+from eventbus.delivery.publisher import (
+    MISMATCH_SECONDS,
+    Publisher,
+    delivery_limit,
+    queue_arguments,
+    refused_argument,
+    with_limit,
+)
 from eventbus.errors import CallError, FailedPrecondition, QueueTypeMismatch, Unavailable
 from tests import servers
 
@@ -212,3 +219,52 @@ async def test_a_probe_never_creates_a_queue_gone_meanwhile(vhost_url: str) -> N
             await aio.call(bus.declare, "vanishing")  # tried again: declared as it should be
         finally:
             await broker.close()
+
+
+@pytest.mark.parametrize(
+    ("version", "limit"),
+    [("3.10.8", None), ("3.13.7", None), ("4.0.0", -1), ("4.2.1", -1), (None, None), ("", None)],
+)
+def test_quorum_queues_get_no_delivery_limit_from_rabbitmq_4_on(
+    version: str | None, limit: int | None
+) -> None:
+    assert delivery_limit(version) == limit
+    quorum = AmqpConfig(queue_type="quorum", queue_idle_expiry_seconds=60)
+    declared = queue_arguments(quorum, internal=False, server_version=version)
+    assert declared.get("x-delivery-limit") == limit
+    assert ("x-delivery-limit" in declared) == (limit is not None)
+    own = queue_arguments(quorum, internal=True, server_version=version)
+    assert own == with_limit({"x-queue-type": "quorum"}, version)  # bookkeeping's, alike
+    classic = AmqpConfig(queue_idle_expiry_seconds=60)
+    assert "x-delivery-limit" not in queue_arguments(
+        classic, internal=False, server_version=version
+    )
+    assert with_limit({"x-queue-type": "quorum", "x-delivery-limit": -1}, "3.13.7") == {
+        "x-queue-type": "quorum"
+    }
+
+
+async def test_the_version_is_read_from_the_broker_and_3_x_gets_no_limit(vhost_url: str) -> None:
+    async with publisher(vhost_url, queue_type="quorum") as bus:
+        version = bus._broker.server_version
+        assert version is not None and version.startswith("3."), version
+        assert "x-delivery-limit" not in bus.queue_arguments(internal=False)
+        await aio.call(bus.declare, "on-3")
+
+
+async def test_on_rabbitmq_4_a_quorum_queue_declared_before_without_a_limit_is_taken_as_is(
+    vhost_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """This machine runs 3.x: the broker's version is set to what a 4.x broker reports. A new
+    queue is declared with x-delivery-limit -1; one declared on 3.x without it (RabbitMQ refuses
+    the argument then) is taken as it is, with a warning naming the policy that lifts it."""
+    async with publisher(vhost_url, queue_type="quorum") as bus:
+        bus._broker.server_version = "4.0.5"
+        assert bus.queue_arguments(internal=True)["x-delivery-limit"] == -1
+        await aio.call(declare_plain, vhost_url, "from-3x", **{"x-queue-type": "quorum"})
+        await aio.call(bus.declare, "new-on-4")
+        await aio.call(bus.declare, "from-3x")
+        assert "'from-3x' exists without x-delivery-limit" in caplog.text
+        assert "delivery-limit -1" in caplog.text and "'new-on-4'" not in caplog.text
+        with pytest.raises(aio_pika.exceptions.ChannelPreconditionFailed, match="delivery-limit"):
+            await aio.call(declare_plain, vhost_url, "new-on-4", **{"x-queue-type": "quorum"})

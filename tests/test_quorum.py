@@ -116,7 +116,7 @@ def test_queue_arguments_by_type_and_expiry() -> None:
         "x-expires": 60_000,
     }
     assert queue_arguments(quorum, internal=True) == {"x-queue-type": "quorum"}
-    assert "x-delivery-limit" not in queue_arguments(quorum, internal=False)
+    assert "x-delivery-limit" not in queue_arguments(quorum, internal=False)  # 3.x, or unknown
 
 
 def test_a_type_mismatch_says_what_and_how_to_migrate_in_one_line() -> None:

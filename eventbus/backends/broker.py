@@ -135,6 +135,7 @@ class Broker:
     def __init__(self, config: AmqpConfig, metrics: Metrics | None = None) -> None:
         self.config = config
         self.url = config.brokers[0]  # the broker connected to, or last tried
+        self.server_version: str | None = None  # RabbitMQ's, as the broker connected to says
         self._metrics = metrics
         self._connections: dict[str, aio_pika.abc.AbstractConnection] = {}
         self._up = False
@@ -206,6 +207,7 @@ class Broker:
         before = self.url if self.generation else None
         url, pair = await self._connect_any(window, after=before)
         self.url = url
+        self.server_version = server_version(pair[CONSUME])
         self.generation += 1
         self._end_block("blocking ended with the connection")
         for connection in pair.values():
@@ -405,6 +407,17 @@ async def _publish_nowhere(channel: aio_pika.abc.AbstractChannel) -> None:
     empty routing key), without waiting for anything: RabbitMQ drops it."""
     underlay = await channel.get_underlay_channel()
     await underlay.basic_publish(b"", exchange="", routing_key="")
+
+
+def server_version(connection: aio_pika.abc.AbstractConnection) -> str | None:
+    """The RabbitMQ version a connection's broker gave when it opened (server_properties
+    "version", "3.10.8" say); None when it gave none."""
+    transport = getattr(connection, "transport", None)
+    properties = getattr(getattr(transport, "connection", None), "server_properties", None)
+    version = properties.get("version") if isinstance(properties, dict) else None
+    if isinstance(version, bytes):
+        version = version.decode(errors="replace")
+    return str(version) if version else None
 
 
 def check_channel_count(connection: aio_pika.abc.AbstractConnection) -> None:

@@ -18,7 +18,10 @@ not refused: they may go once it is put right.
 
 Every durable queue the bus declares, clients' and its own, has the type amqp.queue_type asks
 (queue_arguments); one that exists with the other type is refused as QueueTypeMismatch, naming
-the queue and how to migrate it.
+the queue and how to migrate it. On RabbitMQ 4.0 or later (the version the broker gave when the
+connection opened) a quorum queue is declared with x-delivery-limit -1, RabbitMQ's default
+limit of 20 being no limit the bus wants (delivery_limit); one declared on 3.x without it is
+taken as it is, with a warning.
 
 While RabbitMQ blocks publishers (a memory or disk alarm), every publish fails at once with
 Unavailable, before anything is written: the message was not stored. A message written before
@@ -121,25 +124,53 @@ def outcome_of(error: CallError) -> Outcome:
     return Outcome("refused" if refused else "unavailable", error)
 
 
-def queue_arguments(config: AmqpConfig, *, internal: bool) -> dict[str, Any]:
+def queue_arguments(
+    config: AmqpConfig, *, internal: bool, server_version: str | None = None
+) -> dict[str, Any]:
     """The arguments of a durable queue the bus declares: x-queue-type quorum with
     amqp.queue_type "quorum" (none for classic, as before: an existing classic queue declared
     without it stays equivalent), and for a client's queue x-expires with
-    amqp.queue_idle_expiry_seconds > 0 (quorum queues take it, RabbitMQ 3.10 and later).
-
-    No x-delivery-limit: RabbitMQ's delivery count does not count the bus's retries (a retry
-    is a new message the republish cron publishes; a delivery is acked as soon as its record is
-    confirmed) but only the bus's own hand-backs (prefetched messages returned after
-    amqp.buffer_hold_seconds, by rebalancing or from a full byte budget, and on a lost
-    connection), which recur without bound in a healthy queue. A limit would dead-letter, or
-    without a dead-letter target silently drop, messages no subscriber ever saw; the bus's own
-    max_retries and dead letters (kept in PostgreSQL, requeueable) are the limit instead."""
+    amqp.queue_idle_expiry_seconds > 0 (quorum queues take it, RabbitMQ 3.10 and later); for a
+    quorum queue on RabbitMQ 4.0 or later (server_version), x-delivery-limit -1 (with_limit)."""
     arguments: dict[str, Any] = {}
     if config.queue_type == "quorum":
         arguments["x-queue-type"] = "quorum"
     if not internal and config.queue_idle_expiry_seconds:
         arguments["x-expires"] = config.queue_idle_expiry_seconds * 1000
-    return arguments
+    return with_limit(arguments, server_version)
+
+
+def delivery_limit(server_version: str | None) -> int | None:
+    """The x-delivery-limit for a quorum queue on RabbitMQ of this version: -1 (no limit) from
+    4.0 on, which otherwise limits it to 20; none before (3.x sets no limit, and has a queue
+    declared without one refuse a declaration with one), nor for a version not known.
+
+    No limit, because RabbitMQ's delivery count does not count the bus's retries (a retry is a
+    new message the republish cron publishes; a delivery is acked as soon as its record is
+    confirmed) but only the bus's own hand-backs (prefetched messages returned after
+    amqp.buffer_hold_seconds, by rebalancing or from a full byte budget, and on a lost
+    connection), which recur without bound in a healthy queue. A limit would dead-letter, or
+    without a dead-letter target silently drop, messages no subscriber ever saw; the bus's own
+    max_retries and dead letters (kept in PostgreSQL, requeueable) are the limit instead."""
+    major = re.match(r"\s*v?(\d+)\.", server_version or "")
+    return -1 if major is not None and int(major[1]) >= 4 else None
+
+
+def with_limit(arguments: dict[str, Any], server_version: str | None) -> dict[str, Any]:
+    """A queue's arguments as declared on RabbitMQ of server_version: a quorum queue's with
+    x-delivery-limit as delivery_limit says (without it where that says none)."""
+    declared = {k: v for k, v in arguments.items() if k != "x-delivery-limit"}
+    limit = delivery_limit(server_version)
+    if declared.get("x-queue-type") == "quorum" and limit is not None:
+        declared["x-delivery-limit"] = limit
+    return declared
+
+
+def limit_refused(message: str, arguments: dict[str, Any]) -> bool:
+    """Whether RabbitMQ refused a declaration with x-delivery-limit over that argument alone:
+    the quorum queue exists without one (declared on RabbitMQ 3.x, before an upgrade to 4)."""
+    named = refused_argument(message)
+    return "x-delivery-limit" in arguments and named is not None and named[0] == "x-delivery-limit"
 
 
 class Mismatches:
@@ -187,9 +218,8 @@ class Publisher:
         self._namespace = config.namespace
         self._auto_create = auto_create_queues
         self._queue_type = config.queue_type
-        self._arguments = {
-            internal: queue_arguments(config, internal=internal) for internal in (False, True)
-        }
+        self._config = config
+        self._limitless: set[str] = set()  # quorum queues taken without x-delivery-limit
         self._turn: Iterator[int] = itertools.count()
         self._outbox = Outbox()  # single publishes of one turn, written together per channel
 
@@ -270,8 +300,10 @@ class Publisher:
         return queue == self._namespace or queue.startswith(self._namespace + ".")
 
     def queue_arguments(self, *, internal: bool) -> dict[str, Any]:
-        """The arguments this publisher declares a client's queue or one of the bus's with."""
-        return dict(self._arguments[internal])
+        """The arguments this publisher declares a client's queue or one of the bus's with, on
+        the broker connected to now (its version decides x-delivery-limit: with_limit)."""
+        version = self._broker.server_version
+        return queue_arguments(self._config, internal=internal, server_version=version)
 
     async def declare(self, queue: str) -> None:
         """(asyncio side) Make sure a queue exists, once per connection: declared durable with
@@ -296,7 +328,7 @@ class Publisher:
         internal = self._internal(queue)
         try:
             if internal or self._auto_create:
-                await self._declare_queue(queue, self._arguments[internal], internal)
+                await self._declare_queue(queue, self.queue_arguments(internal=internal), internal)
             else:
                 await self._look_up(queue)
         except QueueTypeMismatch as mismatch:
@@ -308,6 +340,9 @@ class Publisher:
         try:
             await self._declare_with(queue, arguments)
         except FailedPrecondition as error:
+            if limit_refused(error.message, arguments):
+                await self._declare_limitless(queue, arguments)
+                return
             if await self._other_type(queue, error):
                 message = type_mismatch(queue, self._queue_type, internal)
                 raise QueueTypeMismatch(message) from None
@@ -317,6 +352,21 @@ class Publisher:
         async with self._declarer.channel() as channel:
             declaring = channel.declare_queue(queue, durable=True, arguments=arguments or None)
             await bounded(f"declaring queue {queue!r}", declaring)
+
+    async def _declare_limitless(self, queue: str, arguments: dict[str, Any]) -> None:
+        """Take a quorum queue as it is when it exists without x-delivery-limit (declared on
+        RabbitMQ 3.x, before an upgrade to 4): RabbitMQ 4 gives it a delivery limit of 20,
+        which a policy with delivery-limit -1 lifts. Said once per queue."""
+        without = {k: v for k, v in arguments.items() if k != "x-delivery-limit"}
+        await self._declare_queue(queue, without, self._internal(queue))
+        if queue not in self._limitless:
+            self._limitless.add(queue)
+            logger.warning(
+                "queue %r exists without x-delivery-limit: RabbitMQ %s drops (or dead-letters) "
+                "a message handed back 20 times; apply a policy with delivery-limit -1 to it",
+                queue,
+                self._broker.server_version,
+            )
 
     async def _other_type(self, queue: str, refusal: FailedPrecondition) -> bool:
         """Whether a queue RabbitMQ refused to declare exists as the other type. RabbitMQ
@@ -329,7 +379,8 @@ class Publisher:
         if refused_argument(refusal.message) == ("x-queue-type", None):
             return True
         await self._still_there(queue)
-        probe = {k: v for k, v in self._arguments[True].items() if k == "x-queue-type"}
+        typed = self.queue_arguments(internal=True)
+        probe = {k: v for k, v in typed.items() if k == "x-queue-type"}
         message = refusal.message
         for _ in range(PROBES):
             named = refused_argument(message)

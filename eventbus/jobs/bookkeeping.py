@@ -47,6 +47,7 @@ from ..delivery.envelope import (
     decode_settlement,
 )
 from ..delivery.operations import InternalQueues
+from ..delivery.publisher import limit_refused, with_limit
 from ..errors import Unavailable
 from ..ops.metrics import Metrics
 from ..ops.ratelog import RateLimitedLog
@@ -114,7 +115,8 @@ class Worker(Generic[Item]):
         arguments: dict[str, Any] | None = None,
     ) -> None:
         self._broker = broker
-        self._arguments = arguments or None  # the queue's, as the publisher declares it
+        self._arguments = arguments or {}  # the queue's, as the publisher declares it
+        self._limitless = False  # the queue exists without x-delivery-limit: declared so
         self._store = store
         self._metrics = metrics
         self.queue = queue
@@ -157,10 +159,20 @@ class Worker(Generic[Item]):
         """Declare the queue and consume it; False when it is in order and another node's
         consumer has it (RabbitMQ refuses a second exclusive consumer)."""
         exclusive = self._in_order is not None
+        arguments = with_limit(self._arguments, self._broker.server_version)
+        if self._limitless:
+            arguments.pop("x-delivery-limit", None)
         with trio.fail_after(5):
-            queue = await aio.call(
-                channel.amqp.declare_queue, self.queue, durable=True, arguments=self._arguments
-            )
+            try:
+                queue = await aio.call(
+                    channel.amqp.declare_queue,
+                    self.queue,
+                    durable=True,
+                    arguments=arguments or None,
+                )
+            except aiormq.exceptions.ChannelPreconditionFailed as error:
+                self._limitless = self._limitless or limit_refused(str(error), arguments)
+                raise  # the session starts again on a new channel, declaring it as it is
             if exclusive and queue.declaration_result.consumer_count:
                 return False  # another node's consumer has it
             try:
@@ -423,7 +435,8 @@ async def run(
     arguments: dict[str, Any] | None = None,
 ) -> None:
     """Write the internal queues to PostgreSQL forever, up to `workers` batches at a time each;
-    the queues are declared with arguments (Publisher.queue_arguments: their type)."""
+    the queues are declared with arguments (Publisher.queue_arguments: their type), their
+    x-delivery-limit as the broker connected to asks (with_limit), as the publisher does."""
     settlements_in_order = InOrder(ledger.SETTLEMENTS_PROGRESS, lambda item: item.at)
     writers: list[tuple[str, Callable[[bytes], Any], Writer[Any], InOrder | None]] = [
         (internal.confirm, decode_records, ledger.write_records, None),
