@@ -14,6 +14,9 @@ scheduled callback per tag a multiple confirm covers): Confirms, one per channel
 futures, settles the tags a confirm covers in place and forgets their ids then, and fails what is
 still unconfirmed when the channel closes, as aiormq's future stores would.
 
+Confirms also notes a Basic.Nack, so the pool can replace the channel (see
+channels.ChannelPool): a channel RabbitMQ nacked may nack every later publish to that queue.
+
 It relies on aiormq channel attributes that are not part of its documented API (delivery_tag,
 confirmations, message_id_delivery_tag, write_queue, number, _split_body), checked on each
 send (a few attribute lookups); without them send() publishes message by message through
@@ -134,12 +137,19 @@ def _frames(channel: aiormq.Channel, p: Publish) -> list[Any]:
     ]
 
 
+def nacked(channel: aiormq.Channel) -> bool:
+    """Whether RabbitMQ answered a publish that send() wrote on channel with Basic.Nack."""
+    confirms = channel.__dict__.get(CONFIRMS)
+    return confirms is not None and bool(confirms.nacked)
+
+
 class Confirms:
     """A channel's confirmations of what send() published on it."""
 
     def __init__(self, channel: aiormq.Channel) -> None:
         self._channel = channel
         self._message_ids: dict[int, str] = {}  # tag -> message id, of mandatory messages
+        self.nacked = False  # RabbitMQ answered a publish on this channel with Basic.Nack
         channel.__dict__["_on_confirm_frame"] = self._on_confirm_frame
         channel.closing.add_done_callback(self._fail_unconfirmed)
 
@@ -185,6 +195,7 @@ class Confirms:
         channel = self._channel
         if not channel.publisher_confirms:
             return
+        self.nacked = self.nacked or isinstance(frame, Basic.Nack)
         last = frame.delivery_tag
         multiple = getattr(frame, "multiple", False)
         for tag in [t for t in channel.confirmations if t <= last] if multiple else [last]:

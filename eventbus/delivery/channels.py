@@ -27,6 +27,7 @@ from ..backends import broker
 from ..backends.broker import BROKER_ERRORS, CLOSE_TIMEOUT, Broker, check_channel_count
 from ..backends.retry import describe
 from ..errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from . import bulk
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,15 @@ class ChannelRefused(Exception):
 class ChannelPool:
     """The shared confirm channels of one connection generation, on the connection that
     publishes, as aiormq channels (asyncio side). A channel that closed is replaced in its
-    place, so a target keeps its channels."""
+    place, so a target keeps its channels.
+
+    So is a channel on which RabbitMQ nacked a publish (closed once its other confirms had
+    their time). RabbitMQ 3.10 keeps, per channel and quorum queue, the leader it found when
+    the channel first published to the queue; should that leader's node be down then (the bus
+    reconnects within milliseconds, the queue elects a new leader within seconds), the publish
+    is nacked and the channel never looks again: every later publish on it to that queue is
+    nacked until the old node is back. A new channel asks the queue's record anew.
+    """
 
     def __init__(self, broker: Broker, size: int) -> None:
         self._broker = broker
@@ -97,7 +106,9 @@ class ChannelPool:
         return cast(list[aiormq.Channel], list(self._underlays))
 
     def _all_open(self) -> bool:
-        return all(c is not None and not c.is_closed for c in self._channels)
+        return all(c is not None and not c.is_closed for c in self._channels) and not any(
+            u is not None and bulk.nacked(u) for u in self._underlays
+        )
 
     async def _refill(self) -> None:
         connection = self._broker.publishing  # BrokerUnavailable while there is none
@@ -105,6 +116,11 @@ class ChannelPool:
             self._channels = [None] * self.size
             self._generation = self._broker.generation
         for i, channel in enumerate(self._channels):
+            nacked = self._underlays[i]
+            if channel is not None and nacked is not None and bulk.nacked(nacked):
+                logger.info("RabbitMQ nacked a publish on channel %d: replacing it", nacked.number)
+                close_soon(channel)
+                channel = None
             if channel is None or channel.is_closed:
                 channel = await open_channel(connection)
                 underlay = await channel.get_underlay_channel()
