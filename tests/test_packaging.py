@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,21 @@ def test_systemd_unit_is_notify_type_and_restarts() -> None:
         "ExecStart=/opt/eventbus/.venv/bin/eventbus serve --config /etc/eventbus/config.toml",
     ):
         assert re.search(rf"^{re.escape(line)}$", text, flags=re.M), line
+
+
+def test_the_wheel_carries_every_file_the_daemon_reads(tmp_path: Path) -> None:
+    """Migrations, the admin page's static files and the typing markers, in a built wheel
+    (a non-editable install has nothing else)."""
+    command = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*command, "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    [wheel] = tmp_path.glob("eventbus-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {
+        "eventbus/ui/static/ui.css",
+        "eventbus/ui/static/ui.js",
+        "eventbus/py.typed",
+        "eventbus/backends/migrations/0001_nodes.sql",
+    }
+    assert shipped <= names
+    migrations = {p.name for p in (ROOT / "eventbus/backends/migrations").glob("*.sql")}
+    assert {n.rsplit("/", 1)[1] for n in names if n.endswith(".sql")} == migrations
