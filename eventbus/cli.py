@@ -92,7 +92,9 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             validate.delivery_id(args.id)
         except InvalidArgument as error:
             parser.error(f"delayed {args.action}: {error.message}")
-    dead_letters = (_list_dead_letters, _requeue_dead_letters)
+    if args.command is _delete_dead_letters and not (args.queue or args.message_id):
+        parser.error("dead-letters delete: name --queue or --message-id")
+    dead_letters = (_list_dead_letters, _requeue_dead_letters, _delete_dead_letters)
     if args.command in dead_letters and args.message_id is not None:
         try:
             validate.delivery_id(args.message_id)
@@ -146,7 +148,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     again.add_argument("--all", action="store_true", help="every dead letter")
     progress.add_option(again)
-    for sub in (listing, again):
+    forget = _command(
+        actions, "delete", _delete_dead_letters, "forget dead letters for good (of a queue or ids)"
+    )
+    for sub in (listing, again, forget):
         sub.add_argument("--queue", help="only the dead letters of this queue")
         sub.add_argument("--message-id", help="only this message")
     _delayed_commands(commands)
@@ -352,6 +357,18 @@ async def _requeue_dead_letters(config: Config, args: argparse.Namespace) -> Non
     logger.info("requeued %d dead letters", moved)
     if kept:
         raise RequeueIncomplete(f"{kept} dead letters could not be requeued and stay")
+
+
+async def _delete_dead_letters(config: Config, args: argparse.Namespace) -> None:
+    async with aio.open_loop(lambda: None):
+        db = await store.open_store(config.postgres, config.amqp.reconnect_window_seconds)
+        try:
+            deleted = await admin.delete_dead_letters(
+                db, config.amqp.namespace, args.queue, _message_ids(args)
+            )
+        finally:
+            await db.close()
+    logger.info("deleted %d dead letters", deleted)
 
 
 async def _list_delayed(config: Config, args: argparse.Namespace) -> None:

@@ -273,3 +273,32 @@ def test_page_sizes_and_message_ids() -> None:
     assert admin.delayed_target(None, None, "ns") is None
     with pytest.raises(InvalidArgument, match="namespace"):
         admin.delayed_target("ns.delay", "", "ns")
+
+
+def test_the_cli_deletes_dead_letters_of_a_queue_or_by_id_never_all_at_once(
+    bus: tuple[Any, BusClient, AdminClient],
+) -> None:
+    daemon, client, admin_client = bus
+    for queue, data in (("doomed-a", "a1"), ("doomed-a", "a2"), ("doomed-b", "b1")):
+        client.publish(queue, data)
+        client.nack(client.subscribe(queue).id)  # max_retries = 0: dead at the next tick
+    eventually(lambda: admin_client.queue("doomed-b").dead_letters, lambda n: n == 1)
+    eventually(lambda: admin_client.queue("doomed-a").dead_letters, lambda n: n == 2)
+
+    refused = cli(daemon, "dead-letters", "delete")
+    assert refused.returncode == 2 and "name --queue or --message-id" in refused.stderr
+    listed = cli_json(daemon, "dead-letters", "list", "--queue", "doomed-a")
+    [a1] = [row for row in listed if row["data"] == "a1"]
+    assert (
+        "deleted 1 dead letters"
+        in cli(daemon, "dead-letters", "delete", "--message-id", a1["message_id"]).stderr
+    )
+    assert admin_client.queue("doomed-a").dead_letters == 1
+    assert (
+        "deleted 1 dead letters"
+        in cli(daemon, "dead-letters", "delete", "--queue", "doomed-a").stderr
+    )
+    assert admin_client.queue("doomed-a").dead_letters == 0
+    assert [
+        row["data"] for row in cli_json(daemon, "dead-letters", "list", "--queue", "doomed-b")
+    ] == ["b1"]

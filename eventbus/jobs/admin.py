@@ -111,6 +111,21 @@ async def list_dead_letters(
     return await list_letters(store, selection, limit, offset)
 
 
+async def delete_dead_letters(
+    store: Store, namespace: str, queue: str | None, ids: Sequence[str]
+) -> int:
+    """Forget dead letters for good: of one queue (or, with ids, of any queue), of the given
+    messages only (none given: all of that queue's). Returns how many went."""
+    selection = Selection(queue_filter(queue, namespace), tuple(message_ids(ids)))
+    if selection.queue is None and not selection.message_ids:
+        raise InvalidArgument(
+            "name a queue or message ids: every dead letter at once is not deleted"
+        )
+    where, args = selection.where()
+    status = await store.execute(f"DELETE FROM dead_letters{where}", *args)
+    return int(status.split()[-1])
+
+
 async def requeue_dead_letters(
     store: Store,
     publisher: Publisher,

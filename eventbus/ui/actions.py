@@ -8,10 +8,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from ..backends.store import Store
 from ..errors import InvalidArgument
 from ..jobs import admin
-from ..jobs.deadletters import Selection
 from ..ops.metrics import Metrics
 from ..ops.ratelog import RateLimitedLog
 from ..security.access import SHOWN_NAME, Identity
@@ -51,18 +49,7 @@ async def requeue(parts: Parts, queue: str, ids: Sequence[str]) -> tuple[int, in
 
 async def delete(parts: Parts, queue: str, ids: Sequence[str]) -> int:
     """Forget dead letters of queue (none named: all of them); returns how many."""
-    return await delete_dead_letters(parts.store, parts.namespace, _queue(queue), ids)
-
-
-async def delete_dead_letters(store: Store, namespace: str, queue: str, ids: Sequence[str]) -> int:
-    """Delete the dead letters of one queue, of the given messages only (none given: all of
-    them), checked as admin.requeue_dead_letters checks its arguments; returns how many."""
-    selection = Selection(admin.queue_filter(queue, namespace), tuple(admin.message_ids(ids)))
-    if selection.queue is None:
-        raise InvalidArgument("queue must not be empty")
-    where, args = selection.where()
-    status = await store.execute(f"DELETE FROM dead_letters{where}", *args)
-    return int(status.split()[-1])
+    return await admin.delete_dead_letters(parts.store, parts.namespace, _queue(queue), ids)
 
 
 async def cancel(parts: Parts, ids: Sequence[str]) -> tuple[int, list[str]]:
