@@ -170,6 +170,13 @@ class Daemon:
         self.consumers = Consumers(
             self.broker, cfg.amqp, self.metrics, self.supervisor, self.publisher.declare_queue, root
         )
+        self.queues = admin.Queues(  # counts for the v2 Admin service and the admin page
+            self.store,
+            self.broker,
+            self.consumers,
+            cfg.amqp.namespace,
+            self.metrics.queue_label.seen,
+        )
         self.delivery_ids = delivery_ids = await DeliveryIds.load(self.store)
         delivery_ids.owners = lambda: self.gate.access.identities if self.gate.access else ()
         self.policies = Policies(cfg)  # every queue's retry policy, for each path alike
@@ -213,7 +220,7 @@ class Daemon:
         history = History(self.metrics)
         root.start_soon(self.supervisor.forever, "history", history.run)
         namespace = self.config.amqp.namespace
-        queues = admin.Queues(self.store, self.broker, self.consumers, namespace)
+        queues = self.queues
         parts = ui.Parts(
             self.node,
             self.metrics,
@@ -246,12 +253,7 @@ class Daemon:
             v2.PublisherService(self.gate, publishing, self.quotas),
             v2.SubscriberService(self.gate, self.subscriptions, self.quotas),
             AdminService(
-                self.gate,
-                self.store,
-                self.publisher,
-                self.broker,
-                self.consumers,
-                self.config.amqp.namespace,
+                self.gate, self.store, self.publisher, self.queues, self.config.amqp.namespace
             ),
         ]
 

@@ -302,3 +302,14 @@ def test_the_cli_deletes_dead_letters_of_a_queue_or_by_id_never_all_at_once(
     assert [
         row["data"] for row in cli_json(daemon, "dead-letters", "list", "--queue", "doomed-b")
     ] == ["b1"]
+
+
+def test_list_queues_names_a_queue_only_published_to(
+    bus: tuple[Any, BusClient, AdminClient],
+) -> None:
+    _, client, admin_client = bus
+    client.publish("published-only", "one")
+    listed = admin_client.call("ListQueues", v2_pb2.ListQueuesRequest()).queues
+    [info] = [q for q in listed if q.name == "published-only"]
+    assert (info.ready, info.in_flight, info.consumers) == (1, 0, 0)
+    assert "(other queues)" not in {q.name for q in listed}  # a metrics label, not a queue

@@ -15,9 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from .._generated import v2_grpc, v2_pb2
 from ..backends import aio
-from ..backends.broker import Broker
 from ..backends.store import Store
-from ..delivery.consumer import Consumers
 from ..delivery.publisher import Publisher
 from ..errors import Unavailable
 from ..jobs import admin
@@ -89,15 +87,14 @@ class AdminService(v2_grpc.AdminBase):
         gate: Gate,
         store: Store,
         publisher: Publisher,
-        broker: Broker,
-        consumers: Consumers,
+        queues: admin.Queues,
         namespace: str,
     ) -> None:
         self._gate = gate
         self._store = store
         self._publisher = publisher
         self._namespace = namespace
-        self._queues = admin.Queues(store, broker, consumers, namespace)
+        self._queues = queues
 
     async def _unary(
         self, stream: Any, method: str, work: Callable[[Request], Awaitable[Reply]]

@@ -11,7 +11,7 @@ PostgreSQL (deliveries in flight, delayed messages, dead letters).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from ..backends import aio
@@ -261,10 +261,18 @@ class Queues:
     connection that never publishes (so this goes on while RabbitMQ blocks publishers); a
     channel whose call failed is closed, not reused."""
 
-    def __init__(self, store: Store, broker: Broker, consumers: Consumers, namespace: str) -> None:
+    def __init__(
+        self,
+        store: Store,
+        broker: Broker,
+        consumers: Consumers,
+        namespace: str,
+        seen: Callable[[], Iterable[str]] = tuple,
+    ) -> None:
         self._store = store
         self._consumers = consumers
         self._namespace = namespace
+        self._seen = seen  # queues this node has published to or handed out from
         self._declarer = Declarer(broker, PROBE_CHANNELS)
 
     async def info(self, queue: str) -> QueueInfo:
@@ -277,10 +285,13 @@ class Queues:
 
     async def known(self) -> list[QueueInfo]:
         """The counts of every queue the bus knows, by name, at most MAX_QUEUES: those with
-        deliveries in flight, delayed messages or dead letters, and those this node consumes."""
+        deliveries in flight, delayed messages or dead letters, those this node consumes, and
+        those it has published to or handed out from (as /stats lists them)."""
         rows = await self._store.fetch(KNOWN, MAX_QUEUES)
         names = {row["name"] for row in rows}
-        names.update(c.queue for c in self._consumers.running() if not self._internal(c.queue))
+        names.update(c.queue for c in self._consumers.running())
+        names.update(self._seen())
+        names = {name for name in names if not self._internal(name)}
         infos = await self._infos(sorted(names)[:MAX_QUEUES])
         return [info for info in infos if info is not None]
 

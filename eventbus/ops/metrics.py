@@ -32,6 +32,10 @@ class QueueLabels:
         self._limit = limit
         self._known: set[str] = set()
 
+    def seen(self) -> list[str]:
+        """The queues labelled by name so far (at most the limit)."""
+        return list(self._known)
+
     def __call__(self, queue: str) -> str:
         if queue in self._known:
             return queue
