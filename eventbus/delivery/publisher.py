@@ -402,26 +402,25 @@ class Publisher:
         return False
 
     async def _still_there(self, queue: str) -> None:
-        async with self._declarer.channel() as channel:
-            try:
-                await bounded(
-                    f"looking up queue {queue!r}", channel.declare_queue(queue, passive=True)
-                )
-            except NotFound:
-                raise Unavailable(
-                    f"queue {queue!r} went away while the bus declared it; try again"
-                ) from None
+        await self._passively(
+            queue, Unavailable(f"queue {queue!r} went away while the bus declared it; try again")
+        )
 
     async def _look_up(self, queue: str) -> None:
+        await self._passively(
+            queue,
+            NotFound(f"queue {queue!r} does not exist, and server.auto_create_queues is false"),
+        )
+
+    async def _passively(self, queue: str, missing: Exception) -> None:
+        """The queue looked up without declaring it; missing raised when there is none."""
         async with self._declarer.channel() as channel:
             try:
                 await bounded(
                     f"looking up queue {queue!r}", channel.declare_queue(queue, passive=True)
                 )
             except NotFound:
-                raise NotFound(
-                    f"queue {queue!r} does not exist, and server.auto_create_queues is false"
-                ) from None
+                raise missing from None
 
     async def declare_topic(self, topic: str) -> None:
         """(asyncio side) Declare a durable topic exchange once per connection."""
