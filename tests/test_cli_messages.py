@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from eventbus.client import Client, OutboundMessage, ReceivedMessage
+from eventbus.tools import output
 from tests import servers
 from tests.certs import Issued, issue, make_ca
 from tests.daemon_process import DaemonProcess, auth_table
@@ -173,6 +174,42 @@ def test_publish_twice_with_a_dedup_id_prints_the_first_id(bus: DaemonProcess) -
     second = ok(at(bus, "publish", queue, "--data", "x", "--dedup-id", "order-17"))
     assert second.stdout == first.stdout
     assert "not stored again" in second.stderr and "not stored again" not in first.stderr
+
+
+HOSTILE = "one\ttwo\nforged\trecord\r\x1b]52;c;cHduZWQ=\x07\\x1b \u202e\x85 é"
+HOSTILE_TEXT = "one\\ttwo\\nforged\\trecord\\r\\x1b]52;c;cHduZWQ=\\x07\\\\x1b \\u202e\\x85 é"
+
+
+def test_text_output_escapes_control_characters_and_json_keeps_them() -> None:
+    assert output.escape(HOSTILE) == HOSTILE_TEXT
+    assert output.escape("plain text, é, 日本") == "plain text, é, 日本"
+    record = output.line({"id": "m1", "data": HOSTILE, "n": 2}, as_json=False)
+    assert record.split("\t") == ["m1", HOSTILE_TEXT, "2"]
+    assert json.loads(output.line({"data": HOSTILE}, as_json=True)) == {"data": HOSTILE}
+
+
+def test_pull_and_dead_letters_print_a_hostile_body_on_one_line(bus: DaemonProcess) -> None:
+    queue = unique("hostile")
+    [message_id] = publish(bus, queue, HOSTILE.encode(), attributes={"k": "a\tb\nc"})
+    pulled = ok(at(bus, "pull", queue, "--wait", "10", "--nack"))
+    [line] = pulled.stdout.splitlines()
+    assert "\x1b" not in pulled.stdout and "\x07" not in pulled.stdout
+    fields = line.split("\t")
+    assert fields[0] == message_id and fields[3:] == ["k=a\\tb\\nc", HOSTILE_TEXT]
+    as_json = ok(at(bus, "pull", queue, "--wait", "30", "--json"))
+    [row] = json_lines(as_json.stdout)
+    assert row["data"] == HOSTILE and row["attributes"] == {"k": "a\tb\nc"}
+
+    async def dead_letter(client: Client) -> None:
+        assert await client.nack([row["ack_id"]], dead_letter=True) == []
+
+    with_client(bus.grpc_address, dead_letter)
+    listing = ["dead-letters", "list", "--config", str(bus.config_path), "--queue", queue]
+    listed = wait_until(lambda: ok(eventbus(*listing)).stdout, what="the dead letter listed")
+    [letter] = listed.splitlines()
+    assert letter.split("\t")[0] == message_id and letter.split("\t")[-1] == HOSTILE_TEXT
+    [document] = json_lines(ok(eventbus(*listing, "--json")).stdout)
+    assert document["data"] == HOSTILE
 
 
 # ---- queues and purge ------------------------------------------------------------------------

@@ -1,5 +1,13 @@
-"""How the commands print: one record a line (tab-separated, or one JSON object), bodies as text
-or base64, and aligned tables for people."""
+r"""How the commands print: one record a line (tab-separated, or one JSON object), bodies as text
+or base64, and aligned tables for people.
+
+The text forms escape what would break a line apart or reach the terminal as a command: a body
+or attribute holding a tab or a newline cannot forge a field or a record, nor one holding ESC
+set the terminal's title or clipboard. Backslash, tab, newline and carriage return print as
+\\ \t \n \r; other control characters (C0, DEL, C1) as \xNN; line and paragraph separators
+and the bidirectional overrides and isolates as \uNNNN. JSON is printed as it was (json escapes
+the C0 control characters itself).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,21 @@ import base64
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+_NAMED = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_CONTROLS = [*range(0x20), *range(0x7F, 0xA0)]
+_FORMATS = [0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+ESCAPES = str.maketrans(
+    {code: f"\\x{code:02x}" for code in _CONTROLS}
+    | {code: f"\\u{code:04x}" for code in _FORMATS}
+    | {ord(char): escaped for char, escaped in _NAMED.items()}
+)
+
+
+def escape(value: object) -> str:
+    """str(value) safe to print on one line of a terminal (see above); the same when there is
+    nothing to escape."""
+    return str(value).translate(ESCAPES)
 
 
 def data(body: bytes) -> dict[str, str]:
@@ -18,15 +41,15 @@ def data(body: bytes) -> dict[str, str]:
 
 
 def line(fields: Mapping[str, Any], *, as_json: bool) -> str:
-    """One record: a JSON object, or its values separated by tabs."""
+    """One record: a JSON object, or its values escaped and separated by tabs."""
     if as_json:
         return json.dumps(fields, ensure_ascii=False)
-    return "\t".join(str(value) for value in fields.values())
+    return "\t".join(escape(value) for value in fields.values())
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """Columns aligned with two spaces between them: the first to the left, numbers right."""
-    cells = [list(headers), *([str(value) for value in row] for row in rows)]
+    cells = [list(headers), *([escape(value) for value in row] for row in rows)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = []
     for row in cells:
