@@ -360,11 +360,26 @@ class IdentityConfig:
     max_waiting_pulls: int = _setting(0, _int(0, 1_000_000))  # 0: no limit
 
 
+# A name the admin page is reached by: a DNS name, an IPv4 address or a [bracketed] IPv6 one.
+UI_HOST = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}|\[[0-9A-Fa-f:.]{2,45}\]")
+UI_HOSTS = Rule(
+    list,
+    "a list of at most 64 host names the admin page is reached by (no port, no scheme)",
+    lambda v: len(v) <= 64 and all(isinstance(h, str) and UI_HOST.fullmatch(h) for h in v),
+)
+
+
 @dataclass(frozen=True)
 class HttpConfig:
     """The HTTP port's optional parts (its address: server.http_host, server.http_port)."""
 
     ui_enabled: bool = _setting(False, BOOL)  # the admin page at /ui
+    # Host names /ui answers to besides server.http_host, localhost, 127.0.0.1, [::1] and
+    # the machine's host name: a request naming any other Host is refused (DNS rebinding).
+    ui_hosts: tuple[str, ...] = _setting((), UI_HOSTS)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ui_hosts", tuple(self.ui_hosts))  # a TOML list, kept as a tuple
 
 
 @dataclass(frozen=True)

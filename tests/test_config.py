@@ -262,3 +262,22 @@ def test_a_comma_in_a_broker_password_stays_in_its_url(tmp_path: Path) -> None:
     environ = {"EVENTBUS_AMQP__URLS": "amqp://u:a,b@h1:5672/ amqp://u:c@h2:5672/"}
     config = load(write(tmp_path, ""), environ)
     assert config.amqp.brokers == ("amqp://u:a,b@h1:5672/", "amqp://u:c@h2:5672/")
+
+
+def test_the_admin_page_host_names_from_the_file_and_the_environment(tmp_path: Path) -> None:
+    assert Config().http.ui_hosts == ()
+    text = "[http]\nui_hosts = ['bus1.example.com', 'Bus-2', '10.0.0.7', '[fd00::7]']\n"
+    config = load(write(tmp_path, text), {})
+    assert config.http.ui_hosts == ("bus1.example.com", "Bus-2", "10.0.0.7", "[fd00::7]")
+    environ = {"EVENTBUS_HTTP__UI_HOSTS": "ops.example.com localhost"}
+    assert load(write(tmp_path, ""), environ).http.ui_hosts == ("ops.example.com", "localhost")
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["'bus1.example.com'", "['http://bus1/']", "['bus1:7878']", "['']", "[1]", "['a b']"],
+)
+def test_admin_page_host_names_are_names_alone(tmp_path: Path, value: str) -> None:
+    assert error_of(tmp_path, f"[http]\nui_hosts = {value}\n").startswith(
+        "config.toml: http.ui_hosts: expected a list of at most 64 host names"
+    )
