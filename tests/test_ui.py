@@ -11,6 +11,7 @@ import json
 import math
 import re
 import signal
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,7 +24,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from eventbus.ops.history import TOTAL, History
 from eventbus.ui import markup
-from eventbus.ui.sessions import Sessions, cookie, csrf_valid, same_origin
+from eventbus.ui.sessions import (
+    Sessions,
+    allowed_hosts,
+    cookie,
+    csrf_valid,
+    host_allowed,
+    host_name,
+    same_origin,
+)
 from tests.bus_client import BusClient
 from tests.daemon_process import DaemonProcess
 from tests.test_admin import AdminClient
@@ -187,6 +196,41 @@ def test_the_session_cookie_is_httponly_strict_and_secure_over_https() -> None:
 )
 def test_forms_are_taken_only_from_this_origin(headers: dict[str, str], ok: bool) -> None:
     assert same_origin(headers, "http") is ok
+
+
+@pytest.mark.parametrize(
+    ("host", "name"),
+    [
+        ("127.0.0.1:7878", "127.0.0.1"),
+        ("LocalHost.", "localhost"),
+        ("[::1]:7878", "[::1]"),
+        ("[::1]", "[::1]"),
+        ("bus1.example.com", "bus1.example.com"),
+        ("", ""),
+        ("::1", ""),
+        ("[]:1", ""),
+        ("[::1]x", ""),
+        ("a:1:2", ""),
+    ],
+)
+def test_host_headers_read_as_names_without_their_port(host: str, name: str) -> None:
+    assert host_name(host) == name
+
+
+def test_the_page_answers_only_to_its_own_host_names() -> None:
+    allowed = allowed_hosts(["10.1.2.3", "bus1.example.com", "fd00::7"])
+    for host in ("localhost:7878", "127.0.0.1:1", "[::1]:7878", "10.1.2.3", "BUS1.example.com"):
+        assert host_allowed({"host": host}, allowed, None), host
+    assert host_allowed({"host": "[fd00::7]:7878"}, allowed, None)
+    assert host_allowed({"host": f"{socket.gethostname()}:7878"}, allowed, None)
+    # A name an attacker points at this node (DNS rebinding), or no name at all.
+    for headers in ({"host": "rebind.example:7878"}, {"host": "localhost.evil"}, {}):
+        assert not host_allowed(headers, allowed, None), headers
+    # The address a request reached the node at (bound to 0.0.0.0: any of its addresses) is no
+    # name anyone else controls.
+    assert host_allowed({"host": "192.168.5.5:7878"}, allowed, "192.168.5.5")
+    assert host_allowed({"host": "[fe80::5]:7878"}, allowed, "fe80::5")
+    assert not host_allowed({"host": "rebind.example"}, allowed, "192.168.5.5")
 
 
 # ---- Real HTTP against a daemon ------------------------------------------------------------
@@ -532,3 +576,28 @@ def test_moments_ages_and_rates_read_well() -> None:
     assert markup.age(3 * 86400 + 7200) == "3d 2h" and markup.age(None) == "—"
     assert markup.rate(0.5) == "0.5/s" and markup.rate(0) == "0/s"
     assert markup.rate(1234.4) == "1,234/s" and markup.rate(math.nan) == "—"
+
+
+def test_a_host_name_the_page_is_not_reached_by_is_refused(
+    ui_bus: tuple[DaemonProcess, BusClient, AdminClient],
+) -> None:
+    """DNS rebinding: a site points its own name at this node; the browser then takes the
+    node's pages for that site's own, Origin and all."""
+    daemon, client, admin = ui_bus
+    queue = f"rebound-{RUN}"
+    client.publish(queue, "kept")
+    web = Browserless(daemon)
+    evil = f"rebind.example:{daemon.http_port}"
+    own = {"Host": evil}
+    for path in ("/ui", "/ui/api/overview", f"/ui/queue?name={queue}", "/ui/static/ui.js"):
+        status, headers, text = web.request("GET", path, headers=own)
+        assert status == 421, path
+        assert headers["Content-Type"].startswith("text/plain") and "ui_hosts" in text
+        assert "Set-Cookie" not in headers and not web.cookies
+    form = {"queue": queue, "confirm": queue}
+    status, _, _ = web.request("POST", "/ui/queue/purge", form, own, origin=f"http://{evil}")
+    assert status == 421 and admin.queue(queue).ready == 1
+    for host in ("localhost", "127.0.0.1", socket.gethostname()):
+        status, _, text = web.request("GET", "/ui", headers={"Host": f"{host}:{daemon.http_port}"})
+        assert status == 200 and "Overview" in text, host
+    assert daemon.http_get("/stats")[0] == 200  # the rest of the port is not the page's

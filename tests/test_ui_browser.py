@@ -5,7 +5,7 @@ calls block, so they run in worker threads of the trio test."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def open_browser(width: int = 1360, height: int = 900) -> WebDriver:
+def open_browser(width: int = 1360, height: int = 900, extra: Sequence[str] = ()) -> WebDriver:
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for argument in (
@@ -45,6 +45,7 @@ def open_browser(width: int = 1360, height: int = 900) -> WebDriver:
         "--disable-gpu",
         f"--window-size={width},{height}",
         "--force-device-scale-factor=1",
+        *extra,
     ):
         options.add_argument(argument)
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
@@ -271,3 +272,35 @@ async def test_refused_without_the_token_and_without_the_form_token(
     await blocking(browser.get, base + "/ui")
     assert browser.current_url == base + "/ui/login"
     await blocking(client.close)
+
+
+async def test_a_site_that_points_its_name_at_the_node_gets_nothing(make_daemon: Any) -> None:
+    """DNS rebinding, as the browser sees it once the name is rebound: rebind.example (the
+    attacker's site) now resolves to the node, so the attacker's script is same-origin with
+    whatever answers there. The page must not answer to that name."""
+    daemon, client, admin = await blocking(lambda: started(make_daemon, **FAST))
+    kept = f"rebound-{RUN}"
+    await blocking(client.publish, kept, "k1")
+    rules = "--host-resolver-rules=MAP rebind.example 127.0.0.1"
+    driver = await blocking(lambda: open_browser(extra=[rules]))
+    try:
+        evil = f"http://rebind.example:{daemon.http_port}"
+        await blocking(driver.get, f"{evil}/ui/queue?name={kept}")
+        text = await blocking(text_of, driver, "body")
+        assert text.startswith("421 misdirected request") and kept not in text
+        attack = (
+            "const done = arguments[arguments.length - 1];"
+            "Promise.all([fetch('/ui/api/overview').then(r => r.status),"
+            " fetch('/ui/queue/purge', {method: 'POST', body: 'queue=KEPT&confirm=KEPT',"
+            " headers: {'Content-Type': 'application/x-www-form-urlencoded'}})"
+            ".then(r => r.status)]).then(done);"
+        ).replace("KEPT", kept)
+        assert await blocking(driver.execute_async_script, attack) == [421, 421]
+        assert (await blocking(admin.queue, kept)).ready == 1
+        assert not await blocking(driver.get_cookies)
+        # The operator's own way in still works.
+        await blocking(driver.get, f"http://localhost:{daemon.http_port}/ui/queue?name={kept}")
+        await until(lambda: text_of(driver, "h1"), lambda text: text == kept)
+    finally:
+        await blocking(driver.quit)
+        await blocking(client.close)

@@ -5,7 +5,8 @@ Who may see it: with auth off, anyone who reaches the HTTP port (as /stats); wit
 identity with admin = true, by the session its token opened at /ui/login or by an
 "Authorization: Bearer" header (scripts; reading only, actions need the session's form token).
 Every answer carries a Content-Security-Policy without inline scripts or styles, and may not be
-framed.
+framed. A request whose Host header names none of the page's own names is refused (421) before
+anything else: DNS rebinding (sessions.host_allowed).
 """
 
 from __future__ import annotations
@@ -28,7 +29,16 @@ from ..errors import CallError, InvalidArgument, NotFound, PermissionDenied
 from ..security.access import NOBODY, Identity
 from . import actions, pages, views
 from .markup import Html, link
-from .sessions import COOKIE, Session, Sessions, cookie, csrf_valid, same_origin
+from .sessions import (
+    COOKIE,
+    Session,
+    Sessions,
+    allowed_hosts,
+    cookie,
+    csrf_valid,
+    host_allowed,
+    same_origin,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +91,7 @@ class Console:
         self.parts = parts
         self.sessions = sessions or Sessions()
         self.overview_cache = views.Overview(parts)
+        self.hosts = allowed_hosts(parts.hosts)
 
     def routes(self) -> list[BaseRoute]:
         get, post = ["GET", "HEAD"], ["POST"]
@@ -106,6 +117,7 @@ class Console:
 
         async def guarded(request: Request) -> Response:
             try:
+                self._check_host(request)
                 response = await handler(request)
             except Refusal as refusal:
                 response = refusal.response
@@ -122,6 +134,21 @@ class Console:
             return response
 
         return guarded
+
+    def _check_host(self, request: Request) -> None:
+        """Refusal (421, plain text) unless the request names one of the page's host names."""
+        server = request.scope.get("server")
+        local = server[0] if server else None
+        if host_allowed(request.headers, self.hosts, local):
+            return
+        reason = "a request for a host name the page does not answer to ([http] ui_hosts)"
+        refused(request, self.parts.metrics, "a caller", "MISDIRECTED", reason)
+        text = (
+            "421 misdirected request: the admin page answers only to the names in [http] "
+            "ui_hosts, server.http_host, localhost, 127.0.0.1, [::1] and this machine's host "
+            "name\n"
+        )
+        raise Refusal(Response(text, 421, media_type="text/plain; charset=utf-8"))
 
     def _problem(self, request: Request, status: int, text: str) -> Response:
         if request.url.path.startswith("/ui/api/"):

@@ -9,7 +9,9 @@ session pushed out of the table (at most MAX_SESSIONS) ends it too. With auth of
 login: a session is opened on the first page, only to carry the form token.
 
 Every form carries its session's CSRF token, and a POST is taken only from a page of this
-origin (Origin header, else Referer).
+origin (Origin header, else Referer). Every request must name, in its Host header, a name the
+page is reached by (host_allowed): a page elsewhere that points its own name at this node (DNS
+rebinding) is its own origin for the browser, and would pass the Origin check.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -89,6 +92,44 @@ def cookie(session: Session | None, *, secure: bool, lifetime: float = SESSION_S
     value, age = (session.id, int(lifetime)) if session is not None else ("", 0)
     attributes = f"{COOKIE}={value}; Path=/ui; Max-Age={age}; HttpOnly; SameSite=Strict"
     return attributes + ("; Secure" if secure else "")
+
+
+LOCAL_NAMES = ("localhost", "127.0.0.1", "[::1]")
+
+
+def allowed_hosts(configured: Iterable[str]) -> frozenset[str]:
+    """The names the page answers to: configured ones (server.http_host, [http] ui_hosts),
+    localhost, the loopback addresses and the machine's host name, as host_name gives them."""
+    names = [*configured, *LOCAL_NAMES, socket.gethostname()]
+    return frozenset(host_name(_bracketed(name)) for name in names) - {""}
+
+
+def host_name(host: str) -> str:
+    """A Host header's name, without its port, lower case, a final dot dropped; an IPv6
+    address in brackets. "" for a header that names no host."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        rest = host[end + 1 :]
+        return host[: end + 1] if end > 1 and (not rest or rest[0] == ":") else ""
+    name, _, port = host.partition(":")
+    if ":" in port:
+        return ""
+    return name.removesuffix(".")
+
+
+def _bracketed(address: str) -> str:
+    """An IPv6 address as a Host header names it."""
+    return f"[{address}]" if ":" in address and not address.startswith("[") else address
+
+
+def host_allowed(headers: Mapping[str, str], allowed: frozenset[str], local: str | None) -> bool:
+    """Whether a request names a host the page answers to: one of allowed, or the address it
+    reached this node at (local; an address, which no other site can point its name at)."""
+    name = host_name(headers.get("host", ""))
+    if not name:
+        return False
+    return name in allowed or (local is not None and name == host_name(_bracketed(local)))
 
 
 def same_origin(headers: Mapping[str, str], scheme: str) -> bool:

@@ -65,6 +65,9 @@ class Parts:
     stats: Callable[[], Awaitable[dict[str, Any]]]  # the /stats document
     checks: Mapping[str, Check]  # /readyz's
     access: Callable[[], Access | None]
+    # The names the page is reached by besides localhost, the loopback addresses and the
+    # machine's host name: server.http_host and [http] ui_hosts.
+    hosts: tuple[str, ...] = ()
 
 
 class Overview:
