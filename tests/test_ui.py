@@ -22,8 +22,11 @@ from urllib.parse import urlencode
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from eventbus.backends.store import Store
+from eventbus.delivery.envelope import DelayedMessage
+from eventbus.jobs import delay
 from eventbus.ops.history import TOTAL, History
-from eventbus.ui import markup
+from eventbus.ui import listings, markup
 from eventbus.ui.sessions import (
     Sessions,
     allowed_hosts,
@@ -33,6 +36,7 @@ from eventbus.ui.sessions import (
     host_name,
     same_origin,
 )
+from tests import servers
 from tests.bus_client import BusClient
 from tests.daemon_process import DaemonProcess
 from tests.test_admin import AdminClient
@@ -153,6 +157,14 @@ def test_body_previews_are_cut_and_binary_bodies_shown_as_bytes() -> None:
     assert markup.preview(b"\xff\xfe\x00") == "(binary, 3 bytes) ff fe 00"
 
 
+def test_a_preview_of_a_body_s_start_gives_the_whole_body_s_size() -> None:
+    head = ("é" * 600).encode()[:1023]  # cut inside a character
+    shown = markup.preview(head, 6_000_000)
+    assert shown == "é" * 120 + "… (6,000,000 bytes)"
+    assert markup.preview(b"short", 5_000) == "short… (5,000 bytes)"
+    assert markup.preview(b"\xff" * 1024, 70_000).startswith("(binary, 70,000 bytes) ff ff")
+
+
 def test_sparkline_paths_leave_gaps_where_nothing_was_sampled() -> None:
     drawn = markup.path([math.nan, 0.0, 2.0, math.nan, 1.0], top=2.0, width=40, height=10)
     assert drawn == "M10.0 9.0L20.0 1.0M40.0 5.0"
@@ -231,6 +243,39 @@ def test_the_page_answers_only_to_its_own_host_names() -> None:
     assert host_allowed({"host": "192.168.5.5:7878"}, allowed, "192.168.5.5")
     assert host_allowed({"host": "[fe80::5]:7878"}, allowed, "fe80::5")
     assert not host_allowed({"host": "rebind.example"}, allowed, "192.168.5.5")
+
+
+async def test_page_listings_read_the_start_of_each_body_and_its_size(postgres_dsn: str) -> None:
+    big = b"x" * (3 * 1024 * 1024)
+
+    async def work(store: Store) -> None:
+        await store.execute(
+            "INSERT INTO dead_letters (queue, message_id, body, attempts, last_delivery_id, "
+            "last_failure_at) VALUES ('orders', $1, $2, 4, $1, now()), "
+            "('orders', $3, 'small', 1, $3, now() + interval '1 second')",
+            uuid.uuid4(),
+            big,
+            uuid.uuid4(),
+        )
+        later = time.time() + 3600
+        pending = [
+            DelayedMessage(str(uuid.uuid4()), "queue", "orders", big, later, 0),
+            DelayedMessage(str(uuid.uuid4()), "topic", "orders", b"elsewhere", later, 0),
+        ]
+        await delay.write(store, pending)
+        letters = await listings.dead_letters(store, "orders", 51, 0)
+        assert [(len(d.head), d.size, d.attempts) for d in letters] == [
+            (listings.HEAD_BYTES, len(big), 4),
+            (5, 5, 1),
+        ]
+        assert letters[0].head == big[: listings.HEAD_BYTES] and letters[1].head == b"small"
+        assert await listings.dead_letters(store, "orders", 51, 1) == letters[1:]
+        [row] = await listings.delayed(store, ("queue", "orders"), 51, 0)
+        assert (row.id, len(row.head), row.size) == (pending[0].id, listings.HEAD_BYTES, len(big))
+        [row] = await listings.delayed(store, ("topic", "orders"), 51, 0)
+        assert (row.head, row.size) == (b"elsewhere", 9)
+
+    await servers.with_store(postgres_dsn, work)
 
 
 # ---- Real HTTP against a daemon ------------------------------------------------------------

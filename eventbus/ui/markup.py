@@ -85,18 +85,21 @@ def moment(when: datetime, now: datetime | None = None) -> str:
     return f"{when.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC ({relative})"
 
 
-def preview(body: bytes, limit: int = PREVIEW_CHARACTERS) -> str:
+def preview(body: bytes, size: int | None = None, limit: int = PREVIEW_CHARACTERS) -> str:
     """The start of a message body as text (cut at limit characters); a body that is not
-    UTF-8 as its length and first bytes in hex."""
+    UTF-8 as its length and first bytes in hex. body may be the start of a longer body of
+    size bytes (a character split where it was cut is left out)."""
+    size = len(body) if size is None else size
     try:
         text = body.decode()
-    except UnicodeDecodeError:
-        return f"(binary, {len(body):,} bytes) {body[:24].hex(' ')}" + (
-            " …" if len(body) > 24 else ""
-        )
+    except UnicodeDecodeError as error:
+        split = size > len(body) and error.reason == "unexpected end of data"
+        if not split:
+            return f"(binary, {size:,} bytes) {body[:24].hex(' ')}" + (" …" if size > 24 else "")
+        text = body[: error.start].decode()
     shown = " ".join(text[: limit * 2].split())  # newlines and runs of blanks as one space
-    if len(shown) > limit or len(text) > limit * 2:
-        return f"{shown[:limit]}… ({len(body):,} bytes)"
+    if len(shown) > limit or len(text) > limit * 2 or size > len(body):
+        return f"{shown[:limit]}… ({size:,} bytes)"
     return shown
 
 

@@ -9,9 +9,8 @@ from typing import Any
 
 from ..delivery.policy import Policy
 from ..jobs.admin import QueueInfo
-from ..jobs.deadletters import DeadLetter
-from ..jobs.delay import Pending
 from ..ops.history import SERIES, Rates
+from .listings import Delayed, Letter
 from .markup import Html, age, chart, count, fill, join, link, moment, preview, rate
 from .views import PAGE_SIZE, QueueView, TopicView
 
@@ -383,7 +382,7 @@ def policy(rule: Policy) -> Html:
     return fill('<table class="policy">{cells}</table>', cells=cells)
 
 
-def dead_letters(frame: Frame, queue: str, letters: Sequence[DeadLetter], offset: int) -> Html:
+def dead_letters(frame: Frame, queue: str, letters: Sequence[Letter], offset: int) -> Html:
     if not letters:
         return Html('<p class="muted">None.</p>')
     rows = join(
@@ -399,7 +398,7 @@ def dead_letters(frame: Frame, queue: str, letters: Sequence[DeadLetter], offset
             attempts=d.attempts,
             failed=moment(d.last_failure_at),
             reason=d.reason or "retries used up",
-            body=preview(d.body),
+            body=preview(d.head, d.size),
         )
         for d in letters[:PAGE_SIZE]
     )
@@ -435,7 +434,7 @@ def pager(
     return fill('<p class="pager">{links}</p>', links=join(links, " ")) if links else Html("")
 
 
-def delayed(frame: Frame, rows: Sequence[Pending], offset: int, owner: tuple[str, str]) -> Html:
+def delayed(frame: Frame, rows: Sequence[Delayed], offset: int, owner: tuple[str, str]) -> Html:
     """Delayed messages of a queue or topic (owner: kind and name), each with Cancel."""
     if not rows:
         return Html('<p class="muted">None.</p>')
@@ -450,7 +449,7 @@ def delayed(frame: Frame, rows: Sequence[Pending], offset: int, owner: tuple[str
             quarantine=fill('<div class="bad">quarantined: {r}</div>', r=row.quarantine_reason)
             if row.quarantined_at
             else Html(""),
-            body=preview(row.body),
+            body=preview(row.head, row.size),
         )
         for row in rows[:PAGE_SIZE]
     )

@@ -25,12 +25,11 @@ from ..delivery.policy import Policies, Policy
 from ..delivery.publisher import Publisher
 from ..errors import CallError, NotFound
 from ..jobs import admin
-from ..jobs.deadletters import DeadLetter
-from ..jobs.delay import Pending
 from ..ops.history import SERIES, TOTAL, History, Rates
 from ..ops.metrics import Metrics
 from ..security.access import Access
-from . import markup
+from . import listings, markup
+from .listings import Delayed, Letter
 
 logger = logging.getLogger(__name__)
 
@@ -267,8 +266,8 @@ class QueueView:
     oldest_unacked: float | None
     policy: Policy
     topics: list[str]
-    dead_letters: list[DeadLetter]
-    delayed: list[Pending]
+    dead_letters: list[Letter]
+    delayed: list[Delayed]
     dead_offset: int
     delayed_offset: int
 
@@ -277,10 +276,8 @@ async def queue_view(parts: Parts, name: str, dead_offset: int, delayed_offset: 
     """A queue's page; NotFound when neither RabbitMQ nor PostgreSQL knows it."""
     info = await parts.queues.info(name)
     stats = await parts.stats()
-    letters = await admin.list_dead_letters(
-        parts.store, parts.namespace, name, PAGE_SIZE + 1, dead_offset
-    )
-    delayed = await admin.list_delayed(parts.store, ("queue", name), PAGE_SIZE + 1, delayed_offset)
+    letters = await listings.dead_letters(parts.store, name, PAGE_SIZE + 1, dead_offset)
+    delayed = await listings.delayed(parts.store, ("queue", name), PAGE_SIZE + 1, delayed_offset)
     ages = await oldest_unacked(parts.store, [name])
     return QueueView(
         info,
@@ -301,7 +298,7 @@ class TopicView:
     name: str
     groups: list[admin.QueueInfo | str]  # a name alone: the queue is gone
     rates: Rates | None  # of publishing to the topic
-    delayed: list[Pending]
+    delayed: list[Delayed]
     delayed_offset: int
 
 
@@ -314,5 +311,5 @@ async def topic_view(parts: Parts, name: str, delayed_offset: int) -> TopicView:
                 groups.append(await parts.queues.info(queue))
             except NotFound:
                 groups.append(queue)
-    delayed = await admin.list_delayed(parts.store, ("topic", name), PAGE_SIZE + 1, delayed_offset)
+    delayed = await listings.delayed(parts.store, ("topic", name), PAGE_SIZE + 1, delayed_offset)
     return TopicView(name, groups, parts.history.rates(name), delayed, delayed_offset)
