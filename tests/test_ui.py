@@ -623,6 +623,10 @@ def test_moments_ages_and_rates_read_well() -> None:
     assert markup.rate(1234.4) == "1,234/s" and markup.rate(math.nan) == "—"
 
 
+def audit_lines(daemon: DaemonProcess, text: str) -> int:
+    return sum(1 for line in daemon.log.splitlines() if "eventbus.audit" in line and text in line)
+
+
 def test_a_host_name_the_page_is_not_reached_by_is_refused(
     ui_bus: tuple[DaemonProcess, BusClient, AdminClient],
 ) -> None:
@@ -646,3 +650,18 @@ def test_a_host_name_the_page_is_not_reached_by_is_refused(
         status, _, text = web.request("GET", "/ui", headers={"Host": f"{host}:{daemon.http_port}"})
         assert status == 200 and "Overview" in text, host
     assert daemon.http_get("/stats")[0] == 200  # the rest of the port is not the page's
+
+
+def test_each_action_and_login_is_logged_however_often(make_daemon: Any) -> None:
+    daemon = make_daemon(**with_auth())
+    daemon.wait_ready()
+    queue = f"twice-{RUN}"
+    web = Browserless(daemon)
+    for _ in range(2):
+        assert web.request("POST", "/ui/login", {"token": ADMIN_TOKEN})[0] == 303
+    eventually(lambda: audit_lines(daemon, "logged in"), lambda n: n == 2)
+    token = web.csrf("/ui")
+    for _ in range(2):
+        form = {"csrf": token, "queue": queue, "confirm": queue}
+        assert web.request("POST", "/ui/queue/purge", form)[0] == 404  # logged as it is tried
+    eventually(lambda: audit_lines(daemon, f"ui/PurgeQueue on {queue}"), lambda n: n == 2)

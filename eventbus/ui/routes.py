@@ -268,7 +268,6 @@ class Console:
             return HTMLResponse(pages.login(self.parts.node, problem), found.status_code)
         session = self.sessions.open(token)
         actions.audit.info(
-            f"login {found.name}",
             "admin: identity %s from %s: logged in to the admin page",
             found.name,
             peer_of(request),
