@@ -176,11 +176,20 @@ def test_sessions_expire_are_bounded_and_looked_up_only_by_their_id() -> None:
     first = sessions.open("token-1")
     assert sessions.get(first.id) == first and sessions.get(first.csrf) is None
     second, third = sessions.open(None), sessions.open(None)
-    assert sessions.get(first.id) is None and len(sessions) == 2  # the oldest pushed out
+    assert sessions.get(first.id) is None and len(sessions) == 2  # the least used pushed out
     now[0] = 100
     assert sessions.get(second.id) is None and sessions.get(third.id) is None
     assert not csrf_valid(second, "") and not csrf_valid(None, "x")
     assert csrf_valid(second, second.csrf) and not csrf_valid(second, third.csrf)
+
+
+def test_a_session_in_use_is_not_the_one_pushed_out() -> None:
+    sessions = Sessions(limit=2)
+    operator = sessions.open(None)
+    poller = sessions.open(None)
+    assert sessions.get(operator.id) == operator  # the operator's page, used again
+    sessions.open(None)  # a third browser
+    assert sessions.get(operator.id) == operator and sessions.get(poller.id) is None
 
 
 def test_the_session_cookie_is_httponly_strict_and_secure_over_https() -> None:
@@ -379,7 +388,7 @@ def test_every_answer_carries_the_security_headers(
     assert "<script>" not in text and " style=" not in text and "onclick" not in text
     assert headers["Cache-Control"] == "no-store"
     web.cookies.clear()
-    status, headers, _ = web.get("/ui")
+    status, headers, _ = web.get(f"/ui/queue?name={queue}")
     [set_cookie] = headers.get_all("Set-Cookie")
     assert "HttpOnly" in set_cookie and "SameSite=Strict" in set_cookie and "Path=/ui" in set_cookie
     assert "Secure" not in set_cookie  # plain HTTP here
@@ -665,3 +674,20 @@ def test_each_action_and_login_is_logged_however_often(make_daemon: Any) -> None
         form = {"csrf": token, "queue": queue, "confirm": queue}
         assert web.request("POST", "/ui/queue/purge", form)[0] == 404  # logged as it is tried
     eventually(lambda: audit_lines(daemon, f"ui/PurgeQueue on {queue}"), lambda n: n == 2)
+
+
+def test_only_a_page_with_forms_opens_a_session(
+    ui_bus: tuple[DaemonProcess, BusClient, AdminClient],
+) -> None:
+    daemon, client, _ = ui_bus
+    queue = f"sessions-{RUN}"
+    client.publish(queue, "one")
+    web = Browserless(daemon)
+    for path in ("/ui", "/ui/api/overview", "/ui/queue?name=no-such-queue", "/ui/static/ui.css"):
+        status, headers, _ = web.get(path)
+        assert status in (200, 404) and "Set-Cookie" not in headers, path
+    status, headers, _ = web.get(f"/ui/queue?name={queue}")
+    assert status == 200 and "eventbus_ui" in web.cookies
+    held = web.cookies["eventbus_ui"]
+    status, headers, _ = web.get(f"/ui/queue?name={queue}")
+    assert "Set-Cookie" not in headers and web.cookies["eventbus_ui"] == held  # kept

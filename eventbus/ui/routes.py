@@ -67,8 +67,8 @@ class Viewer:
     """Who asks: the identity, and the session the browser holds (None: a bearer token)."""
 
     identity: Identity
-    session: Session | None
-    fresh: bool  # the session was opened by this request: its cookie goes with the answer
+    session: Session | None  # with auth off: None until a page with forms is served
+    fresh: bool = False  # the session was opened by this request: its cookie goes with it
 
 
 class Refusal(Exception):
@@ -161,9 +161,7 @@ class Console:
         access = self.parts.access()
         session = self.sessions.get(request.cookies.get(COOKIE))
         if access is None or not access.enabled:
-            if session is None:
-                return Viewer(NOBODY, self.sessions.open(None), fresh=True)
-            return Viewer(NOBODY, session, fresh=False)
+            return Viewer(NOBODY, session)
         metrics = self.parts.metrics
         if session is not None and session.token is not None:
             found = admin_of(request, f"Bearer {session.token}", access, metrics)
@@ -177,6 +175,13 @@ class Console:
         if isinstance(found, Response):
             raise Refusal(found)
         return Viewer(found, None, fresh=False)
+
+    def with_forms(self, viewer: Viewer) -> Viewer:
+        """viewer with a session to carry the form token of a page with forms: with auth off,
+        one is opened here (only here, so polls and error pages open none)."""
+        if viewer.session is not None or self._auth_on():
+            return viewer
+        return Viewer(viewer.identity, self.sessions.open(None), fresh=True)
 
     def _frame(self, viewer: Viewer) -> pages.Frame:
         session = viewer.session
@@ -236,6 +241,7 @@ class Console:
         view = await views.queue_view(
             self.parts, name, offset(query.get("dead")), offset(query.get("delayed"))
         )
+        viewer = self.with_forms(viewer)
         message = pages.notice(query.get("done"), query.get("n"), query.get("kept"))
         return self._html(request, viewer, pages.queue(self._frame(viewer), view, message))
 
@@ -245,6 +251,7 @@ class Console:
         view = await views.topic_view(
             self.parts, query.get("name", ""), offset(query.get("delayed"))
         )
+        viewer = self.with_forms(viewer)
         message = pages.notice(query.get("done"), query.get("n"), None)
         return self._html(request, viewer, pages.topic(self._frame(viewer), view, message))
 
@@ -258,7 +265,7 @@ class Console:
     async def login(self, request: Request) -> Response:
         """Open a session for an admin's token; the token is sent this once."""
         if not same_origin(request.headers, request.url.scheme):
-            self._refuse_form(request, Viewer(NOBODY, None, False), "a login from another origin")
+            self._refuse_form(request, Viewer(NOBODY, None), "a login from another origin")
         if not self._auth_on():
             return RedirectResponse("/ui", 303)
         token = first(await read_form(request), "token").strip()

@@ -5,8 +5,10 @@ keeps the token in memory under a random session id, which the browser holds in 
 (HttpOnly, SameSite=Strict, Path=/ui, Secure over HTTPS) for at most SESSION_SECONDS. Every
 request authenticates that token again, so a reload that removes the identity, takes its admin
 permission or changes its token ends the session at once; logging out, a restart or a
-session pushed out of the table (at most MAX_SESSIONS) ends it too. With auth off there is no
-login: a session is opened on the first page, only to carry the form token.
+session pushed out of the table (at most MAX_SESSIONS, the least recently used first) ends it
+too. With auth off there is no login: a session is opened by the first page with forms (a
+queue's or a topic's), only to carry the form token; polls of the overview and error pages
+open none.
 
 Every form carries its session's CSRF token, and a POST is taken only from a page of this
 origin (Origin header, else Referer). Every request must name, in its Host header, a name the
@@ -40,7 +42,8 @@ class Session:
 
 
 class Sessions:
-    """Sessions by id, the oldest pushed out past a limit; looked up by the id's hash."""
+    """Sessions by id, the least recently used pushed out past a limit; looked up by the id's
+    hash."""
 
     def __init__(
         self,
@@ -71,9 +74,12 @@ class Sessions:
             return None
         key = _key(session_id)
         session = self._sessions.get(key)
-        if session is not None and session.expires <= self._clock():
+        if session is None:
+            return None
+        if session.expires <= self._clock():
             del self._sessions[key]
             return None
+        self._sessions.move_to_end(key)  # pushed out last: the table drops the least used
         return session
 
     def close(self, session_id: str) -> None:
