@@ -27,6 +27,7 @@ from eventbus.delivery.envelope import DelayedMessage
 from eventbus.jobs import delay
 from eventbus.ops.history import TOTAL, History
 from eventbus.ui import listings, markup
+from eventbus.ui.routes import MAX_OFFSET, offset
 from eventbus.ui.sessions import (
     Sessions,
     allowed_hosts,
@@ -252,6 +253,13 @@ def test_the_page_answers_only_to_its_own_host_names() -> None:
     assert host_allowed({"host": "192.168.5.5:7878"}, allowed, "192.168.5.5")
     assert host_allowed({"host": "[fe80::5]:7878"}, allowed, "fe80::5")
     assert not host_allowed({"host": "rebind.example"}, allowed, "192.168.5.5")
+
+
+def test_listing_offsets_from_the_url_are_ascii_numbers_within_bounds() -> None:
+    assert offset("50") == 50 and offset(None) == 0 and offset("") == 0
+    assert offset("²") == 0 and offset("٣") == 0 and offset("-5") == 0 and offset("1e3") == 0
+    assert offset("9" * 5000) == MAX_OFFSET == 1_000_000
+    assert offset("1000001") == MAX_OFFSET
 
 
 async def test_page_listings_read_the_start_of_each_body_and_its_size(postgres_dsn: str) -> None:
@@ -691,3 +699,18 @@ def test_only_a_page_with_forms_opens_a_session(
     held = web.cookies["eventbus_ui"]
     status, headers, _ = web.get(f"/ui/queue?name={queue}")
     assert "Set-Cookie" not in headers and web.cookies["eventbus_ui"] == held  # kept
+
+
+def test_odd_listing_offsets_read_as_the_first_page(
+    ui_bus: tuple[DaemonProcess, BusClient, AdminClient],
+) -> None:
+    daemon, client, _ = ui_bus
+    queue = f"offsets-{RUN}"
+    client.publish(queue, "one")
+    web = Browserless(daemon)
+    for value in ("%C2%B2", "%D9%A3", "99999999999999999999999"):  # ², Arabic-Indic 3, huge
+        status, _, text = web.get(f"/ui/queue?name={queue}&dead={value}&delayed={value}")
+        assert status == 200, (value, text[:200])
+    status, _, _ = web.get("/ui/topic?name=some.topic&delayed=%C2%B2")
+    assert status == 200
+    assert "Traceback" not in daemon.log

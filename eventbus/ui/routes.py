@@ -57,6 +57,7 @@ HEADERS = {
 }
 STATUS = {InvalidArgument: 400, PermissionDenied: 403, NotFound: 404}
 STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
+MAX_OFFSET = 1_000_000  # a listing's offset beyond this reads as this
 
 Handler = Callable[[Request], Awaitable[Response]]
 Form = dict[str, list[str]]
@@ -374,7 +375,11 @@ def chosen(form: Form, verb: str, *, allow_all: bool) -> list[str]:
 
 
 def offset(value: str | None) -> int:
-    return int(value) if value and value.isdigit() and len(value) < 10 else 0
+    """A listing's offset from the URL: ASCII digits (not "²", which int() refuses), at most
+    MAX_OFFSET; anything else reads as 0."""
+    if not value or not (value.isascii() and value.isdigit()):
+        return 0
+    return min(int(value[:8]), MAX_OFFSET)
 
 
 def back_to(kind: str, name: str, query: dict[str, object], anchor: str) -> Response:
