@@ -37,6 +37,7 @@ from eventbus.ui.sessions import (
     host_name,
     same_origin,
 )
+from eventbus.ui.views import cut_short
 from tests import servers
 from tests.bus_client import BusClient
 from tests.daemon_process import DaemonProcess
@@ -260,6 +261,12 @@ def test_listing_offsets_from_the_url_are_ascii_numbers_within_bounds() -> None:
     assert offset("²") == 0 and offset("٣") == 0 and offset("-5") == 0 and offset("1e3") == 0
     assert offset("9" * 5000) == MAX_OFFSET == 1_000_000
     assert offset("1000001") == MAX_OFFSET
+
+
+def test_an_overview_cut_at_the_listing_limit_says_so() -> None:
+    assert cut_short(999, 1000) == []
+    [notice] = cut_short(1000, 1000)
+    assert "only the first 1,000 queues" in notice
 
 
 async def test_page_listings_read_the_start_of_each_body_and_its_size(postgres_dsn: str) -> None:
@@ -564,6 +571,9 @@ def test_the_page_shows_what_stats_and_admin_show(
     totals = overview["totals"]
     assert totals["ready"] == sum(row["ready"] for row in rows.values())
     assert totals["dead_letters"] == sum(row["dead_letters"] for row in rows.values())
+    front = web.get("/ui")[2]
+    assert "counts: the bus's, over the queues listed · rates: this node's" in front
+    assert "Publish, this node" in front and "on this node</span></h2>" not in front
     page = web.get(f"/ui/queue?name={orders}")[2]
     assert "On this node since it started: published 5 · delivered 3 · acked 2" in page
     assert "[delivery] (no [queues] glob matches)" in page

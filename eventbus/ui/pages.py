@@ -107,7 +107,8 @@ def overview(frame: Frame, data: Mapping[str, Any], sort: str, order: str) -> Ht
     content = fill(
         '<ul class="problems" id="problems">{problems}</ul>'
         '<section><h2>Nodes</h2><div class="cards" id="nodes">{nodes}</div></section>'
-        '<section><h2>Totals <span class="muted">on this node</span></h2>'
+        '<section><h2>Totals <span class="muted">counts: the bus\'s, over the queues listed · '
+        "rates: this node's</span></h2>"
         '<div class="tiles" id="totals">{totals}</div></section>'
         '<section><h2>Queues <span class="muted" id="queue-count">{n}</span></h2>'
         "{legend}"
@@ -236,7 +237,7 @@ def totals(data: Mapping[str, Any]) -> Html:
     tiles = [
         ("queues", "Queues", count(data["queues"]), "count"),
         *((k, TOTAL_NAMES[k], count(data[k]), "count") for k in COUNTS_SHOWN),
-        *((k, SERIES_NAMES[k], rate(data["rates"][k]), "rate") for k in SERIES),
+        *((k, f"{SERIES_NAMES[k]}, this node", rate(data["rates"][k]), "rate") for k in SERIES),
     ]
     cells = join(
         fill(

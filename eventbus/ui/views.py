@@ -99,6 +99,7 @@ async def overview(parts: Parts) -> dict[str, Any]:
         infos = []
     ages = await _oldest_or_none(parts.store, [i.name for i in infos], problems)
     rows = [queue_row(parts, info, counters.get(info.name, {}), ages) for info in infos]
+    problems.extend(cut_short(len(rows), admin.MAX_QUEUES))
     if parts.history.untracked:
         problems.append(f"{parts.history.untracked} queues have no rate history (too many)")
     return {
@@ -111,6 +112,16 @@ async def overview(parts: Parts) -> dict[str, Any]:
         "sample_seconds": parts.history.every,
         "problems": problems,
     }
+
+
+def cut_short(shown: int, limit: int) -> list[str]:
+    """The overview's notice when its queue list reached the limit a listing stops at."""
+    if shown < limit:
+        return []
+    return [
+        f"only the first {limit:,} queues by name are listed (the most a listing holds); "
+        "counts and totals cover those alone: open another queue by its page, /ui/queue?name=…"
+    ]
 
 
 async def known_queues(parts: Parts, counters: Mapping[str, Any]) -> list[admin.QueueInfo]:
@@ -193,7 +204,8 @@ def spark_paths(rates: Rates | None) -> dict[str, str] | None:
 
 
 def totals(rows: Sequence[Mapping[str, Any]], rates: Rates | None, stats: Any) -> dict[str, Any]:
-    """Sums over the queues shown, the node's rates, and the calls it is serving now."""
+    """Sums over the queues shown (their counts are the whole bus's), this node's rates, and
+    the calls it is serving now."""
     sums: dict[str, Any] = {name: sum(row[name] for row in rows) for name in COUNTS}
     sums["queues"] = len(rows)
     sums["rates"] = latest(rates)
