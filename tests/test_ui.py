@@ -275,8 +275,8 @@ async def test_page_listings_read_the_start_of_each_body_and_its_size(postgres_d
     async def work(store: Store) -> None:
         await store.execute(
             "INSERT INTO dead_letters (queue, message_id, body, attempts, last_delivery_id, "
-            "last_failure_at) VALUES ('orders', $1, $2, 4, $1, now()), "
-            "('orders', $3, 'small', 1, $3, now() + interval '1 second')",
+            "last_failure_at, dead_at) VALUES ('orders', $1, $2, 4, $1, now(), now()), "
+            "('orders', $3, 'small', 1, $3, now(), now() + interval '1 second')",
             uuid.uuid4(),
             big,
             uuid.uuid4(),
