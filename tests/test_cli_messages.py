@@ -8,7 +8,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import secrets
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,12 +24,12 @@ from eventbus.tools import output
 from tests import servers
 from tests.certs import Issued, issue, make_ca
 from tests.daemon_process import DaemonProcess, auth_table
-from tests.terminal import eventbus, module_daemon, wait_until, with_client
+from tests.terminal import EVENTBUS, ROOT, eventbus, module_daemon, wait_until, with_client
 
 QUICK: dict[str, dict[str, Any]] = {
     "delivery": {"nack_redelivery_delay_seconds": 0},
     "cron": {"interval_seconds": 0.2},
-    "queues": {"short.*": {"ack_deadline_seconds": 6}},
+    "queues": {"short.*": {"ack_deadline_seconds": 6}, "brief.*": {"ack_deadline_seconds": 1}},
 }
 
 
@@ -147,6 +150,61 @@ def test_pull_nack_gives_the_message_back_and_text_output(bus: DaemonProcess) ->
     assert back["message_id"] == message_id and back["attempt"] == 2
 
 
+def publish_many(daemon: DaemonProcess, queue: str, count: int, body: bytes = b"m") -> None:
+    """Publish count copies of body with the Python client, a hundred a call."""
+
+    async def send(client: Client) -> None:
+        for start in range(0, count, 100):
+            batch = min(100, count - start)
+            await client.publish_batch(OutboundMessage(body, queue=queue) for _ in range(batch))
+
+    with_client(daemon.grpc_address, send)
+
+
+def counted(stderr: str, what: str) -> int:
+    """N in the stderr line `eventbus: N WHAT` (`eventbus: acked N message(s)` for acked)."""
+    if what == "acked":
+        found = re.search(r"eventbus: acked (\d+) message", stderr)
+    else:
+        found = re.search(rf"eventbus: (\d+) {what}", stderr)
+    assert found, (what, stderr)
+    return int(found[1])
+
+
+def piped_pull(daemon: DaemonProcess, *args: str) -> subprocess.Popen[bytes]:
+    """`eventbus pull ARGS` with its standard output a pipe this test reads when it likes."""
+    command = [*EVENTBUS, "pull", *args, "--server", daemon.grpc_address]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+
+
+def test_pull_acks_more_than_one_acknowledge_takes_batch_by_batch(bus: DaemonProcess) -> None:
+    queue = unique("many")
+    publish_many(bus, queue, 10_050)  # over the daemon's 10,000 ack ids in one Acknowledge
+    pulled = ok(at(bus, "pull", queue, "--max", "20000", "--wait", "10", "--ack", timeout=300))
+    lines = pulled.stdout.splitlines()
+    assert len(lines) == counted(pulled.stderr, "acked") == 10_050
+    assert len({line.split("\t")[0] for line in lines}) == 10_050
+    assert "not acked" not in pulled.stderr and "left handed out" not in pulled.stderr
+    assert ok(at(bus, "pull", queue, "--wait", "1")).stdout == ""
+
+
+def test_acks_after_the_deadline_are_status_1_and_the_messages_come_back(
+    bus: DaemonProcess,
+) -> None:
+    queue = unique("brief")  # ack deadline 1 s
+    publish_many(bus, queue, 3, b"x" * 100_000)  # more than a pipe holds: printing blocks
+    blocked = piped_pull(bus, queue, "--max", "3", "--wait", "10", "--ack")
+    time.sleep(4)  # the pull printing into a full pipe while the deadlines pass
+    stdout, stderr = blocked.communicate(timeout=60)
+    assert blocked.returncode == 1, stderr
+    stale = counted(stderr.decode(), "not acked: their ack deadline had passed")
+    assert stale >= 1 and b"Traceback" not in stderr
+    assert counted(stderr.decode(), "acked") + stale == len(stdout.splitlines())
+    again = ok(at(bus, "pull", queue, "--max", "3", "--wait", "10", "--ack", "--json"))
+    attempts = [row["attempt"] for row in json_lines(again.stdout)]
+    assert len(attempts) >= stale and max(attempts) >= 2
+
+
 def test_publish_to_a_topic_and_with_a_delay(bus: DaemonProcess) -> None:
     topic, group = unique("news"), unique("readers")
     assert ok(at(bus, "pull", group, "--topic", topic, "--wait", "0.2")).stdout == ""  # binds
@@ -197,7 +255,7 @@ def test_pull_and_dead_letters_print_a_hostile_body_on_one_line(bus: DaemonProce
     fields = line.split("\t")
     assert fields[0] == message_id and fields[3:] == ["k=a\\tb\\nc", HOSTILE_TEXT]
     as_json = ok(at(bus, "pull", queue, "--wait", "30", "--json"))
-    [row] = json_lines(as_json.stdout)
+    [row] = [json.loads(line) for line in as_json.stdout.split("\n") if line]  # raw U+0085
     assert row["data"] == HOSTILE and row["attributes"] == {"k": "a\tb\nc"}
 
     async def dead_letter(client: Client) -> None:
@@ -208,7 +266,7 @@ def test_pull_and_dead_letters_print_a_hostile_body_on_one_line(bus: DaemonProce
     listed = wait_until(lambda: ok(eventbus(*listing)).stdout, what="the dead letter listed")
     [letter] = listed.splitlines()
     assert letter.split("\t")[0] == message_id and letter.split("\t")[-1] == HOSTILE_TEXT
-    [document] = json_lines(ok(eventbus(*listing, "--json")).stdout)
+    [document] = [json.loads(x) for x in ok(eventbus(*listing, "--json")).stdout.split("\n") if x]
     assert document["data"] == HOSTILE
 
 

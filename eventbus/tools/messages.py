@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from ..client import Client, OutboundMessage, PublishResult, ReceivedMessage
 from . import output, remote
 
 PULL_BATCH = 1000  # the daemon's most messages in one Pull
+SETTLE_MOST = 10_000  # the daemon's most ack ids in one Acknowledge or Nack
 LATER_WAIT = 0.2  # seconds later pulls wait, once the first brought something
 
 
@@ -143,38 +145,84 @@ def _check_pull(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 
 
 async def pull(target: remote.Remote, args: argparse.Namespace) -> int:
-    """Print what a pull brings, then ack or nack it (printed first: a message is never acked
-    unseen)."""
+    """Pull batch by batch, printing each batch and then acking or nacking it (printed first:
+    a message is never acked unseen; settled before the next pull, so that no deadline lapses
+    while more are pulled). Status 1 when some acks came after their deadline."""
+    tally = _Tally()
 
     async def session(client: Client) -> None:
-        messages = await _pull(client, args)
-        for message in messages:
-            print(output.line(_fields(message, args.json), as_json=args.json), flush=True)
-        if not messages:
+        try:
+            await _pull_and_settle(client, args, tally)
+        finally:
+            if tally.pulled:
+                _report(tally, args)
+        if not tally.pulled:
             print("eventbus: no message", file=sys.stderr)
-        elif args.ack or args.nack:
-            ids = [message.ack_id for message in messages]
-            invalid = await (client.acknowledge(ids) if args.ack else client.nack(ids))
-            _report_settled(len(ids), invalid, "acked" if args.ack else "nacked")
-        else:
-            _report_left(messages)
 
     await remote.with_client(target, session)
-    return remote.EXIT_OK
+    return remote.EXIT_REFUSED if args.ack and tally.stale else remote.EXIT_OK
 
 
-async def _pull(client: Client, args: argparse.Namespace) -> list[ReceivedMessage]:
+@dataclass
+class _Tally:
+    """What a pull did so far: pulled, settled, refused as stale, and left handed out."""
+
+    pulled: int = 0
+    settled: int = 0
+    stale: int = 0
+    left: int = 0
+    soonest: datetime | None = None  # the earliest deadline of those left
+
+    def leave(self, messages: list[ReceivedMessage]) -> None:
+        self.left += len(messages)
+        for deadline in (m.deadline for m in messages if m.deadline is not None):
+            self.soonest = deadline if self.soonest is None else min(self.soonest, deadline)
+
+
+async def _pull_and_settle(client: Client, args: argparse.Namespace, tally: _Tally) -> None:
     """(asyncio side) Pull until --max messages or a pull brings none; the first waits up to
-    --wait seconds, later ones briefly (a pull returns what the node has at hand)."""
-    got: list[ReceivedMessage] = []
-    while len(got) < args.max:
-        wait = min(args.wait, LATER_WAIT) if got else args.wait
-        most = min(args.max - len(got), PULL_BATCH)
+    --wait seconds, later ones briefly (a pull returns what the node has at hand). Each batch
+    is printed, then settled; BrokenPipeError once standard output's reader is gone (what was
+    written before is settled, the rest left handed out)."""
+    while tally.pulled < args.max:
+        wait = min(args.wait, LATER_WAIT) if tally.pulled else args.wait
+        most = min(args.max - tally.pulled, PULL_BATCH)
         batch = await client.pull(args.queue, most, wait, topic=args.topic)
         if not batch:
-            break
-        got += batch
-    return got
+            return
+        tally.pulled += len(batch)
+        written = _print_each(batch, args.json)
+        await _settle(client, batch[:written], args, tally)
+        if written < len(batch):
+            tally.leave(batch[written:])
+            raise BrokenPipeError("standard output closed")
+
+
+def _print_each(messages: list[ReceivedMessage], as_json: bool) -> int:
+    """Print the messages one a line; how many were written before standard output's reader
+    went away (all of them unless it did)."""
+    for index, message in enumerate(messages):
+        try:
+            print(output.line(_fields(message, as_json), as_json=as_json), flush=True)
+        except BrokenPipeError:
+            return index
+    return len(messages)
+
+
+async def _settle(
+    client: Client, messages: list[ReceivedMessage], args: argparse.Namespace, tally: _Tally
+) -> None:
+    """(asyncio side) Ack or nack the messages (as many calls as the daemon's limit on ids in
+    one takes), or leave them handed out without --ack or --nack."""
+    if not (args.ack or args.nack):
+        tally.leave(messages)
+        return
+    ids = [message.ack_id for message in messages]
+    for start in range(0, len(ids), SETTLE_MOST):
+        chunk = ids[start : start + SETTLE_MOST]
+        invalid = await (client.acknowledge(chunk) if args.ack else client.nack(chunk))
+        tally.settled += len(chunk) - len(invalid)
+        tally.stale += len(invalid)
 
 
 def _fields(message: ReceivedMessage, full: bool) -> dict[str, Any]:
@@ -193,20 +241,21 @@ def _iso(moment: datetime | None) -> str:
     return moment.isoformat(timespec="milliseconds") if moment else ""
 
 
-def _report_settled(count: int, invalid: list[str], done: str) -> None:
-    print(f"eventbus: {done} {count - len(invalid)} message(s)", file=sys.stderr)
-    if invalid:
+def _report(tally: _Tally, args: argparse.Namespace) -> None:
+    """What the pull settled and what it left, on standard error."""
+    done = "acked" if args.ack else "nacked"
+    if args.ack or args.nack:
+        print(f"eventbus: {done} {tally.settled} message(s)", file=sys.stderr)
+    if tally.stale:
         print(
-            f"eventbus: {len(invalid)} no longer current (their deadline passed): not {done}",
+            f"eventbus: {tally.stale} not {done}: their ack deadline had passed; they come back "
+            "(delivered again, or dead-lettered after their last retry)",
             file=sys.stderr,
         )
-
-
-def _report_left(messages: list[ReceivedMessage]) -> None:
-    deadlines = [m.deadline for m in messages if m.deadline is not None]
-    when = f" ({min(deadlines).isoformat(timespec='seconds')})" if deadlines else ""
-    print(
-        f"eventbus: {len(messages)} message(s) left handed out: they come back when their ack "
-        f"deadline passes{when}; --ack or --nack settles them",
-        file=sys.stderr,
-    )
+    if tally.left:
+        when = f" ({tally.soonest.isoformat(timespec='seconds')})" if tally.soonest else ""
+        print(
+            f"eventbus: {tally.left} message(s) left handed out: they come back when their ack "
+            f"deadline passes{when}; --ack or --nack settles them",
+            file=sys.stderr,
+        )
