@@ -71,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for fatal in remote.leaves(group):
             logger.error("%s", fatal)
         status = EXIT_FATAL
+    except* BrokenPipeError:  # `eventbus dead-letters list | head -1`
+        status = remote.stdout_gone()
     return status
 
 

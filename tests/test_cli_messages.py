@@ -5,9 +5,11 @@ bus holds afterwards, tokens, TLS and mTLS, and the one-line errors with their e
 
 from __future__ import annotations
 
+import argparse
 import base64
 import hashlib
 import json
+import logging
 import re
 import secrets
 import subprocess
@@ -19,8 +21,9 @@ from typing import Any
 
 import pytest
 
+from eventbus import cli
 from eventbus.client import Client, OutboundMessage, ReceivedMessage
-from eventbus.tools import output
+from eventbus.tools import output, remote
 from tests import servers
 from tests.certs import Issued, issue, make_ca
 from tests.daemon_process import DaemonProcess, auth_table
@@ -205,6 +208,31 @@ def test_acks_after_the_deadline_are_status_1_and_the_messages_come_back(
     assert len(attempts) >= stale and max(attempts) >= 2
 
 
+def test_a_reader_that_stops_early_ends_the_pull_quietly(bus: DaemonProcess) -> None:
+    queue = unique("brief")  # ack deadline 1 s
+    publish_many(bus, queue, 100, b"y" * 20_000)  # 2 MB: more than the pipe holds
+    head = piped_pull(bus, queue, "--max", "100", "--wait", "10", "--ack")
+    assert head.stdout is not None and head.stderr is not None
+    assert head.stdout.readline().count(b"\t") == 4  # `| head -1`
+    head.stdout.close()
+    status = head.wait(60)
+    stderr = head.stderr.read().decode()
+    assert status == 141, stderr
+    assert "Traceback" not in stderr and "Broken pipe" not in stderr
+    acked, left = counted(stderr, "acked"), counted(stderr, "message\\(s\\) left handed out")
+    assert 1 <= acked < 100 and left >= 1  # what was written into the pipe is acked, no more
+    back: list[str] = []
+
+    def all_back() -> bool:  # the ones left handed out, after their deadline, and the rest
+        rest = ok(at(bus, "pull", queue, "--max", "200", "--wait", "2", "--ack"))
+        back.extend(line.split("\t")[0] for line in rest.stdout.splitlines())
+        return len(back) >= 100 - acked
+
+    wait_until(all_back, what="every message not written into the pipe back")
+    assert len(set(back)) == len(back) == 100 - acked
+    assert ok(at(bus, "pull", queue, "--wait", "2")).stdout == ""
+
+
 def test_publish_to_a_topic_and_with_a_delay(bus: DaemonProcess) -> None:
     topic, group = unique("news"), unique("readers")
     assert ok(at(bus, "pull", group, "--topic", topic, "--wait", "0.2")).stdout == ""  # binds
@@ -352,6 +380,22 @@ def test_usage_errors_are_status_2(tmp_path: Path) -> None:
     missing = str(tmp_path / "absent-token")
     one_error_line(eventbus("queues", "--token-file", missing), 2, "--token-file")
     one_error_line(eventbus("queues", "--server", "nowhere"), 2, "--server")
+
+
+def test_an_unexpected_failure_is_one_line_and_status_1(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(target: remote.Remote, args: argparse.Namespace) -> int:
+        raise ValueError("a bug\nwith a second line")
+
+    caplog.set_level(logging.DEBUG, logger=remote.__name__)
+    args = cli._parser().parse_args(["queues", "--server", "127.0.0.1:1"])
+    assert remote.run(broken, args) == 1
+    assert (
+        capsys.readouterr().err == "eventbus: unexpected ValueError: a bug\\nwith a second line\n"
+    )
+    [record] = [r for r in caplog.records if r.name == remote.__name__]
+    assert record.levelno == logging.DEBUG and record.exc_info is not None
 
 
 # ---- tokens ----------------------------------------------------------------------------------

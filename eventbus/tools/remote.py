@@ -6,6 +6,11 @@ Exit statuses of the commands that talk to a daemon:
   1  the bus refused or failed the call (its gRPC status and message are printed)
   2  a bad command line, or an option's file that cannot be read
   3  the bus could not be reached (connection refused, TLS handshake failed, no answer in time)
+  130  Ctrl-C
+  141  standard output's reader went away (`eventbus pull ... | head -1`), as a shell reports a
+       command that SIGPIPE ended; nothing is said on stderr about it
+Anything else that goes wrong (a bug) is one line and status 1; its traceback is logged at
+debug level (EVENTBUS_LOG_LEVEL=debug shows it).
 """
 
 from __future__ import annotations
@@ -27,17 +32,21 @@ from .._generated import v2_grpc
 from ..backends import aio
 from ..client import Client, RpcError
 from ..client.channel import parse_target
+from . import output
 
 DEFAULT_SERVER = "127.0.0.1:9091"
 DEFAULT_TIMEOUT = 10.0
 TOKEN_ENV = "EVENTBUS_TOKEN"
+LOG_LEVEL_ENV = "EVENTBUS_LOG_LEVEL"
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports `cat big | head -1`
 
+logger = logging.getLogger(__name__)
 T = TypeVar("T")
 Command = Callable[["Remote", argparse.Namespace], Awaitable[int]]
 
@@ -163,7 +172,7 @@ def admin_stub(client: Client) -> v2_grpc.AdminStub:
 def run(command: Command, args: argparse.Namespace) -> int:
     """Run a command against a daemon on a trio loop with the asyncio seam open; one line on
     stderr and the exit status when it fails."""
-    logging.basicConfig(level=logging.WARNING, format="eventbus: %(name)s: %(message)s")
+    logging.basicConfig(level=log_level(), format="eventbus: %(name)s: %(message)s")
     try:
         remote = Remote.from_args(args)
     except UsageError as error:
@@ -176,7 +185,31 @@ def run(command: Command, args: argparse.Namespace) -> int:
     except* (RpcError, Unreachable, Refused, UsageError) as group:
         failure = leaves(group)[0]
         status = complain(describe(failure, remote.server), exit_status(failure))
+    except* BrokenPipeError:
+        status = stdout_gone()
+    except* Exception as group:
+        logger.debug("unexpected failure", exc_info=group)
+        failure = leaves(group)[0]
+        unexpected = f"unexpected {type(failure).__name__}: {output.escape(failure)}"
+        status = complain(unexpected, EXIT_REFUSED)
     return status
+
+
+def log_level() -> int:
+    """$EVENTBUS_LOG_LEVEL (debug, info, ...), warning without it or when it names no level."""
+    named = os.environ.get(LOG_LEVEL_ENV, "").upper()
+    return logging.getLevelNamesMapping().get(named, logging.WARNING)
+
+
+def stdout_gone() -> int:
+    """Standard output's reader went away: nothing more goes there (Python's flush of it at exit
+    would fail again), and the status a shell gives a command that SIGPIPE ended."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+    return EXIT_BROKEN_PIPE
 
 
 async def _within_loop(command: Command, remote: Remote, args: argparse.Namespace) -> int:
