@@ -9,12 +9,13 @@ import asyncio
 import hashlib
 import json
 import secrets
+import socket
 import ssl
 import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -314,3 +315,81 @@ def test_over_tls_with_a_token(
         assert no_admin.returncode == 1 and "PERMISSION_DENIED" in no_admin.stderr
         plain = eventbus(*base, "--http", f"127.0.0.1:{daemon.http_port}", "--token", ops)
         assert plain.returncode == 3 and "cannot read http://" in plain.stderr
+
+
+class FakeHttp:
+    """A TCP server on 127.0.0.1 standing in for a daemon's HTTP port in the ways a daemon does
+    not behave: answer(path, n) gives the raw bytes of the n-th request's reply (None: read
+    the request and never answer), sent before the connection is closed."""
+
+    def __init__(self, answer: Callable[[str, int], bytes | None]) -> None:
+        self._answer = answer
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self._server.settimeout(0.2)
+        self.address = f"127.0.0.1:{self._server.getsockname()[1]}"
+        self._held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        count = 0
+        while not self._stop.is_set():
+            try:
+                connection, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            request = b""
+            while b"\r\n\r\n" not in request and (chunk := connection.recv(4096)):
+                request += chunk
+            path = request.split(b" ")[1].decode() if request.count(b" ") >= 2 else ""
+            reply = self._answer(path, count)
+            count += 1
+            if reply is None:
+                self._held.append(connection)
+                continue
+            connection.sendall(reply)
+            connection.close()
+
+    def __enter__(self) -> FakeHttp:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        for connection in self._held:
+            connection.close()
+        self._server.close()
+
+
+def reply(status: str, body: bytes, *, length: int | None = None, kind: str = "json") -> bytes:
+    head = f"HTTP/1.1 {status}\r\nContent-Type: application/{kind}\r\n"
+    head += f"Content-Length: {len(body) if length is None else length}\r\n\r\n"
+    return head.encode() + body
+
+
+STATS = json.dumps({"node": "fake-node", "version": "1", "uptime_seconds": 5, "queues": {}})
+READY = json.dumps({"ready": True})
+
+
+def test_an_http_port_that_answers_wrongly_is_one_line_and_status_3(bus: DaemonProcess) -> None:
+    def one_line(result: Any, text: str) -> None:
+        assert result.returncode == 3 and result.stdout == "", result.stderr
+        [line] = result.stderr.splitlines()
+        assert line.startswith("eventbus: cannot read http://") and text in line, line
+
+    grpc_port = eventbus(*top_args(bus, http=False), "--http", bus.grpc_address)
+    one_line(grpc_port, "/stats: ")
+    cut_short = FakeHttp(lambda path, n: reply("200 OK", b'{"node": "', length=1000))
+    with cut_short:  # the daemon killed in the middle of its reply
+        one_line(eventbus(*top_args(bus, http=False), "--http", cut_short.address), "/stats: ")
+    proxy = FakeHttp(
+        lambda path, n: (
+            reply("200 OK", STATS.encode())
+            if path == "/stats"
+            else reply("503 Service Unavailable", b"<html>down</html>", kind="html")
+        )
+    )
+    with proxy:  # a proxy's own 503 page in front of the daemon
+        result = eventbus(*top_args(bus, http=False), "--http", proxy.address)
+        one_line(result, "/readyz: HTTP 503 without the daemon's JSON")

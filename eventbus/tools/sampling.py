@@ -9,6 +9,7 @@ request spent on the way does not count.
 
 from __future__ import annotations
 
+import http.client
 import json
 import ssl
 import urllib.error
@@ -21,7 +22,7 @@ import trio
 from grpclib.const import Status
 
 from ..client import Client, RpcError
-from . import queues, remote
+from . import output, queues, remote
 
 RATES = {"publish": "published", "deliver": "delivered", "ack": "acked"}  # column: counter
 DEPENDENCIES = ("rabbitmq", "postgresql", "redis", "grpc")
@@ -124,30 +125,61 @@ class Http:
         self._timeout = target.timeout
 
     async def read(self) -> tuple[NodeStats, Readiness]:
-        """Both pages; Unreachable (no answer) or Refused (an error status) with one line when
-        either cannot be had."""
+        """Both pages; Unreachable (no answer, or not the daemon's) or Refused (an error
+        status) with one line when either cannot be had."""
         stats = await trio.to_thread.run_sync(self._get, "/stats")
         ready = await trio.to_thread.run_sync(self._get, "/readyz")
-        readiness = Readiness(
-            bool(ready.get("ready")),
-            dict(ready.get("down") or {}),
-            dict(ready.get("degraded") or {}),
-        )
-        return NodeStats.from_json(stats), readiness
+        try:
+            readiness = Readiness(
+                bool(ready.get("ready")),
+                dict(ready.get("down") or {}),
+                dict(ready.get("degraded") or {}),
+            )
+            return NodeStats.from_json(stats), readiness
+        except (TypeError, ValueError, AttributeError) as error:
+            wrong = f"{self.url}: not the daemon's /stats or /readyz ({error})"
+            raise remote.Unreachable(wrong) from None
 
     def _get(self, path: str) -> dict[str, Any]:
         request = urllib.request.Request(self.url + path, headers=self._headers)
         try:
             with urllib.request.urlopen(request, timeout=self._timeout, context=self._tls) as reply:
-                return dict(json.load(reply))
+                return _document(reply)
         except urllib.error.HTTPError as error:
             if path == "/readyz" and error.code == 503:  # not ready: the body says why
-                return dict(json.load(error))
+                return self._not_ready(error)
             refused = f"{self.url}{path}: HTTP {error.code} {error.reason}"
             raise remote.Refused(refused) from None
-        except (OSError, ValueError, ssl.SSLError) as error:
-            reason = getattr(error, "reason", None) or error
-            raise remote.Unreachable(f"cannot read {self.url}{path}: {reason}") from None
+        except (OSError, ValueError, ssl.SSLError, http.client.HTTPException) as error:
+            raise self._unreachable(path, _reason(error)) from None
+
+    def _not_ready(self, error: urllib.error.HTTPError) -> dict[str, Any]:
+        """/readyz's 503 body: why the node is not ready."""
+        try:
+            return _document(error)
+        except (OSError, ValueError, http.client.HTTPException) as failure:
+            why = f"HTTP 503 without the daemon's JSON ({_reason(failure)})"
+            raise self._unreachable("/readyz", why) from None
+
+    def _unreachable(self, path: str, reason: str) -> remote.Unreachable:
+        return remote.Unreachable(f"cannot read {self.url}{path}: {reason}")
+
+
+def _reason(error: Exception) -> str:
+    """Why a page could not be read, in one printable line."""
+    if isinstance(error, http.client.RemoteDisconnected):
+        return str(error)
+    if isinstance(error, http.client.BadStatusLine):  # its text is what came: any bytes
+        return "not an HTTP/1.1 reply (is it the gRPC port?)"
+    return output.escape(getattr(error, "reason", None) or error) or type(error).__name__
+
+
+def _document(reply: Any) -> dict[str, Any]:
+    """A reply's JSON object; ValueError when it holds none."""
+    document = json.load(reply)
+    if not isinstance(document, dict):
+        raise ValueError(f"not a JSON object: {type(document).__name__}")
+    return document
 
 
 # ---- gRPC -----------------------------------------------------------------------------------
