@@ -313,8 +313,29 @@ def test_over_tls_with_a_token(
             assert line.startswith(f"eventbus: {https}/stats: HTTP {status}")
         no_admin = eventbus(*base, "--token", worker)  # gRPC alone: the Admin API refuses
         assert no_admin.returncode == 1 and "PERMISSION_DENIED" in no_admin.stderr
-        plain = eventbus(*base, "--http", f"127.0.0.1:{daemon.http_port}", "--token", ops)
-        assert plain.returncode == 3 and "cannot read http://" in plain.stderr
+        bare = eventbus(*base, "--http", f"127.0.0.1:{daemon.http_port}", "--token", ops)
+        assert bare.returncode == 0, bare.stderr  # https:// since a TLS option is given
+        assert "READY  rabbitmq up" in bare.stdout and f"http {https}" in bare.stdout
+        plain = f"http://127.0.0.1:{daemon.http_port}"  # said so: plain, this machine
+        refused = eventbus(*base, "--http", plain, "--token", ops)
+        assert refused.returncode == 3 and "cannot read http://" in refused.stderr
+
+
+def test_no_token_over_plain_http_to_another_machine() -> None:
+    closed = f"127.0.0.1:{servers.closed_port()}"
+    for http, options in (
+        ("http://192.0.2.10:8080", []),
+        ("192.0.2.10:8080", []),
+        ("bus.example.com:8080", []),
+        ("http://bus.example.com:8080", ["--tls"]),  # the URL says http://
+    ):
+        result = eventbus("top", "--server", closed, "--http", http, "--token", "t", *options)
+        assert result.returncode == 2 and result.stdout == "", (http, result.stderr)
+        [line] = result.stderr.splitlines()
+        assert line.startswith("eventbus: --http http://") and "plain text" in line
+    for http in ("localhost:1", "[::1]:1", f"http://{closed}"):  # this machine: tried
+        result = eventbus("top", "--server", closed, "--http", http, "--token", "t")
+        assert result.returncode == 3, (http, result.stderr)
 
 
 class FakeHttp:

@@ -10,9 +10,11 @@ request spent on the way does not count.
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import ssl
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -110,16 +112,36 @@ def rates(before: NodeStats | None, after: NodeStats | None) -> Rates | None:
 # ---- HTTP -----------------------------------------------------------------------------------
 
 
-def base_url(address: str) -> str:
-    """http://HOST:PORT for HOST:PORT; a URL (https://HOST:PORT) as given."""
-    return address.rstrip("/") if "://" in address else f"http://{address}"
+def base_url(address: str, *, tls: bool = False) -> str:
+    """http://HOST:PORT for HOST:PORT (https:// with tls: any TLS option given); a URL
+    (http://HOST:PORT, https://HOST:PORT) as given."""
+    if "://" in address:
+        return address.rstrip("/")
+    return f"{'https' if tls else 'http'}://{address}"
+
+
+def on_this_machine(url: str) -> bool:
+    """Whether the URL's host is localhost or a loopback address (not looked up)."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Http:
     """The daemon's HTTP port: /stats (with the token) and /readyz, read in a worker thread."""
 
     def __init__(self, address: str, target: remote.Remote) -> None:
-        self.url = base_url(address)
+        """UsageError when a token would go over plain HTTP to another machine."""
+        self.url = base_url(address, tls=target.http_tls is not None)
+        if target.token and self.url.startswith("http://") and not on_this_machine(self.url):
+            raise remote.UsageError(
+                f"--http {self.url}: the token would cross the network in plain text; "
+                "give https://HOST:PORT"
+            )
         self._headers = target.authorization
         self._tls = target.http_tls
         self._timeout = target.timeout

@@ -31,7 +31,8 @@ def add_command(commands: Any) -> None:
         "--http",
         metavar="HOST:PORT",
         help="the daemon's HTTP address, for its health, version, uptime and rates (/readyz, "
-        "/stats); https://HOST:PORT when it serves TLS",
+        "/stats); https:// when a TLS option is given, else http:// (or give the URL); the token "
+        "goes over http:// only to this machine",
     )
     sub.add_argument(
         "--interval", type=float, default=1.0, metavar="SECONDS", help="refresh (default: 1)"
@@ -56,6 +57,10 @@ class Sampler:
         self._client = client
         self._http = http
         self._also: list[str] = []  # queues /stats counted last time
+
+    @property
+    def http_url(self) -> str | None:
+        return self._http.url if self._http is not None else None
 
     async def read(self, *, strict: bool = False) -> sampling.Reading:
         """Read /stats and /readyz (with --http), then the queues. strict: a failure raises
@@ -99,6 +104,7 @@ async def _open(target: remote.Remote) -> Client:
 
 def _frame(
     args: argparse.Namespace,
+    sampler: Sampler,
     reading: sampling.Reading,
     before: sampling.Reading | None,
     height: int,
@@ -106,7 +112,7 @@ def _frame(
     previous = before.stats if before is not None else None
     return view.Frame(
         args.server,
-        sampling.base_url(args.http) if args.http else None,
+        sampler.http_url,
         reading,
         sampling.rates(previous, reading.stats),
         datetime.now(),
@@ -122,7 +128,9 @@ async def _print_once(sampler: Sampler, first: sampling.Reading, args: argparse.
         await trio.sleep(args.interval)
         reading = await sampler.read(strict=True)
     console = Console(width=None if sys.stdout.isatty() else NARROW_PIPE_WIDTH)
-    console.print(view.render(_frame(args, reading, before if args.http else None, 10_000)))
+    console.print(
+        view.render(_frame(args, sampler, reading, before if args.http else None, 10_000))
+    )
 
 
 async def _live(sampler: Sampler, first: sampling.Reading, args: argparse.Namespace) -> None:
@@ -149,7 +157,7 @@ async def _redraw(
     reading = first
     next_at = trio.current_time()
     while True:
-        frame = _frame(args, reading, before, live.console.size.height)
+        frame = _frame(args, sampler, reading, before, live.console.size.height)
         live.update(view.render(frame), refresh=True)
         next_at += args.interval
         await trio.sleep_until(max(next_at, trio.current_time()))
