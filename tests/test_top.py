@@ -9,8 +9,10 @@ import asyncio
 import hashlib
 import json
 import secrets
+import signal
 import socket
 import ssl
+import subprocess
 import threading
 import time
 import urllib.request
@@ -29,7 +31,7 @@ from eventbus.tools.sampling import NodeStats, QueueCounts, Readiness, Reading, 
 from tests import servers
 from tests.certs import issue, make_ca
 from tests.daemon_process import DaemonProcess, auth_table
-from tests.terminal import eventbus, module_daemon, tmux, wait_until, with_client
+from tests.terminal import EVENTBUS, ROOT, eventbus, module_daemon, tmux, wait_until, with_client
 
 QUICK: dict[str, dict[str, Any]] = {
     "delivery": {"nack_redelivery_delay_seconds": 0},
@@ -414,3 +416,26 @@ def test_an_http_port_that_answers_wrongly_is_one_line_and_status_3(bus: DaemonP
     with proxy:  # a proxy's own 503 page in front of the daemon
         result = eventbus(*top_args(bus, http=False), "--http", proxy.address)
         one_line(result, "/readyz: HTTP 503 without the daemon's JSON")
+
+
+def test_q_and_ctrl_c_do_not_wait_for_an_http_port_that_never_answers(bus: DaemonProcess) -> None:
+    first_two = FakeHttp(
+        lambda path, n: reply("200 OK", (STATS if n == 0 else READY).encode()) if n < 2 else None
+    )
+    with first_two, tmux(120, 30) as terminal:
+        terminal.run([*top_args(bus, http=False), "--http", first_two.address, "--timeout", "300"])
+        terminal.wait_for("node fake-node")
+        time.sleep(2)  # the next reading waits on the port
+        terminal.send("q")
+        assert terminal.exit_status(timeout=20) == 0
+
+    never = FakeHttp(lambda path, n: None)
+    with never:
+        command = [*EVENTBUS, *top_args(bus, http=False), "--http", never.address]
+        started = subprocess.Popen(
+            [*command, "--timeout", "300"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        time.sleep(3)  # the first reading waits on the port
+        started.send_signal(signal.SIGINT)
+        _, stderr = started.communicate(timeout=20)
+        assert started.returncode == 130 and b"Traceback" not in stderr, stderr

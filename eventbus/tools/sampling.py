@@ -148,9 +148,10 @@ class Http:
 
     async def read(self) -> tuple[NodeStats, Readiness]:
         """Both pages; Unreachable (no answer, or not the daemon's) or Refused (an error
-        status) with one line when either cannot be had."""
-        stats = await trio.to_thread.run_sync(self._get, "/stats")
-        ready = await trio.to_thread.run_sync(self._get, "/readyz")
+        status) with one line when either cannot be had. Waits on worker threads, left behind
+        when cancelled (q does not wait for --timeout on a port that never answers)."""
+        stats = await trio.to_thread.run_sync(self._get, "/stats", abandon_on_cancel=True)
+        ready = await trio.to_thread.run_sync(self._get, "/readyz", abandon_on_cancel=True)
         try:
             readiness = Readiness(
                 bool(ready.get("ready")),
