@@ -90,8 +90,15 @@ async def at(driver: WebDriver, url: str) -> None:
 
 
 def row_cells(driver: WebDriver, queue: str) -> list[str]:
-    rows = driver.find_elements(By.CSS_SELECTOR, f'#queues tbody tr[data-name="{queue}"]')
-    return [cell.text for cell in rows[0].find_elements(By.CSS_SELECTOR, "th, td")] if rows else []
+    """The cells of a queue's overview row; [] while there is none (or the live refresh is
+    replacing it)."""
+    try:
+        rows = driver.find_elements(By.CSS_SELECTOR, f'#queues tbody tr[data-name="{queue}"]')
+        return (
+            [cell.text for cell in rows[0].find_elements(By.CSS_SELECTOR, "th, td")] if rows else []
+        )
+    except StaleElementReferenceException:
+        return []
 
 
 def log_in(driver: WebDriver, daemon: DaemonProcess, token: str = ADMIN_TOKEN) -> None:
@@ -279,7 +286,7 @@ async def test_a_site_that_points_its_name_at_the_node_gets_nothing(make_daemon:
     attacker's site) now resolves to the node, so the attacker's script is same-origin with
     whatever answers there. The page must not answer to that name."""
     daemon, client, admin = await blocking(lambda: started(make_daemon, **FAST))
-    kept = f"rebound-{RUN}"
+    kept = f"browser-rebound-{RUN}"
     await blocking(client.publish, kept, "k1")
     rules = "--host-resolver-rules=MAP rebind.example 127.0.0.1"
     driver = await blocking(lambda: open_browser(extra=[rules]))
