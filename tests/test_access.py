@@ -580,7 +580,10 @@ def test_a_secret_file_holding_something_else_is_refused_without_showing_it(
     secret = tmp_path / "secret"
     secret.write_text("http://user:s3cret@example\n")
     line = error_of(tmp_path, f'[amqp]\nurl_file = "{secret}"\n')
-    assert line == "config.toml: amqp.url_file: the file must hold an amqp:// URL"
+    assert line == (
+        "config.toml: amqp.url_file: the file must hold an amqp:// URL with a host (a / # ? in "
+        "the password %-encoded)"
+    )
     assert "s3cret" not in line
     secret.write_bytes(b"\xff\xfe")
     assert "cannot read" in error_of(tmp_path, f'[amqp]\nurl_file = "{secret}"\n')
