@@ -233,6 +233,7 @@ class Daemon:
             self.stats,
             self._readiness_checks(),
             lambda: self.gate.access,
+            hosts=(self.config.server.http_host, *self.config.http.ui_hosts),
         )
         return ui.routes(parts)
 

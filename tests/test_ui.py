@@ -724,3 +724,14 @@ def test_odd_listing_offsets_read_as_the_first_page(
     status, _, _ = web.get("/ui/topic?name=some.topic&delayed=%C2%B2")
     assert status == 200
     assert "Traceback" not in daemon.log
+
+
+def test_names_in_ui_hosts_reach_the_page(make_daemon: Any) -> None:
+    daemon = make_daemon(**{**FAST, "http": {**FAST["http"], "ui_hosts": ["bus1.example"]}})
+    daemon.wait_ready()
+    web = Browserless(daemon)
+    named = {"Host": f"bus1.example:{daemon.http_port}"}
+    status, _, text = web.request("GET", "/ui", headers=named)
+    assert status == 200 and "Overview" in text
+    status, _, _ = web.request("GET", "/ui", headers={"Host": f"bus2.example:{daemon.http_port}"})
+    assert status == 421
