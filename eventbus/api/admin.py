@@ -21,23 +21,12 @@ from ..errors import Unavailable
 from ..jobs import admin
 from ..jobs.deadletters import DeadLetter
 from ..jobs.delay import Pending
-from ..security.access import SHOWN_NAME, Permission, require
+from ..security.access import Permission, require, target_of
 from .rpc import Gate
 
 ACTIONS = {"RequeueDeadLetters", "CancelDelayed", "PurgeQueue"}  # what changes something: logged
 Request = TypeVar("Request")
 Reply = TypeVar("Reply")
-
-
-def _target_of(request: Any) -> str:
-    """What an admin action acts on, for its log line (and its rate limit's kind): a name
-    checked only later, so cut short like a refusal's."""
-    ids = getattr(request, "message_ids", ())
-    queue = getattr(request, "queue", "")
-    if len(queue) > SHOWN_NAME:
-        queue = f"{queue[:SHOWN_NAME]}... ({len(queue)} characters)"
-    what = queue or "every queue"
-    return f"{what} ({len(ids)} message ids)" if ids else what
 
 
 def _time(moment: datetime) -> Timestamp:
@@ -105,7 +94,12 @@ class AdminService(v2_grpc.AdminBase):
         async def allowed(request: Request) -> Reply:
             identity = require(Permission.ADMIN)
             if method in ACTIONS:
-                self._gate.audit_action(stream, name, identity, _target_of(request))
+                self._gate.audit_action(
+                    stream,
+                    name,
+                    identity,
+                    target_of(getattr(request, "queue", ""), getattr(request, "message_ids", ())),
+                )
             return await crossing(request)
 
         await self._gate.unary(stream, name, allowed)

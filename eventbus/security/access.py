@@ -15,7 +15,7 @@ import fnmatch
 import hashlib
 import hmac
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,6 +119,15 @@ def require(permission: Permission, name: str = "") -> Identity:
 
 
 SHOWN_NAME = 64  # characters of a refused name repeated in the answer and the log
+
+
+def target_of(queue: str, ids: Sequence[str] = ()) -> str:
+    """What an admin action acts on, for its log line (and its rate limit's kind): a name
+    checked only later, so cut short like a refusal's."""
+    if len(queue) > SHOWN_NAME:
+        queue = f"{queue[:SHOWN_NAME]}... ({len(queue)} characters)"
+    what = queue or "every queue"
+    return f"{what} ({len(ids)} message ids)" if ids else what
 
 
 def _shown(name: str) -> str:

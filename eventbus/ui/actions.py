@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from ..errors import InvalidArgument
 from ..jobs import admin
 from ..ops.metrics import Metrics
-from ..security.access import SHOWN_NAME, Identity
+from ..security.access import Identity
 from .views import Parts
 
 # Every action and login, each its own line: only an admin (or, with auth off, whoever reaches
@@ -30,14 +30,6 @@ def record(metrics: Metrics, method: str, identity: Identity, peer: str, target:
         method,
         target,
     )
-
-
-def target_of(queue: str, ids: Sequence[str]) -> str:
-    """What an action acts on, for its log line: a name cut short as refusals cut it."""
-    if len(queue) > SHOWN_NAME:
-        queue = f"{queue[:SHOWN_NAME]}... ({len(queue)} characters)"
-    what = queue or "every queue"
-    return f"{what} ({len(ids)} message ids)" if ids else what
 
 
 async def requeue(parts: Parts, queue: str, ids: Sequence[str]) -> tuple[int, int]:

@@ -26,7 +26,7 @@ from starlette.routing import BaseRoute, Route
 from ..api.http import admin_of, peer_of, refused
 from ..backends.retry import describe
 from ..errors import CallError, InvalidArgument, NotFound, PermissionDenied
-from ..security.access import NOBODY, Identity
+from ..security.access import NOBODY, Identity, target_of
 from . import actions, pages, views
 from .markup import Html, link
 from .sessions import (
@@ -306,11 +306,11 @@ class Console:
         verb = "requeue" if "requeue" in form else "delete"
         ids = chosen(form, verb, allow_all=verb == "requeue")
         if verb == "requeue":
-            self._record(request, viewer, "RequeueDeadLetters", actions.target_of(queue, ids))
+            self._record(request, viewer, "RequeueDeadLetters", target_of(queue, ids))
             moved, kept = await actions.requeue(self.parts, queue, ids)
             done = {"done": "requeued", "n": moved, "kept": kept}
         else:
-            self._record(request, viewer, "DeleteDeadLetters", actions.target_of(queue, ids))
+            self._record(request, viewer, "DeleteDeadLetters", target_of(queue, ids))
             done = {"done": "deleted", "n": await actions.delete(self.parts, queue, ids)}
         return back_to("queue", queue, done, "dead-letters")
 
@@ -319,7 +319,7 @@ class Console:
         kind = "topic" if first(form, "kind") == "topic" else "queue"
         name = first(form, "name")
         ids = chosen(form, "cancel", allow_all=False)
-        self._record(request, viewer, "CancelDelayed", actions.target_of(name, ids))
+        self._record(request, viewer, "CancelDelayed", target_of(name, ids))
         cancelled, _ = await actions.cancel(self.parts, ids)
         return back_to(kind, name, {"done": "cancelled", "n": cancelled}, "delayed")
 
@@ -332,7 +332,7 @@ class Console:
             what = f"Purge {info.ready:,} ready messages of {queue}"
             body = pages.confirm(self._frame(viewer), queue, what, "/ui/queue/purge", Html(""))
             return self._html(request, viewer, body)
-        self._record(request, viewer, "PurgeQueue", actions.target_of(queue, ()))
+        self._record(request, viewer, "PurgeQueue", target_of(queue, ()))
         purged = await actions.purge(self.parts, queue)
         return back_to("queue", queue, {"done": "purged", "n": purged}, "purge")
 
