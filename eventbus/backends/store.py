@@ -12,9 +12,10 @@ fresh ones. While no host takes writes, calls fail with NoPrimary, an OSError li
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Protocol, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -184,8 +185,15 @@ async def on_writable(pool: asyncpg.Pool, use: Callable[[Any], Awaitable[T]]) ->
 
 
 async def _acquire(pool: asyncpg.Pool) -> Any:
-    try:
+    with _standby_is_no_primary():
         return await pool.acquire()
+
+
+@contextlib.contextmanager
+def _standby_is_no_primary() -> Iterator[None]:
+    """asyncpg's refusal of a host that does not take writes, as the outage it is here."""
+    try:
+        yield
     except asyncpg.TargetServerAttributeNotMatched:
         raise NoPrimary("no host takes writes: the host is a standby or read-only") from None
 
@@ -309,10 +317,8 @@ def attempt_timeout(hosts: int) -> float:
 
 
 async def _create_pool(dsn: str, options: dict[str, Any]) -> asyncpg.Pool:
-    try:
+    with _standby_is_no_primary():
         return await asyncpg.create_pool(dsn, **options)
-    except asyncpg.TargetServerAttributeNotMatched:
-        raise NoPrimary("no host takes writes: the host is a standby or read-only") from None
 
 
 async def run(

@@ -120,8 +120,7 @@ def outcome_of(error: CallError) -> Outcome:
     of the other type: an operator's migration under way puts it right) may be put right, so
     the message waits. A client publishing to a queue of the other type is refused all the same:
     its call declares the queue first, which fails with QueueTypeMismatch."""
-    refused = isinstance(error, InvalidArgument)
-    return Outcome("refused" if refused else "unavailable", error)
+    return Outcome("refused" if isinstance(error, InvalidArgument) else "unavailable", error)
 
 
 def queue_arguments(
