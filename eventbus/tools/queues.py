@@ -40,7 +40,7 @@ def add_commands(commands: Any) -> None:
 async def queue_infos(client: Client, names: Sequence[str] = ()) -> list[Any]:
     """(asyncio side) The QueueInfo of each named queue (NotFound fails the call), or of every
     queue ListQueues knows."""
-    admin = remote.admin_stub(client)
+    admin = client.admin
     with translated():
         if not names:
             reply = await admin.ListQueues(v2_pb2.ListQueuesRequest(), timeout=client.timeout)
@@ -69,7 +69,7 @@ async def purge_queues(target: remote.Remote, args: argparse.Namespace) -> int:
     names = list(dict.fromkeys(args.names))
 
     async def purge_each(client: Client) -> None:
-        admin = remote.admin_stub(client)
+        admin = client.admin
         with progress.bar("purging", quiet=args.quiet, total=len(names)) as bar:
             for done, name in enumerate(names):
                 bar.describe(f"purging {name}")

@@ -28,7 +28,6 @@ from typing import Any, TypeVar
 import trio
 from grpclib.exceptions import GRPCError
 
-from .._generated import v2_grpc
 from ..backends import aio
 from ..client import Client, RpcError
 from ..client.channel import parse_target
@@ -159,11 +158,6 @@ def read_token(args: argparse.Namespace) -> str | None:
 def open_client(remote: Remote) -> Client:
     """(asyncio side) A client of the daemon whose calls carry the token."""
     return Client(remote.server, ssl=remote.grpc_tls, timeout=remote.timeout, token=remote.token)
-
-
-def admin_stub(client: Client) -> v2_grpc.AdminStub:
-    """(asyncio side) eventbus.v2.Admin over the client's channel."""
-    return client.admin
 
 
 # ---- Running a command and its exit status ---------------------------------------------------

@@ -24,22 +24,15 @@ import trio
 from grpclib.const import Status
 
 from ..client import Client, RpcError
+from ..jobs.admin import QueueInfo
+from ..ops.metrics import OTHER_QUEUES
 from . import output, queues, remote
 
 RATES = {"publish": "published", "deliver": "delivered", "ack": "acked"}  # column: counter
 DEPENDENCIES = ("rabbitmq", "postgresql", "redis", "grpc")
 MAX_LOOKUPS = 100  # queues known only from /stats looked up one by one per reading
-OTHER_QUEUES = "(other queues)"  # the label /stats counts queues past its limit under
 
-
-@dataclass(frozen=True)
-class QueueCounts:
-    name: str
-    ready: int
-    in_flight: int
-    delayed: int
-    dead_letters: int
-    consumers: int
+QueueCounts = QueueInfo  # a queue's counts, as the Admin service gives them
 
 
 @dataclass(frozen=True)
