@@ -587,3 +587,12 @@ def test_a_secret_file_holding_something_else_is_refused_without_showing_it(
     assert "s3cret" not in line
     secret.write_bytes(b"\xff\xfe")
     assert "cannot read" in error_of(tmp_path, f'[amqp]\nurl_file = "{secret}"\n')
+
+
+def test_an_admin_actions_target_is_cut_short_and_cannot_forge_a_log_line() -> None:
+    from eventbus.security.access import target_of
+
+    assert target_of("orders", ["a", "b"]) == "orders (2 message ids)"
+    assert target_of("") == "every queue"
+    assert target_of("q\nINFO forged\x1b[2J") == "q\\nINFO forged\\x1b[2J"
+    assert target_of("q" * 70) == "q" * 64 + "... (70 characters)"

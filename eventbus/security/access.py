@@ -123,10 +123,12 @@ SHOWN_NAME = 64  # characters of a refused name repeated in the answer and the l
 
 def target_of(queue: str, ids: Sequence[str] = ()) -> str:
     """What an admin action acts on, for its log line (and its rate limit's kind): a name
-    checked only later, so cut short like a refusal's."""
+    checked only later, so cut short like a refusal's, a control character in it escaped (a
+    newline must not start a forged log line)."""
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in queue[:SHOWN_NAME])
     if len(queue) > SHOWN_NAME:
-        queue = f"{queue[:SHOWN_NAME]}... ({len(queue)} characters)"
-    what = queue or "every queue"
+        shown = f"{shown}... ({len(queue)} characters)"
+    what = shown or "every queue"
     return f"{what} ({len(ids)} message ids)" if ids else what
 
 

@@ -128,22 +128,6 @@ def highest(series: Mapping[str, Sequence[float]]) -> float:
     return max(values, default=0.0)
 
 
-def sparkline(series: Mapping[str, Sequence[float]], width: int = 120, height: int = 28) -> Html:
-    """A small chart of a few series on one scale, without axes (the overview's)."""
-    top = highest(series) or 1.0
-    lines = join(
-        fill('<path class="s-{name}" d="{d}"/>', name=name, d=path(values, top, width, height))
-        for name, values in series.items()
-    )
-    return fill(
-        '<svg class="spark" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" '
-        'aria-label="rates over the last 15 minutes">{lines}</svg>',
-        w=width,
-        h=height,
-        lines=lines,
-    )
-
-
 def chart(title: str, values: Sequence[float], series: str, every: float, width: int = 600) -> Html:
     """One series over the window with its scale: the larger chart of a queue page."""
     height = 120
