@@ -29,7 +29,7 @@ from eventbus.config import AmqpConfig
 from eventbus.errors import DependencyUnavailable
 from tests.bus_client import BusClient
 from tests.servers import closed_port
-from tests.test_faults import Publisher
+from tests.test_faults import Publisher, drain
 
 
 def test_brokers_are_tried_as_listed_and_the_lost_one_last() -> None:
@@ -235,7 +235,7 @@ def test_losing_the_broker_under_traffic_moves_to_the_next_and_loses_nothing(
         publisher.stop.set()
         publisher.join(30)
     time.sleep(6)  # past the ack deadline: anything handed out but not acked comes back
-    consumed.update(drain(client, "failover"))
+    consumed.update(drain(client, "failover", wait=3))
 
     lost = set(publisher.confirmed) - set(consumed)
     unexpected = set(consumed) - {f"n{i}" for i in range(1, publisher.attempted + 1)}
@@ -263,11 +263,3 @@ def consume(client: BusClient, consumed: Counter[str], seconds: float) -> None:
                 consumed[reply.data] += 1
         except grpc.RpcError:
             time.sleep(0.1)
-
-
-def drain(client: BusClient, queue: str) -> Counter[str]:
-    seen: Counter[str] = Counter()
-    while (reply := client.try_subscribe(queue, timeout=3)) is not None:
-        client.ack(reply.id)
-        seen[reply.data] += 1
-    return seen

@@ -29,6 +29,7 @@ from eventbus.delivery.publisher import (
 )
 from eventbus.errors import CallError, FailedPrecondition, QueueTypeMismatch, Unavailable
 from tests import servers
+from tests.test_refusals import delete_queue
 
 
 @pytest.fixture
@@ -194,14 +195,6 @@ class VanishingPublisher(CountingPublisher):
             if self.declares == 1:
                 await delete_queue(self.url, queue)
             raise
-
-
-async def delete_queue(url: str, queue: str) -> None:
-    """(asyncio side)"""
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel()
-        await channel.queue_delete(queue)
 
 
 async def test_a_probe_never_creates_a_queue_gone_meanwhile(vhost_url: str) -> None:
